@@ -1,0 +1,384 @@
+"""The Fish Speech engine (OpenAudio S1 / S1-mini) on fish-speech 0.1.0's low-level API.
+
+- LLM: `DualARTransformer.from_pretrained(dir, load_weights=True, max_length=...)`, then the same steps as
+  `fish_speech.models.text2semantic.inference.init_model` (to device/dtype, `setup_caches`, optional torch.compile).
+  init_model itself has no max_length argument: it would build the causal mask and allocate the KV cache for the
+  checkpoint's full max_seq_len (8192 on S1-mini) before we could lower it, so its ten lines are mirrored here.
+  `settings.max_seq_len` only ever lowers the checkpoint's value (RoPE was trained up to it); it must leave room for
+  fish-speech's own rule that the prompt be shorter than max_seq_len - 2048.
+- Precision: on CUDA `settings.precision` is used for the LLM, and the codec runs float32 weights under autocast to
+  that dtype (what fish_speech.inference_engine does). On CPU everything runs float32 whatever the setting: CPU
+  bfloat16 matmuls without AMX are several times slower here, float16 is worse (see the report / tests).
+- Codec: built from the packaged `fish_speech/configs/modded_dac_vq.yaml` with OmegaConf + hydra.utils.instantiate and
+  `load_state_dict(strict=False, assign=True)` — not `fish_speech.models.dac.inference.load_model`, which needs
+  pyrootutils (loads a `.env`, sets PROJECT_ROOT), clears the global Hydra instance and imports lightning.
+  fishmp extension: an optional `codec_overrides.json` in the checkpoint dir is merged over the yaml (only the tiny
+  test checkpoints of fishmp.engines.tiny write one; real checkpoints use the yaml exactly).
+- Side effects of importing fish_speech are contained in `import_fish_speech()`: environment variables it sets are
+  restored, the per-token tqdm bar is replaced by a plain iterator, loguru's "fish_speech" logger is disabled.
+  Nothing is written to the cwd and no `.env` is read.
+- Sampling in fish-speech draws from the GLOBAL torch RNG (`torch.empty_like(p).exponential_()`), so a seed cannot go
+  through a local generator: with `params.seed` set, each text chunk seeds torch with seed + chunk index inside
+  `torch.random.fork_rng`, which restores the global RNG state afterwards (numpy/random are not used by sampling).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Settings
+from .audio import read_reference
+from .base import (
+    Audio,
+    BadReferenceError,
+    EngineError,
+    EngineOutOfMemoryError,
+    SpeakerPrompt,
+    SynthesisParams,
+    TextTooLongError,
+)
+
+CODEC_OVERRIDES_FILE = "codec_overrides.json"
+CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "codec.pth")
+# fish-speech's generate_long refuses a prompt of max_seq_len - 2048 tokens or more (room for 2048 new tokens).
+GENERATION_RESERVE = 2048
+
+_fish: dict[str, Any] = {}
+
+
+def import_fish_speech() -> dict[str, Any]:
+    """Import the fish_speech modules once, undoing or silencing their process-wide side effects."""
+    if _fish:
+        return _fish
+    saved = dict(os.environ)
+    try:
+        import fish_speech
+        import fish_speech.models.dac.modded_dac  # noqa: F401  (hydra targets of the codec yaml)
+        import fish_speech.models.dac.rvq  # noqa: F401
+        import fish_speech.models.text2semantic.inference as inference
+        from fish_speech.content_sequence import ContentSequence, TextPart, VQPart
+        from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
+        from loguru import logger
+    finally:
+        # inference.py sets TOKENIZERS_PARALLELISM=false at import; leave the host environment as it was.
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
+    logger.disable("fish_speech")
+    inference.tqdm = lambda iterable, *args, **kwargs: iterable  # decode_n_tokens wraps every token in a tqdm bar
+    _fish.update(
+        inference=inference, ContentSequence=ContentSequence, TextPart=TextPart, VQPart=VQPart,
+        BaseModelArgs=BaseModelArgs, DualARTransformer=DualARTransformer,
+        codec_yaml=os.path.join(list(fish_speech.__path__)[0], "configs", "modded_dac_vq.yaml"),  # a namespace package
+    )
+    return _fish
+
+
+def build_codec(overrides: dict[str, Any] | None = None) -> Any:
+    """A randomly initialised DAC codec from the packaged yaml, with `overrides` merged over it."""
+    fish = import_fish_speech()
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(fish["codec_yaml"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
+    with warnings.catch_warnings():  # modded_dac still uses the deprecated torch.nn.utils.weight_norm
+        warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated", category=FutureWarning)
+        return instantiate(cfg)
+
+
+def checkpoint_fingerprint(checkpoint_dir: str) -> str:
+    """sha256 over the small files in full and, for model.pth / codec.pth, their size and first and last MiB.
+
+    Reading 2 MiB per weight file keeps this well under a second for multi-GB checkpoints; two different trainings of
+    the same architecture differ in those bytes (tensor data starts within the first MiB of a torch zip archive).
+    """
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.tiktoken", "special_tokens.json", CODEC_OVERRIDES_FILE,
+                 "model.pth", "codec.pth"):
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(name.encode() + b"\0")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if name.endswith(".pth") and size > 2 << 20:
+                digest.update(str(size).encode() + f.read(1 << 20))
+                f.seek(size - (1 << 20))
+            digest.update(f.read())
+    return "fish-" + digest.hexdigest()[:24]
+
+
+_SPLIT_LEVELS = (
+    re.compile(r"[.!?…]+[\"')\]]*\s+|[。！？]+\s*|\s*\n+\s*"),  # sentence ends (not "3.14": needs a space after)
+    re.compile(r"[,;:，、；：]+\s*"),  # clauses
+    re.compile(r"\s+"),  # words
+)
+
+
+def _cut(text: str, pattern: re.Pattern[str]) -> list[str]:
+    """Slice text after each match, keeping the separators with the piece before them."""
+    pieces, start = [], 0
+    for m in pattern.finditer(text):
+        if m.end() > start:
+            pieces.append(text[start:m.end()])
+            start = m.end()
+    pieces.append(text[start:])
+    return [p for p in pieces if p.strip()]
+
+
+def split_text(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """Split text into as few chunks as possible that each `fits`, cutting at sentence ends first, then at clause
+    punctuation, then at whitespace. Raises TextTooLongError if a piece without any of those still does not fit."""
+    text = text.strip()
+    if fits(text):
+        return [text]
+    for pattern in _SPLIT_LEVELS:
+        pieces = _cut(text, pattern)
+        if len(pieces) > 1:
+            break
+    else:
+        raise TextTooLongError(f"text piece of {len(text)} characters does not fit the model and cannot be split: "
+                               f"{text[:60]!r}...")
+    chunks: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and not fits((current + piece).strip()):
+            chunks.append(current.strip())
+            current = piece
+        else:
+            current += piece
+    chunks.append(current.strip())
+    return [c for chunk in chunks for c in ([chunk] if fits(chunk) else split_text(chunk, fits))]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _guard_oom(what: str, fn: Callable[[], Any]) -> Any:
+    """Run fn; turn an out-of-memory error into EngineOutOfMemoryError raised outside the except block, so the
+    original traceback (and the tensors its frames hold) is not kept alive by __context__."""
+    try:
+        return fn()
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        message = f"{what}: out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    raise EngineOutOfMemoryError(message)
+
+
+class FishSpeechEngine:
+    """Fish Speech voice cloning in one process on one device ('cpu' or 'cuda:N')."""
+
+    name = "fish"
+
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.settings = settings
+        self.device = device
+        self.sample_rate = 44100  # the packaged codec's; replaced by the loaded codec's in load()
+        self.max_seq_len = 0
+        self._model: Any = None
+        self._decode_one: Any = None
+        self._codec: Any = None
+        self._dtype: Any = None
+        self._prompt_key: str | None = None
+        self._prompt: tuple[Any, str] | None = None  # (tokens tensor (10, T) long on CPU, transcript) for _prompt_key
+        self._fingerprint: str | None = None
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        ckpt = self.settings.checkpoint_dir
+        missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(ckpt, n))]
+        if missing:
+            raise EngineError(f"checkpoint directory {ckpt} lacks {', '.join(missing)} (FISH_CHECKPOINT_DIR)")
+        fish = import_fish_speech()
+        import torch
+
+        on_cuda = self.device.startswith("cuda")
+        self._dtype = getattr(torch, self.settings.precision) if on_cuda else torch.float32
+        config = fish["BaseModelArgs"].from_pretrained(ckpt)
+        max_len = min(config.max_seq_len, self.settings.max_seq_len or config.max_seq_len)
+        if max_len <= GENERATION_RESERVE + 64:
+            raise EngineError(f"max_seq_len {max_len} leaves no room for a prompt: fish-speech needs the prompt "
+                              f"shorter than max_seq_len - {GENERATION_RESERVE} (FISH_MAX_SEQ_LEN)")
+
+        def load_all() -> None:
+            # As init_model, but with max_length so the causal mask and KV cache are built at the lowered length.
+            model = fish["DualARTransformer"].from_pretrained(ckpt, load_weights=True, max_length=max_len)
+            model = model.to(device=self.device, dtype=self._dtype).eval()
+            with torch.device(self.device):
+                model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=self._dtype)
+            decode_one = fish["inference"].decode_one_token_ar
+            if self.settings.compile:
+                decode_one = torch.compile(
+                    decode_one, backend="inductor" if on_cuda else "aot_eager",
+                    mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+            overrides_path = os.path.join(ckpt, CODEC_OVERRIDES_FILE)
+            overrides = json.loads(Path(overrides_path).read_text()) if os.path.isfile(overrides_path) else None
+            codec = build_codec(overrides)
+            state = torch.load(os.path.join(ckpt, "codec.pth"), map_location="cpu", mmap=True, weights_only=True)
+            state = state.get("state_dict", state)
+            if any(k.startswith("generator.") for k in state):  # a training checkpoint: keep the generator only
+                state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
+            codec.load_state_dict(state, strict=False, assign=True)
+            self._model, self._decode_one = model, decode_one
+            self._codec = codec.to(device=self.device, dtype=torch.float32).eval()
+
+        try:
+            _guard_oom(f"loading {ckpt} on {self.device}", load_all)
+        except (EngineError, OSError) as exc:
+            raise exc if isinstance(exc, EngineError) else EngineError(f"cannot load {ckpt}: {exc}") from exc
+        self.sample_rate = int(self._codec.sample_rate)
+        self.max_seq_len = int(self._model.config.max_seq_len)
+
+    def _require(self) -> None:
+        if self._model is None:
+            raise EngineError("FishSpeechEngine used before load()")
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda") and self._dtype != torch.float32:
+            return torch.autocast(device_type="cuda", dtype=self._dtype)
+        return contextlib.nullcontext()
+
+    # -- references ----------------------------------------------------------------------------------------------
+
+    def encode_reference(self, audio_path: str) -> np.ndarray:
+        self._require()
+        import torch
+        import torchaudio
+
+        mono, rate = read_reference(audio_path)
+
+        def encode() -> np.ndarray:
+            audio = torch.from_numpy(mono)
+            if rate != self.sample_rate:
+                audio = torchaudio.functional.resample(audio, rate, self.sample_rate)
+            audio = audio.to(self.device)[None, None]
+            with torch.inference_mode(), self._autocast():
+                indices, lengths = self._codec.encode(audio, torch.tensor([audio.shape[-1]], device=self.device))
+            return indices[0, :, : int(lengths[0])].to("cpu", torch.int64).numpy()
+
+        try:
+            return _guard_oom(f"encoding {audio_path}", encode)
+        except RuntimeError as exc:  # e.g. longer than the codec transformers' block_size (about 190 s on S1)
+            raise BadReferenceError(f"cannot encode reference audio {audio_path}: {exc}") from exc
+
+    # -- synthesis -----------------------------------------------------------------------------------------------
+
+    def _speaker_prompt(self, speaker: SpeakerPrompt | None) -> tuple[Any, str] | None:
+        """Prompt tensors for the speaker, prepared once per key (the last key's are kept)."""
+        if speaker is None:
+            return None
+        if speaker.key != self._prompt_key:
+            import torch
+
+            tokens = np.asarray(speaker.tokens)
+            if tokens.ndim != 2 or tokens.shape[0] != self._model.config.num_codebooks or tokens.shape[1] == 0:
+                raise BadReferenceError(f"speaker {speaker.key}: prompt tokens of shape {tokens.shape}, "
+                                        f"expected ({self._model.config.num_codebooks}, T>0)")
+            self._prompt = (torch.from_numpy(tokens.astype(np.int64)), speaker.text)
+            self._prompt_key = speaker.key
+        return self._prompt
+
+    def prompt_length(self, text: str, prompt: tuple[Any, str] | None) -> int:
+        """Tokens of the sequence generate_long builds for this text and prompt (same construction)."""
+        fish = import_fish_speech()
+        seq = fish["ContentSequence"](modality="interleave")
+        if prompt is not None:
+            seq.append([fish["TextPart"](text=prompt[1]), fish["VQPart"](codes=prompt[0])], add_end=True, speaker=0)
+        seq.append([fish["TextPart"](text=text)], add_end=False, speaker=0)
+        encoded, _, _ = seq.encode_for_inference(self._model.tokenizer, num_codebooks=self._model.config.num_codebooks)
+        return int(encoded.shape[1])
+
+    def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        self._require()
+        import torch
+
+        if not (0 < params.top_p <= 1 and 0 < params.temperature < 2 and 0 < params.repetition_penalty < 2
+                and params.max_new_tokens > 0):
+            raise ValueError(f"sampling parameters out of range for fish-speech: {params}")
+        prompt = self._speaker_prompt(speaker)
+        limit = self.max_seq_len - GENERATION_RESERVE
+        if self.prompt_length("", prompt) >= limit:
+            raise BadReferenceError(f"speaker {speaker.key if speaker else None}: the reference prompt alone does not "
+                                    f"fit max_seq_len {self.max_seq_len}; use a shorter reference")
+        chunks = split_text(text, lambda t: self.prompt_length(t, prompt) < limit) if text.strip() else []
+
+        def run() -> tuple[np.ndarray, int]:
+            pieces, frames = [], 0
+            fork = torch.random.fork_rng(devices=[torch.device(self.device)] if self.device.startswith("cuda") else [],
+                                         enabled=params.seed is not None)
+            with fork, warnings.catch_warnings():
+                # generate() re-wraps the sampling tensors with torch.tensor(tensor): a harmless per-call UserWarning.
+                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+                for i, chunk in enumerate(chunks):
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed + i)
+                    codes = self._generate(chunk, prompt, params)
+                    frames += codes.shape[1]
+                    pieces.append(self._decode(codes))
+            samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+            return samples, frames
+
+        samples, frames = _guard_oom(f"synthesizing {len(text)} characters on {self.device}", run)
+        return Audio(samples=samples, sample_rate=self.sample_rate, tokens=frames)
+
+    def _generate(self, text: str, prompt: tuple[Any, str] | None, params: SynthesisParams) -> Any:
+        inference = import_fish_speech()["inference"]
+        codes = [
+            r.codes
+            for r in inference.generate_long(
+                model=self._model, device=self.device, decode_one_token=self._decode_one, text=text,
+                max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
+                repetition_penalty=params.repetition_penalty, compile=self.settings.compile,
+                prompt_text=[prompt[1]] if prompt else None, prompt_tokens=[prompt[0]] if prompt else [],
+            )
+            if r.action == "sample"
+        ]
+        import torch
+
+        return torch.cat(codes, dim=1)
+
+    def _decode(self, codes: Any) -> np.ndarray:
+        import torch
+
+        if codes.shape[1] == 0:  # the model ended at once
+            return np.zeros(0, np.float32)
+        with torch.inference_mode(), self._autocast():
+            audio, _ = self._codec.decode(codes[None].to(self.device).long(),
+                                          torch.tensor([codes.shape[1]], device=self.device))
+        return audio[0, 0].float().clamp(-1, 1).cpu().numpy()
+
+    # -- housekeeping --------------------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self.settings.checkpoint_dir)
+        return self._fingerprint
