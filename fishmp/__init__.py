@@ -1,0 +1,36 @@
+"""fishmp: turn "these speakers, these lines" into cloned-voice wavs with Fish Speech on every GPU you have.
+
+Public surface (everything else is internal):
+    Pool, generate      run jobs with model-loaded workers (api.py)
+    Settings            configuration (config.py); ConfigError for bad values
+    Job, load_job       the job format (job.py); JobError for invalid jobs
+    JobResult           what a job produced (run.py)
+Importing fishmp is cheap: no torch, no NVML, no `.env`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["ConfigError", "Job", "JobError", "JobResult", "Pool", "Settings", "generate", "load_job"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import fishmp` stays light for a backend that only plans
+    if name in ("Pool", "generate"):
+        from . import api
+
+        return getattr(api, name)
+    if name in ("Settings", "ConfigError"):
+        from . import config
+
+        return getattr(config, name)
+    if name in ("Job", "JobError", "load_job"):
+        from . import job
+
+        return getattr(job, name)
+    if name == "JobResult":
+        from .run import JobResult
+
+        return JobResult
+    raise AttributeError(f"module 'fishmp' has no attribute {name!r}")

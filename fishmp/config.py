@@ -1,0 +1,180 @@
+"""Settings: every knob of fishmp, from the environment (and `.env`) or from keyword arguments.
+
+The CLI loads `./.env` (the real environment wins) and calls `Settings.from_env()`; a library caller passes the
+same settings as keyword arguments (`Settings(model_memory_gb=6.0)`). Importing fishmp never reads `.env`.
+A bad value raises `ConfigError` naming the variable, the value and what is allowed; the CLI turns it into one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PRECISIONS = ("bfloat16", "float16", "float32")
+MODES = ("auto", "true", "false")
+ENGINES = ("fish", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A setting has a value fishmp cannot use."""
+
+    def __init__(self, variable: str, value: object, allowed: str) -> None:
+        self.variable, self.value, self.allowed = variable, value, allowed
+        super().__init__(f"{variable}={value!r} is not valid: {allowed}")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _mode(text: str) -> str:
+    low = text.strip().lower()
+    if low in ("1", "yes", "on"):
+        return "true"
+    if low in ("0", "no", "off"):
+        return "false"
+    return low
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "0") else int(text)
+
+
+def _opt_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    env: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _setting(default: Any, env: str, parse: Callable[[str], Any], check: Callable[[Any], bool], allowed: str) -> Any:
+    return field(default=default, metadata={"spec": _Spec(env, parse, check, allowed)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, with their defaults. Field `x` is read from the variable in its metadata (see `.env.example`)."""
+
+    multiprocess_mode: str = _setting(
+        "auto", "FISH_MULTIPROCESS_MODE", _mode, lambda v: v in MODES, "one of true, false, auto")
+    model_memory_gb: float = _setting(
+        8.0, "FISH_MODEL_MEMORY_GB", float, _positive, "a number of GiB greater than 0, e.g. 8.0")
+    checkpoint_dir: str = _setting(
+        "checkpoints/openaudio-s1-mini", "FISH_CHECKPOINT_DIR", str, lambda v: bool(v), "a checkpoint directory")
+    precision: str = _setting(
+        "bfloat16", "FISH_PRECISION", lambda s: s.strip().lower(), lambda v: v in PRECISIONS,
+        "one of bfloat16, float16, float32")
+    compile: bool = _setting(False, "FISH_COMPILE", _bool, lambda v: isinstance(v, bool), "true or false")
+    devices: str | None = _setting(
+        None, "FISH_DEVICES", _opt_str, lambda v: v is None or isinstance(v, str),
+        "comma-separated GPU indices or UUIDs, or 'cpu'")
+    max_workers: int | None = _setting(
+        None, "FISH_MAX_WORKERS", _opt_int, lambda v: v is None or (_is_int(v) and v > 0),
+        "a whole number of workers >= 1 (empty: no cap)")
+    memory_reserve: float = _setting(
+        0.10, "FISH_MEMORY_RESERVE", float, lambda v: _positive(v + 1) and 0 <= v < 1,
+        "a fraction of GPU memory kept free, >= 0 and < 1")
+    cpu_workers: int = _setting(
+        1, "FISH_CPU_WORKERS", int, lambda v: _is_int(v) and v > 0, "a whole number of CPU workers >= 1")
+    engine: str = _setting(
+        "fish", "FISH_ENGINE", lambda s: s.strip().lower(), lambda v: v in ENGINES,
+        "fish (Fish Speech) or synthetic (test engine, no model)")
+    max_seq_len: int | None = _setting(
+        None, "FISH_MAX_SEQ_LEN", _opt_int, lambda v: v is None or (_is_int(v) and v >= 256),
+        "a KV-cache length in tokens >= 256 (empty: the checkpoint's)")
+    cache_dir: str = _setting(
+        os.path.join(os.path.expanduser("~"), ".cache", "fishmp"), "FISH_CACHE_DIR", os.path.expanduser, lambda v: bool(v),
+        "a directory for cached reference tokens")
+    load_timeout_s: float = _setting(
+        900.0, "FISH_LOAD_TIMEOUT_S", float, _positive, "seconds a worker may take to load the model, > 0")
+    segment_timeout_s: float = _setting(
+        120.0, "FISH_SEGMENT_TIMEOUT_S", float, _positive, "base seconds a segment may take before its worker is killed")
+    segment_timeout_per_char_s: float = _setting(
+        1.0, "FISH_SEGMENT_TIMEOUT_PER_CHAR_S", float, lambda v: _positive(v + 1) and v >= 0,
+        "extra seconds allowed per character of text, >= 0")
+    max_attempts: int = _setting(
+        3, "FISH_MAX_ATTEMPTS", int, lambda v: _is_int(v) and v > 0,
+        "how many times a segment may kill its worker before it is failed as poison, >= 1")
+    max_restarts: int = _setting(
+        3, "FISH_MAX_RESTARTS", int, lambda v: _is_int(v) and v >= 0,
+        "replacement workers per slot before the slot is dropped, >= 0")
+    shutdown_grace_s: float = _setting(
+        10.0, "FISH_SHUTDOWN_GRACE_S", float, lambda v: _positive(v + 1) and v >= 0,
+        "seconds running segments may finish after Ctrl-C / SIGTERM, >= 0")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            spec: _Spec = f.metadata["spec"]
+            value = getattr(self, f.name)
+            try:
+                ok = spec.check(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f.name, value, spec.allowed)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `environ` (default `os.environ`); keyword overrides win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            spec: _Spec = f.metadata["spec"]
+            raw = env.get(spec.env)
+            if f.name in overrides or raw is None:
+                continue
+            try:
+                value = spec.parse(raw)
+                ok = spec.check(value)
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                raise ConfigError(spec.env, raw, spec.allowed)
+            values[f.name] = value
+        values.update(overrides)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], values[sorted(unknown)[0]], "not a fishmp setting")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def variables() -> dict[str, str]:
+        """Field name -> environment variable, for documentation and error messages."""
+        return {f.name: f.metadata["spec"].env for f in dataclasses.fields(Settings)}
+
+
+def load_dotenv_file(path: str | None = None) -> str | None:
+    """Load `./.env` (or `path`) into os.environ without overriding what is already set. CLI only."""
+    from dotenv import find_dotenv, load_dotenv
+
+    found = path or find_dotenv(usecwd=True)
+    if found and os.path.isfile(found):
+        load_dotenv(found, override=False)
+        return found
+    return None

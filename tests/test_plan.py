@@ -1,0 +1,129 @@
+"""The plan reproduces every configuration of the user guide (seed 004), in-process and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fishmp.config import Settings
+from fishmp.gpus import GPU, _visible_filter, parse_gpu_spec, select_devices
+from fishmp.plan import make_plan, plan_log_lines
+
+GUIDE = [  # (GPUs as --gpus, FISH_MODEL_MEMORY_GB, workers per GPU)
+    ("NVIDIA GeForce RTX 4090:24", 8.0, [2]),
+    ("NVIDIA GeForce RTX 4090:24", 6.0, [3]),
+    ("NVIDIA GeForce RTX 4080:16", 8.0, [1]),
+    ("NVIDIA GeForce RTX 4080:16", 7.0, [2]),
+    ("NVIDIA GeForce RTX 4090:24,NVIDIA GeForce RTX 4090:24", 8.0, [2, 2]),
+    ("NVIDIA GeForce RTX 4090:24,NVIDIA GeForce RTX 4090:24", 6.0, [3, 3]),
+    ("NVIDIA GeForce RTX 3060:12,NVIDIA GeForce RTX 3060:12", 9.0, [1, 1]),
+    ("NVIDIA A100-SXM4-80GB:80", 8.0, [9]),
+    ("NVIDIA A100-SXM4-80GB:80", 6.5, [11]),
+]
+
+
+@pytest.mark.parametrize("spec,mem,expected", GUIDE)
+def test_guide_configurations(spec: str, mem: float, expected: list[int]) -> None:
+    plan = make_plan(parse_gpu_spec(spec), Settings(model_memory_gb=mem, multiprocess_mode="true"))
+    assert [g.workers for g in plan.gpus] == expected
+    assert plan.workers == sum(expected)
+    assert plan.mode == "multiprocess"
+
+
+@pytest.mark.parametrize("spec,mem,expected", GUIDE)
+def test_guide_configurations_cli(spec: str, mem: float, expected: list[int], tmp_path) -> None:
+    env = {**os.environ, "FISH_MODEL_MEMORY_GB": str(mem), "FISH_MULTIPROCESS_MODE": "true"}
+    out = subprocess.run([sys.executable, "-m", "fishmp", "plan", "--gpus", spec, "--json"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [g["workers"] for g in data["gpus"]] == expected
+    assert data["workers"] == sum(expected) and data["mode"] == "multiprocess"
+    assert "Total Memory" in out.stderr  # the guide's log lines go to stderr
+
+
+def test_log_lines_match_the_guide() -> None:
+    plan = make_plan(parse_gpu_spec("NVIDIA GeForce RTX 4090:24,NVIDIA GeForce RTX 4090:24"), Settings())
+    assert plan_log_lines(plan) == [
+        "[GPU 0] NVIDIA GeForce RTX 4090, Total Memory: 24.00 GB",
+        "[GPU 0] Can run 2 workers (Available: 21.60 GB)",
+        "[GPU 1] NVIDIA GeForce RTX 4090, Total Memory: 24.00 GB",
+        "[GPU 1] Can run 2 workers (Available: 21.60 GB)",
+        "[Main] Using 4 parallel workers across 2 GPU(s)",
+        "[Main] GPU 0: 2 workers",
+        "[Main] GPU 1: 2 workers",
+    ]
+
+
+def test_at_least_one_worker_with_warning() -> None:
+    plan = make_plan(parse_gpu_spec("small:6"), Settings(model_memory_gb=8.0))
+    assert plan.workers == 1 and plan.mode == "single"
+    assert any("less than FISH_MODEL_MEMORY_GB" in w for w in plan.warnings)
+
+
+def test_free_memory_caps_workers() -> None:
+    busy = GPU(0, "RTX 4090", total_gib=24.0, free_gib=10.0, uuid="GPU-a")
+    plan = make_plan([busy], Settings(model_memory_gb=8.0, multiprocess_mode="true"))
+    assert plan.gpus[0].capacity == 2 and plan.gpus[0].workers == 1
+    assert any("only 10.00 GB free" in w for w in plan.warnings)
+
+
+def test_all_gpus_busy_still_tries_one() -> None:
+    full = [GPU(0, "a", 24.0, 1.0, "GPU-a"), GPU(1, "b", 24.0, 3.0, "GPU-b")]
+    plan = make_plan(full, Settings())
+    assert [g.workers for g in plan.gpus] == [0, 1]
+
+
+def test_job_size_caps_and_spreads_across_gpus() -> None:
+    gpus = parse_gpu_spec("a:80,b:80")
+    plan = make_plan(gpus, Settings(), n_segments=3)
+    assert [g.workers for g in plan.gpus] == [2, 1]  # never 3 on one GPU while the other idles
+    assert make_plan(gpus, Settings(), n_segments=1).workers == 1
+
+
+def test_max_workers_spreads_across_gpus() -> None:
+    plan = make_plan(parse_gpu_spec("a:80,b:80"), Settings(max_workers=4))
+    assert [g.workers for g in plan.gpus] == [2, 2]
+
+
+def test_single_mode_is_one_in_process_worker() -> None:
+    plan = make_plan(parse_gpu_spec("a:80,b:80"), Settings(multiprocess_mode="false"))
+    assert plan.workers == 1 and plan.in_process
+
+
+def test_no_gpu_uses_cpu_workers() -> None:
+    plan = make_plan([], Settings(cpu_workers=2))
+    assert plan.mode == "cpu" and plan.workers == 2 and plan.slots() == [("cpu", None)] * 2
+    assert make_plan([], Settings()).mode == "single"
+
+
+def test_slots_interleave_gpus() -> None:
+    plan = make_plan(parse_gpu_spec("a:24,b:24"), Settings())
+    assert [d for d, _ in plan.slots()] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+
+
+def test_cuda_visible_devices_filtering() -> None:
+    gpus = [GPU(i, f"g{i}", 24.0, 24.0, f"GPU-{i}aaa-{i}") for i in range(4)]
+    assert [g.index for g in _visible_filter(gpus, "2,0", "PCI_BUS_ID")] == [2, 0]
+    assert [g.index for g in _visible_filter(gpus, "GPU-3aaa-3,1", None)] == [3, 1]
+    assert [g.index for g in _visible_filter(gpus, "1,7,2", None)] == [1]  # CUDA stops at an invalid entry
+    assert _visible_filter(gpus, "", None) == []
+    assert _visible_filter(gpus, None, None) == gpus
+
+
+def test_fish_devices_selection() -> None:
+    gpus = parse_gpu_spec("a:24,b:24")
+    assert [g.index for g in select_devices(gpus, "1")] == [1]
+    assert select_devices(gpus, "cpu") == []
+    with pytest.raises(ValueError, match="FISH_DEVICES entry '5'"):
+        select_devices(gpus, "5")
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "x:0", "x:-2", "24,foo:bar"])
+def test_bad_gpu_spec(bad: str) -> None:
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpu_spec(bad)
