@@ -1,0 +1,122 @@
+"""The library API: a pool of model-loaded workers that a backend starts once and reuses for many jobs.
+
+    with fishmp.Pool(model_memory_gb=6.0) as pool:
+        result = pool.generate(job, on_event=print)     # job: a path, a dict (the JSON structure) or a Job
+
+Settings come from the environment (FISH_*) overridden by keyword arguments; `.env` is never read here.
+The library never prints, never exits and never installs signal handlers: errors are raised (`ConfigError`,
+`JobError`), outcomes are returned (`JobResult`) and progress goes to `on_event`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .config import Settings
+from .engines.checkpoint import engine_fingerprint
+from .gpus import GPU, nvml_inventory, select_devices
+from .job import EncodeJob, Job, job_from_dict, load_encode_config, load_job
+from .plan import Plan, make_plan, plan_log_lines
+from .pool import WorkerPool
+from .progress import EventCallback, make_event
+from .run import JobResult, JobRun
+from .worker import Done, EncodeTask, Failed, LoadFailed, Ready
+
+log = logging.getLogger("fishmp")
+
+
+def plan_for(settings: Settings, gpus: list[GPU] | None = None, n_segments: int | None = None) -> Plan:
+    inventory = nvml_inventory() if gpus is None else gpus
+    return make_plan(select_devices(inventory, settings.devices), settings, n_segments)
+
+
+def as_job(job: Job | str | os.PathLike | dict, output_dir: str | None = None) -> Job:
+    if isinstance(job, Job):
+        return job
+    if isinstance(job, dict):
+        return job_from_dict(job, base_dir=os.getcwd(), output_dir=os.path.abspath(output_dir or "fishmp-out/job"))
+    return load_job(os.fspath(job), output_dir)
+
+
+class Pool:
+    """Workers per the plan, each loading the model once; reused by every `generate` call until `close()`."""
+
+    def __init__(self, settings: Settings | None = None, *, gpus: list[GPU] | None = None, plan: Plan | None = None,
+                 n_segments: int | None = None, **overrides: Any) -> None:
+        self.settings = settings.replace(**overrides) if settings else Settings.from_env(**overrides)
+        self.plan = plan or plan_for(self.settings, gpus, n_segments)
+        for line in plan_log_lines(self.plan):
+            log.info(line)
+        self.engine_fingerprint = engine_fingerprint(self.settings)
+        self._workers = WorkerPool(self.plan, self.settings)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request_stop(self, signum: int) -> None:
+        """Stop the running job as if interrupted by `signum` (safe to call from a signal handler)."""
+        self._workers.request_stop(signum)
+
+    def generate(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
+                 on_event: EventCallback | None = None, resume: bool = True) -> JobResult:
+        run = JobRun(self._workers, as_job(job, output_dir), self.engine_fingerprint, on_event, resume)
+        result = run.run()
+        if result.interrupted is not None:
+            self.close(grace_s=0.0)  # running segments had their grace period inside the loop
+        return result
+
+    def encode(self, job: EncodeJob, on_event: EventCallback | None = None) -> dict[str, str]:
+        """Encode each speaker's reference to its .npy (through the reference cache). Returns id -> error message."""
+        emit = on_event or (lambda ev: None)
+        errors: dict[str, str] = {}
+        pending = list(job.items)
+        handle = None
+        while pending or (handle and handle.outstanding):
+            events = self._workers.poll(1.0)
+            for kind, h, msg in events:
+                if kind == "exit":
+                    if h.outstanding:
+                        for tid in h.outstanding:
+                            errors[tid] = f"worker {h.id} stopped while encoding"
+                        h.outstanding.clear()
+                    if h is handle:
+                        handle = None
+                elif isinstance(msg, Ready):
+                    h.state = "ready"
+                    emit(make_event("worker_ready", worker=h.id, pid=msg.pid, device=h.device,
+                                    load_seconds=round(msg.load_seconds, 3)))
+                elif isinstance(msg, LoadFailed):
+                    h.state = "leaving"
+                    raise RuntimeError(f"no worker could load the model: {msg.message}")
+                elif isinstance(msg, Done | Failed):
+                    h.outstanding.remove(msg.task)
+                    if isinstance(msg, Failed):
+                        errors[msg.task] = msg.message
+            ready = [h for h in self._workers.handles.values() if h.state == "ready"]
+            if not ready and not self._workers.live_handles():
+                raise RuntimeError("no worker is left to encode with")
+            for h in ready:
+                while pending and len(h.outstanding) < 2:
+                    item = pending.pop(0)
+                    self._workers.send(h, EncodeTask(str(item.speaker_id), item.reference_audio, item.output_npy))
+                    handle = h
+        return errors
+
+    def close(self, grace_s: float = 5.0) -> None:
+        self._workers.close(grace_s)
+
+
+def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = None, on_event: EventCallback | None = None,
+             resume: bool = True, **settings: Any) -> JobResult:
+    """One-off: plan for this job's size, start workers, run the job, stop the workers."""
+    job = as_job(job, output_dir)
+    with Pool(n_segments=len(job.segments), **settings) as pool:
+        return pool.generate(job, on_event=on_event, resume=resume)
+
+
+__all__ = ["Pool", "generate", "plan_for", "load_encode_config"]

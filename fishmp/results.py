@@ -1,0 +1,144 @@
+"""Results on disk: wavs written atomically and `manifest.json`, the record resume trusts.
+
+A wav only ever appears at its final path complete: it is written to a hidden temp file in the same directory,
+fsynced, then renamed over the final path (rename is atomic within a filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+TMP_PREFIX = ".fishmp-tmp-"
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, write: Any, suffix: str = "") -> None:
+    """Call `write(file_object)` on a temp file beside `path`, then rename it into place. Cleans up on any error."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
+    import soundfile as sf
+
+    data = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
+    atomic_write_bytes(path, lambda f: sf.write(f, data, sample_rate, format="WAV", subtype="PCM_16"), ".wav")
+
+
+def wav_ok(path: str) -> bool:
+    """True when `path` is a readable, non-empty wav (what resume requires before skipping a segment)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply "not done"
+        return False
+    return info.frames > 0
+
+
+def remove_temp_files(directories: set[str]) -> int:
+    """Delete temp files a killed worker may have left behind."""
+    n = 0
+    for d in directories:
+        for p in glob.glob(os.path.join(glob.escape(d), TMP_PREFIX + "*")):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+                n += 1
+    return n
+
+
+@dataclass
+class SegmentRecord:
+    status: str = "pending"  # pending | done | failed
+    path: str | None = None
+    speaker: str | None = None
+    audio_seconds: float | None = None
+    synthesis_seconds: float | None = None
+    tokens: int | None = None
+    worker: str | None = None
+    device: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+    fingerprint: str | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class Manifest:
+    path: str
+    job: str | None = None
+    segments: dict[str, SegmentRecord] = field(default_factory=dict)
+    _last_write: float = 0.0
+
+    @classmethod
+    def load(cls, output_dir: str) -> Manifest:
+        """The manifest in `output_dir`, or an empty one. An unreadable manifest is treated as absent (resume redoes)."""
+        path = os.path.join(output_dir, MANIFEST)
+        m = cls(path=path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            for sid, rec in data.get("segments", {}).items():
+                known = {k: v for k, v in rec.items() if k in SegmentRecord.__dataclass_fields__}
+                m.segments[sid] = SegmentRecord(**known)
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        return m
+
+    def counts(self) -> dict[str, int]:
+        out = {"done": 0, "failed": 0, "pending": 0}
+        for r in self.segments.values():
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+    def save(self, min_interval_s: float = 0.0) -> bool:
+        """Write atomically; with `min_interval_s`, skip if the last write was more recent (bounded cost on big jobs)."""
+        now = time.monotonic()
+        if min_interval_s and now - self._last_write < min_interval_s:
+            return False
+        data = {
+            "version": 1,
+            "job": self.job,
+            "updated_at": time.time(),
+            "counts": self.counts(),
+            "segments": {sid: {k: v for k, v in asdict(r).items() if v is not None} for sid, r in self.segments.items()},
+        }
+        payload = json.dumps(data, indent=1, ensure_ascii=False).encode()
+        atomic_write_bytes(self.path, lambda f: f.write(payload))
+        self._last_write = now
+        return True
