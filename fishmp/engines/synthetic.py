@@ -1,0 +1,141 @@
+"""A TEST engine with no model: it sleeps like a model would and returns sine tones. It does no voice cloning and
+must never be presented as such; it exists to exercise the orchestrator (scheduling, timeouts, crashes, retries).
+
+Timing (read from the environment when the engine is constructed; spawned workers inherit it):
+  FISH_SYNTHETIC_LOAD_S            seconds load() sleeps (default 0.5)
+  FISH_SYNTHETIC_SECONDS_PER_CHAR  seconds synthesize() sleeps per character of text (default 0.002)
+Output: a 44.1 kHz float32 sine, 0.06 s per character (markers removed), its frequency derived from the speaker key
+so voices differ; tokens = round(seconds * 21.53) (the real codec's frame rate). Sampling params are ignored.
+encode_reference validates like the fish engine (fishmp.engines.audio) and returns a deterministic (10, T) int64
+array derived from a hash of the decoded audio, T = round(seconds * 21.53).
+
+Fault markers in the segment text (any number, acted on in order):
+  @@kill@@   SIGKILL to itself           @@segv@@   SIGSEGV to itself        @@exit@@  os._exit(3)
+  @@hang@@   sleeps forever              @@oom@@    raises EngineOutOfMemoryError
+  @@error@@  raises EngineError          @@slow=<seconds>@@  sleeps that many extra seconds
+Any marker may carry `-once` (`@@kill-once@@`, `@@oom-once@@`, `@@slow=2-once@@`): it fires only the first time across
+ALL processes, claimed by creating (O_EXCL) a file named by a hash of the marker and the whole text inside
+FISH_SYNTHETIC_STATE_DIR, which is then required (EngineError naming it when unset).
+Load faults: FISH_SYNTHETIC_LOAD_FAULT = die (SIGKILL) | raise (EngineError) | oom (EngineOutOfMemoryError) | hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import time
+
+import numpy as np
+
+from ..config import Settings
+from .audio import read_reference
+from .base import Audio, EngineError, EngineOutOfMemoryError, SpeakerPrompt, SynthesisParams
+
+SAMPLE_RATE = 44100
+FRAME_RATE = 21.53  # codec frames per second (44100 / 2048)
+SECONDS_PER_CHAR = 0.06
+MARKER = re.compile(r"@@(kill|segv|exit|hang|oom|error|slow)(?:=([0-9]*\.?[0-9]+))?(-once)?@@")
+LOAD_FAULTS = ("die", "raise", "oom", "hang")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw.strip() else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise EngineError(f"{name}={raw!r} is not valid: a number of seconds >= 0")
+    return value
+
+
+def _hang() -> None:
+    while True:
+        time.sleep(3600)
+
+
+class SyntheticEngine:
+    """Test engine (see the module docstring): sine tones, configurable delays and faults."""
+
+    name = "synthetic"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.settings, self.device = settings, device
+        self.load_s = _env_float("FISH_SYNTHETIC_LOAD_S", 0.5)
+        self.seconds_per_char = _env_float("FISH_SYNTHETIC_SECONDS_PER_CHAR", 0.002)
+        self.state_dir = os.environ.get("FISH_SYNTHETIC_STATE_DIR") or None
+        self.load_fault = os.environ.get("FISH_SYNTHETIC_LOAD_FAULT", "").strip().lower() or None
+        if self.load_fault not in (None, *LOAD_FAULTS):
+            raise EngineError(f"FISH_SYNTHETIC_LOAD_FAULT={self.load_fault!r} is not valid: one of {LOAD_FAULTS}")
+
+    def load(self) -> None:
+        time.sleep(self.load_s)
+        if self.load_fault == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.load_fault == "raise":
+            raise EngineError("synthetic load fault (FISH_SYNTHETIC_LOAD_FAULT=raise)")
+        elif self.load_fault == "oom":
+            raise EngineOutOfMemoryError("synthetic load fault (FISH_SYNTHETIC_LOAD_FAULT=oom)")
+        elif self.load_fault == "hang":
+            _hang()
+
+    def encode_reference(self, audio_path: str) -> np.ndarray:
+        mono, rate = read_reference(audio_path)
+        digest = hashlib.sha256(str(rate).encode() + mono.tobytes()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+        frames = max(1, round(len(mono) / rate * FRAME_RATE))
+        semantic = rng.integers(0, 4096, size=(1, frames))
+        residual = rng.integers(0, 1024, size=(9, frames))
+        return np.concatenate([semantic, residual]).astype(np.int64)
+
+    def _claim_once(self, marker: str, text: str) -> bool:
+        """True for the first claimant of this marker in this text across all processes."""
+        if not self.state_dir:
+            raise EngineError(f"marker {marker} needs FISH_SYNTHETIC_STATE_DIR (a shared directory) to be set")
+        os.makedirs(self.state_dir, exist_ok=True)
+        name = hashlib.sha256(f"{marker}\0{text}".encode()).hexdigest()[:32]
+        try:
+            os.close(os.open(os.path.join(self.state_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        return True
+
+    def _faults(self, text: str) -> None:
+        for m in MARKER.finditer(text):
+            kind, value, once = m.groups()
+            if once and not self._claim_once(m.group(0), text):
+                continue
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "segv":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            elif kind == "exit":
+                os._exit(3)
+            elif kind == "hang":
+                _hang()
+            elif kind == "oom":
+                raise EngineOutOfMemoryError(f"synthetic out of memory ({m.group(0)})")
+            elif kind == "error":
+                raise EngineError(f"synthetic engine error ({m.group(0)})")
+            elif kind == "slow":
+                time.sleep(float(value or 0))
+
+    def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        self._faults(text)
+        time.sleep(self.seconds_per_char * len(text))
+        spoken = MARKER.sub("", text).strip()
+        key = speaker.key if speaker is not None else ""
+        freq = 110.0 + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 330
+        n = round(len(spoken) * SECONDS_PER_CHAR * SAMPLE_RATE)
+        t = np.arange(n, dtype=np.float64) / SAMPLE_RATE
+        samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+        return Audio(samples=samples, sample_rate=SAMPLE_RATE, tokens=round(n / SAMPLE_RATE * FRAME_RATE))
+
+    def release_memory(self) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        return "synthetic"
