@@ -18,8 +18,8 @@ EventCallback = Callable[[Event], None]
 KINDS = ("plan", "worker_ready", "segment_done", "segment_failed", "segment_requeued", "worker_died", "finished")
 
 
-def make_event(kind: str, **fields: Any) -> Event:
-    return {"event": kind, "time": round(time.time(), 3), **fields}
+def make_event(event: str, /, **fields: Any) -> Event:
+    return {"event": event, "time": round(time.time(), 3), **fields}
 
 
 class JsonLines:
@@ -45,9 +45,9 @@ class _Tally:
     def update(self, ev: Event) -> None:
         kind = ev["event"]
         if kind == "plan":
-            self.total = ev["segments"]
+            self.total = ev["segments"] - ev["skipped"]
             self.t0 = time.monotonic()
-        elif kind == "segment_done":
+        elif kind == "segment_done" and not ev.get("skipped"):
             self.done += 1
             self.audio_s += ev.get("audio_seconds") or 0.0
         elif kind == "segment_failed":
@@ -71,18 +71,18 @@ class PlainLines:
         self.tally.update(ev)
         t, kind = self.tally, ev["event"]
         if kind == "plan":
-            line = (f"[Main] {ev['segments']} segments to synthesize ({ev['skipped']} already done), "
+            line = (f"[Main] {ev['segments'] - ev['skipped']} segments to synthesize ({ev['skipped']} already done), "
                     f"{ev['speakers']} speakers, {ev['workers']} workers")
         elif kind == "worker_ready":
             line = f"[Worker {ev['worker']}] ready on {ev['device']} (pid {ev['pid']}, loaded in {ev['load_seconds']:.1f}s)"
-        elif kind == "segment_done":
+        elif kind == "segment_done" and not ev.get("skipped"):
             eta = t.eta_s()
             line = (f"[{t.done + t.failed}/{t.total}] {ev['id']} done: {ev['audio_seconds']:.1f}s audio in "
                     f"{ev['synthesis_seconds']:.1f}s by {ev['worker']}" + (f", ETA {eta:.0f}s" if eta is not None else ""))
         elif kind == "segment_failed":
             line = f"[{t.done + t.failed}/{t.total}] {ev['id']} FAILED ({ev['kind']}): {ev['error']}"
         elif kind == "segment_requeued":
-            line = f"[Main] {ev['id']} requeued (attempt {ev['attempts']}): {ev['reason']}"
+            line = f"[Main] {ev['id']} requeued ({ev['attempts']} failed attempts so far): {ev['reason']}"
         elif kind == "worker_died":
             line = f"[Worker {ev['worker']}] on {ev['device']} (pid {ev['pid']}) stopped: {ev['reason']}"
         elif kind == "finished":
@@ -110,8 +110,8 @@ class Bar:
         self.tally.update(ev)
         kind = ev["event"]
         if kind == "plan":
-            self.bar.reset(total=ev["segments"])
-        elif kind in ("segment_done", "segment_failed"):
+            self.bar.reset(total=ev["segments"] - ev["skipped"])
+        elif kind in ("segment_done", "segment_failed") and not ev.get("skipped"):
             self.bar.update(1)
             self.bar.set_postfix(audio=f"{self.tally.audio_s:.0f}s", failed=self.tally.failed, refresh=False)
             if kind == "segment_failed":

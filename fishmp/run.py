@@ -93,7 +93,7 @@ class JobRun:
     def run(self) -> JobResult:
         t0 = time.monotonic()
         sched = self.sched = self._prepare()
-        self.emit(make_event("plan", segments=len(sched.tasks), skipped=self.skipped, speakers=len(self.job.speakers),
+        self.emit(make_event("plan", segments=len(self.job.segments), skipped=self.skipped, speakers=len(self.job.speakers),
                              workers=len(self.pool.live_handles()), mode=self.pool.plan.mode,
                              output_dir=self.job.output_dir))
         for seg in self.job.segments:
