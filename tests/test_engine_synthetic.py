@@ -1,0 +1,157 @@
+"""The synthetic TEST engine: timings, outputs and every fault marker (process-killing ones in spawned children)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from fishmp.config import Settings
+from fishmp.engines.base import (
+    BadReferenceError,
+    EngineError,
+    EngineOutOfMemoryError,
+    SpeakerPrompt,
+    SynthesisParams,
+)
+from fishmp.engines.synthetic import SyntheticEngine
+
+PARAMS = SynthesisParams()
+VOICE = SpeakerPrompt(key="a", tokens=np.zeros((10, 5), np.int64), text="ref")
+
+
+def _engine(monkeypatch: pytest.MonkeyPatch, **env: str) -> SyntheticEngine:
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0")
+    monkeypatch.setenv("FISH_SYNTHETIC_SECONDS_PER_CHAR", "0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return SyntheticEngine(Settings(engine="synthetic"), "cpu")
+
+
+def test_timings_and_output(monkeypatch) -> None:
+    eng = _engine(monkeypatch, FISH_SYNTHETIC_LOAD_S="0.2", FISH_SYNTHETIC_SECONDS_PER_CHAR="0.01")
+    t0 = time.perf_counter()
+    eng.load()
+    assert time.perf_counter() - t0 >= 0.2
+    text = "x" * 50
+    t0 = time.perf_counter()
+    audio = eng.synthesize(text, VOICE, PARAMS)
+    assert time.perf_counter() - t0 >= 0.5
+    assert audio.sample_rate == 44100 and audio.samples.dtype == np.float32
+    assert audio.seconds == pytest.approx(50 * 0.06, abs=1e-4)
+    assert audio.tokens == round(audio.seconds * 21.53)
+    other = eng.synthesize(text, SpeakerPrompt(key="b", tokens=VOICE.tokens, text=""), PARAMS)
+    assert not np.array_equal(audio.samples, other.samples)  # voices differ by key
+    assert eng.fingerprint() == "synthetic" and eng.name == "synthetic"
+    eng.release_memory()
+
+
+def test_defaults(monkeypatch) -> None:
+    monkeypatch.delenv("FISH_SYNTHETIC_LOAD_S", raising=False)
+    monkeypatch.delenv("FISH_SYNTHETIC_SECONDS_PER_CHAR", raising=False)
+    eng = SyntheticEngine(Settings(), "cpu")
+    assert (eng.load_s, eng.seconds_per_char) == (0.5, 0.002)
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "soon")
+    with pytest.raises(EngineError, match="FISH_SYNTHETIC_LOAD_S"):
+        SyntheticEngine(Settings(), "cpu")
+
+
+def test_encode_reference(monkeypatch, make_wav, tmp_path) -> None:
+    eng = _engine(monkeypatch)
+    path = make_wav(str(tmp_path / "a.wav"), 2.0, 16000, 2)
+    tokens = eng.encode_reference(path)
+    assert tokens.shape == (10, 43) and tokens.dtype == np.int64
+    assert tokens[0].max() < 4096 and tokens[1:].max() < 1024
+    assert np.array_equal(tokens, eng.encode_reference(path))
+    other = eng.encode_reference(make_wav(str(tmp_path / "b.wav"), 2.0, 48000, 1))
+    assert not np.array_equal(tokens, other)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "short", "silent"])
+def test_bad_reference(monkeypatch, make_wav, tmp_path, case) -> None:
+    path = str(tmp_path / f"{case}-ref.flac")
+    if case == "corrupt":
+        (tmp_path / f"{case}-ref.flac").write_bytes(b"fLaC" + os.urandom(200))
+    elif case == "short":
+        make_wav(path, 0.1)
+    elif case == "silent":
+        make_wav(path, 1.0, kind="silent")
+    with pytest.raises(BadReferenceError, match=f"{case}-ref.flac"):
+        _engine(monkeypatch).encode_reference(path)
+
+
+def test_in_process_markers(monkeypatch, tmp_path) -> None:
+    eng = _engine(monkeypatch, FISH_SYNTHETIC_STATE_DIR=str(tmp_path / "state"))
+    for _ in range(2):
+        with pytest.raises(EngineOutOfMemoryError):
+            eng.synthesize("a @@oom@@ b", VOICE, PARAMS)
+        with pytest.raises(EngineError, match="synthetic engine error"):
+            eng.synthesize("@@error@@", VOICE, PARAMS)
+    t0 = time.perf_counter()
+    audio = eng.synthesize("slow @@slow=0.3@@ text", VOICE, PARAMS)
+    assert time.perf_counter() - t0 >= 0.3
+    assert audio.seconds == pytest.approx(len("slow  text") * 0.06, abs=1e-4)  # markers are not spoken
+    with pytest.raises(EngineOutOfMemoryError):
+        eng.synthesize("x @@oom-once@@", VOICE, PARAMS)
+    assert eng.synthesize("x @@oom-once@@", VOICE, PARAMS).tokens > 0  # fired once only
+    with pytest.raises(EngineError):
+        eng.synthesize("y @@error-once@@", VOICE, PARAMS)  # another text: its own marker file
+    t0 = time.perf_counter()
+    eng.synthesize("z @@slow=0.3-once@@", VOICE, PARAMS)
+    eng.synthesize("z @@slow=0.3-once@@", VOICE, PARAMS)
+    assert 0.3 <= time.perf_counter() - t0 < 0.55
+
+
+def test_once_needs_state_dir(monkeypatch) -> None:
+    monkeypatch.delenv("FISH_SYNTHETIC_STATE_DIR", raising=False)
+    with pytest.raises(EngineError, match="FISH_SYNTHETIC_STATE_DIR"):
+        _engine(monkeypatch).synthesize("@@kill-once@@", VOICE, PARAMS)
+
+
+def test_load_faults_in_process(monkeypatch) -> None:
+    with pytest.raises(EngineError, match="raise"):
+        _engine(monkeypatch, FISH_SYNTHETIC_LOAD_FAULT="raise").load()
+    with pytest.raises(EngineOutOfMemoryError):
+        _engine(monkeypatch, FISH_SYNTHETIC_LOAD_FAULT="oom").load()
+    with pytest.raises(EngineError, match="FISH_SYNTHETIC_LOAD_FAULT"):
+        _engine(monkeypatch, FISH_SYNTHETIC_LOAD_FAULT="explode")
+
+
+def _child(env: dict[str, str], text: str) -> None:
+    """Spawned: load and synthesize once; exit code 0 when nothing fired."""
+    os.environ.update(env)
+    eng = SyntheticEngine(Settings(engine="synthetic"), "cpu")
+    eng.load()
+    eng.synthesize(text, None, SynthesisParams())
+
+
+def _run_child(env: dict[str, str], text: str, timeout: float = 20.0) -> int | None:
+    base = {"FISH_SYNTHETIC_LOAD_S": "0", "FISH_SYNTHETIC_SECONDS_PER_CHAR": "0"}
+    proc = mp.get_context("spawn").Process(target=_child, args=({**base, **env}, text))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():  # hung, as asked: stop it and report None
+        proc.kill()
+        proc.join()
+        return None
+    return proc.exitcode
+
+
+def test_process_faults(tmp_path) -> None:
+    state = {"FISH_SYNTHETIC_STATE_DIR": str(tmp_path)}
+    assert _run_child({}, "fine") == 0
+    assert _run_child({}, "a @@kill@@") == -signal.SIGKILL
+    assert _run_child({}, "a @@segv@@") == -signal.SIGSEGV
+    assert _run_child({}, "a @@exit@@") == 3
+    assert _run_child({}, "a @@hang@@", timeout=1.5) is None
+    assert _run_child({"FISH_SYNTHETIC_LOAD_FAULT": "die"}, "fine") == -signal.SIGKILL
+    assert _run_child({"FISH_SYNTHETIC_LOAD_FAULT": "hang"}, "fine", timeout=1.5) is None
+    # -once across processes: the first process dies, the retry in a new process succeeds.
+    assert _run_child(state, "b @@kill-once@@") == -signal.SIGKILL
+    assert _run_child(state, "b @@kill-once@@") == 0
+    assert _run_child(state, "c @@exit-once@@") == 3
+    assert _run_child(state, "c @@exit-once@@") == 0

@@ -1,0 +1,127 @@
+"""Prompt-token files, the reference encode cache (keys, hits, misses, corruption, concurrency), speaker keys."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from fishmp.config import Settings
+from fishmp.engines.base import BadReferenceError
+from fishmp.engines.synthetic import SyntheticEngine
+from fishmp.references import cache_path, encode_cached, load_prompt_tokens, speaker_key
+
+
+class CountingEngine(SyntheticEngine):
+    """The synthetic engine, counting real encodes (a subclass, not a mock: the encode itself is real)."""
+
+    def __init__(self, fingerprint: str = "synthetic") -> None:
+        super().__init__(Settings(engine="synthetic"), "cpu")
+        self.encodes = 0
+        self._fp = fingerprint
+
+    def encode_reference(self, audio_path: str) -> np.ndarray:
+        self.encodes += 1
+        return super().encode_reference(audio_path)
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+
+def test_load_prompt_tokens(tmp_path) -> None:
+    good = np.arange(50, dtype=np.int32).reshape(10, 5)
+    np.save(tmp_path / "good.npy", good)
+    assert np.array_equal(load_prompt_tokens(str(tmp_path / "good.npy")), good)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "1d", "nine-rows", "float", "empty", "negative"])
+def test_load_prompt_tokens_rejects(tmp_path, case) -> None:
+    path = tmp_path / f"{case}-tokens.npy"
+    arrays = {"1d": np.zeros(10, np.int64), "nine-rows": np.zeros((9, 4), np.int64),
+              "float": np.zeros((10, 4)), "empty": np.zeros((10, 0), np.int64),
+              "negative": -np.ones((10, 4), np.int64)}
+    if case == "corrupt":
+        path.write_bytes(b"\x93NUMPY garbage")
+    elif case in arrays:
+        np.save(path, arrays[case])
+    with pytest.raises(BadReferenceError, match=f"{case}-tokens.npy"):
+        load_prompt_tokens(str(path))
+
+
+def test_cache_hit_miss_and_invalidation(make_wav, tmp_path) -> None:
+    engine, cache = CountingEngine(), str(tmp_path / "cache")
+    ref = make_wav(str(tmp_path / "ref.wav"), 1.0)
+    first, hit = encode_cached(engine, ref, cache)
+    assert not hit and engine.encodes == 1
+    again, hit = encode_cached(engine, ref, cache)
+    assert hit and engine.encodes == 1 and np.array_equal(first, again)
+    make_wav(ref, 1.5)  # the audio changes: a miss
+    changed, hit = encode_cached(engine, ref, cache)
+    assert not hit and engine.encodes == 2 and changed.shape != first.shape
+    _, hit = encode_cached(CountingEngine("other-checkpoint"), ref, cache)
+    assert not hit  # another model: another entry
+    assert not [n for n in os.listdir(cache) if n.startswith(".tmp-")]
+
+
+def test_corrupt_cache_entry_is_rewritten(make_wav, tmp_path) -> None:
+    engine, cache = CountingEngine(), str(tmp_path / "cache")
+    ref = make_wav(str(tmp_path / "ref.wav"), 1.0)
+    tokens, _ = encode_cached(engine, ref, cache)
+    entry = cache_path(ref, engine.fingerprint(), cache)
+    with open(entry, "wb") as f:
+        f.write(b"not an npy file")
+    again, hit = encode_cached(engine, ref, cache)
+    assert not hit and np.array_equal(tokens, again)
+    assert encode_cached(engine, ref, cache)[1]  # rewritten: a hit now
+
+
+def test_missing_reference(tmp_path) -> None:
+    with pytest.raises(BadReferenceError, match="nope.wav"):
+        encode_cached(CountingEngine(), str(tmp_path / "nope.wav"), str(tmp_path / "cache"))
+
+
+def test_concurrent_writers(make_wav, tmp_path) -> None:
+    ref = make_wav(str(tmp_path / "ref.wav"), 1.0)
+    cache = str(tmp_path / "cache")
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            results.append(encode_cached(CountingEngine(), ref, cache)[0])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 8
+    assert all(np.array_equal(results[0], r) for r in results)
+    assert os.listdir(cache) == [os.path.basename(cache_path(ref, "synthetic", cache))]
+
+
+def test_speaker_key() -> None:
+    tokens = np.arange(40).reshape(10, 4)
+    key = speaker_key(tokens, "hello")
+    assert key == speaker_key(tokens.astype(np.int32), "hello")
+    assert key != speaker_key(tokens, "hello!")
+    assert key != speaker_key(tokens + 1, "hello")
+    assert key != speaker_key(tokens.reshape(10, 4)[:, :3], "hello")
+
+
+@pytest.mark.slow
+def test_cache_with_fish_engine(tiny_checkpoint, make_wav, tmp_path) -> None:
+    from fishmp.engines.fish import FishSpeechEngine
+
+    engine = FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint), "cpu")
+    engine.load()
+    ref = make_wav(str(tmp_path / "ref.wav"), 1.0, 22050)
+    tokens, hit = encode_cached(engine, ref, str(tmp_path / "cache"))
+    assert not hit and tokens.shape[0] == 10
+    again, hit = encode_cached(engine, ref, str(tmp_path / "cache"))
+    assert hit and np.array_equal(tokens, again)
+    assert engine.fingerprint() in os.listdir(tmp_path / "cache")[0]
