@@ -102,8 +102,10 @@ class WorkerPool:
             h.thread.start()
             h.pid = os.getpid()
         else:
+            n_cpu = sum(1 for d, _ in self.slots if d == "cpu")
+            threads = max(1, (os.cpu_count() or 1) // n_cpu) if device == "cpu" else None
             h.process = self.ctx.Process(target=worker_main, name=f"fishmp-{wid}", daemon=True,
-                                         args=(wid, device, pin, self.settings, task_r, res_w, os.getpid()))
+                                         args=(wid, device, pin, self.settings, task_r, res_w, os.getpid(), threads))
             h.process.start()
             h.pid = h.process.pid
             task_r.close()  # the child holds its ends; ours must go so EOF is seen when one side dies

@@ -95,7 +95,7 @@ class JobRun:
         sched = self.sched = self._prepare()
         self.emit(make_event("plan", segments=len(self.job.segments), skipped=self.skipped, speakers=len(self.job.speakers),
                              workers=len(self.pool.live_handles()), mode=self.pool.plan.mode,
-                             output_dir=self.job.output_dir))
+                             output_dir=self.job.output_dir, pid=os.getpid()))
         for seg in self.job.segments:
             if seg.id not in sched.tasks:
                 rec = self.manifest.segments[seg.id]

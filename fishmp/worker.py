@@ -139,11 +139,14 @@ class _Sender:
 
 
 def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings, task_conn: Connection,
-                result_conn: Connection, parent_pid: int | None) -> None:
+                result_conn: Connection, parent_pid: int | None, cpu_threads: int | None = None) -> None:
     """Entry point of a worker. `parent_pid` None means in-process (a thread of the main process)."""
     child = parent_pid is not None
     if child:
         _die_with_parent(parent_pid)
+        if cpu_threads:  # CPU workers share the cores: N workers x all-cores threads would thrash
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = str(cpu_threads)
         # Ctrl-C in a terminal reaches the whole process group: only the main process decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if pin is not None:  # must happen before torch initialises CUDA; the worker then sees only its GPU

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -42,3 +46,51 @@ def make_wav() -> Callable[..., str]:
         return path
 
     return make
+
+
+def run_fishmp(args: list[str], cwd: str, env: dict[str, str] | None = None, timeout: float = 240,
+               **kwargs: object) -> subprocess.CompletedProcess:
+    """`python -m fishmp ARGS` as a real subprocess, with FISH_* from the outer environment removed."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "fishmp", *args], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def fishmp_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """fishmp_cli(args, cwd, env=None, timeout=240) -> CompletedProcess of `python -m fishmp`."""
+    return run_fishmp
+
+
+@pytest.fixture
+def synthetic_job(tmp_path, make_wav) -> Callable[..., str]:
+    """synthetic_job(texts_by_speaker, **top) -> path of a new-format job.json with generated reference wavs."""
+
+    def make(texts: dict[str, list[str]], **top: object) -> str:
+        speakers, segments = {}, []
+        for name, lines in texts.items():
+            make_wav(str(tmp_path / f"{name}.wav"), 1.0, 16000)
+            speakers[name] = {"reference_audio": f"{name}.wav", "reference_text": f"I am {name}."}
+            segments += [{"id": f"{name}-{i:03d}", "speaker": name, "text": t} for i, t in enumerate(lines)]
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps({"speakers": speakers, "segments": segments, **top}))
+        return str(path)
+
+    return make
+
+
+def synthetic_env(tmp_path, **extra: str) -> dict[str, str]:
+    """Environment for a fast synthetic-engine run with 2 CPU workers in child processes."""
+    env = {"FISH_ENGINE": "synthetic", "FISH_CPU_WORKERS": "2", "FISH_MULTIPROCESS_MODE": "true",
+           "FISH_SYNTHETIC_LOAD_S": "0.2", "FISH_CACHE_DIR": str(tmp_path / "cache"),
+           "FISH_SYNTHETIC_STATE_DIR": str(tmp_path / "state")}
+    os.makedirs(env["FISH_SYNTHETIC_STATE_DIR"], exist_ok=True)
+    env.update(extra)
+    return env
+
+
+def jsonl_events(stdout: str) -> list[dict]:
+    """Every stdout line but the last (the result line) is one JSON event."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in lines[:-1]]
