@@ -12,11 +12,12 @@ from fishmp.config import Settings
 from fishmp.engines.base import (
     BadReferenceError,
     EngineError,
+    EngineOutOfMemoryError,
     SpeakerPrompt,
     SynthesisParams,
     TextTooLongError,
 )
-from fishmp.engines.fish import FishSpeechEngine, checkpoint_fingerprint, split_text
+from fishmp.engines.fish import FishSpeechEngine, _guard_oom, checkpoint_fingerprint, split_text
 
 pytestmark = pytest.mark.slow
 ENV_AT_COLLECTION = dict(os.environ)  # before any test of this session imported fish_speech
@@ -98,6 +99,29 @@ def test_bad_reference(engine: FishSpeechEngine, make_wav, tmp_path, case) -> No
         engine.encode_reference(path)
 
 
+def test_reference_longer_than_the_codec_takes(engine: FishSpeechEngine, make_wav, tmp_path) -> None:
+    assert 90 < engine.max_reference_s < 100 and engine.max_frames == 2048  # tiny codec: block sizes 8192 / 2048
+    with pytest.raises(BadReferenceError, match="long-ref.wav"):
+        engine.encode_reference(make_wav(str(tmp_path / "long-ref.wav"), engine.max_reference_s + 1, 8000))
+
+
+def test_out_of_memory_is_translated() -> None:
+    import torch
+
+    def cuda_oom() -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def runtime_oom() -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate: out of memory")
+
+    for fn in (cuda_oom, runtime_oom):
+        with pytest.raises(EngineOutOfMemoryError, match="step: out of memory") as info:
+            _guard_oom("step", fn)
+        assert info.value.__context__ is None  # the traceback (and its tensors) is not kept alive
+    with pytest.raises(RuntimeError, match="other"):
+        _guard_oom("step", lambda: (_ for _ in ()).throw(RuntimeError("other")))
+
+
 def test_split_text_levels() -> None:
     def short(t: str) -> bool:
         return len(t) <= 20
@@ -145,9 +169,13 @@ def test_max_seq_len_lowers_kv_cache(tiny_checkpoint: str) -> None:
         FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint, max_seq_len=2048), "cpu").load()
 
 
-def test_missing_checkpoint(tmp_path) -> None:
+def test_missing_or_corrupt_checkpoint(tiny_checkpoint: str, tmp_path) -> None:
     with pytest.raises(EngineError, match="model.pth"):
         FishSpeechEngine(Settings(checkpoint_dir=str(tmp_path)), "cpu").load()
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    (broken / "model.pth").write_bytes(b"truncated")
+    with pytest.raises(EngineError, match="cannot load"):
+        FishSpeechEngine(Settings(checkpoint_dir=str(broken)), "cpu").load()
 
 
 def test_fingerprint_follows_content(engine: FishSpeechEngine, tiny_checkpoint: str, tmp_path) -> None:

@@ -67,6 +67,7 @@ def import_fish_speech() -> dict[str, Any]:
         import fish_speech.models.dac.rvq  # noqa: F401
         import fish_speech.models.text2semantic.inference as inference
         from fish_speech.content_sequence import ContentSequence, TextPart, VQPart
+        from fish_speech.models.dac.modded_dac import Transformer as CodecTransformer
         from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
         from loguru import logger
     finally:
@@ -78,7 +79,7 @@ def import_fish_speech() -> dict[str, Any]:
     inference.tqdm = lambda iterable, *args, **kwargs: iterable  # decode_n_tokens wraps every token in a tqdm bar
     _fish.update(
         inference=inference, ContentSequence=ContentSequence, TextPart=TextPart, VQPart=VQPart,
-        BaseModelArgs=BaseModelArgs, DualARTransformer=DualARTransformer,
+        BaseModelArgs=BaseModelArgs, DualARTransformer=DualARTransformer, CodecTransformer=CodecTransformer,
         codec_yaml=os.path.join(list(fish_speech.__path__)[0], "configs", "modded_dac_vq.yaml"),  # a namespace package
     )
     return _fish
@@ -192,6 +193,10 @@ class FishSpeechEngine:
         self.device = device
         self.sample_rate = 44100  # the packaged codec's; replaced by the loaded codec's in load()
         self.max_seq_len = 0
+        # The codec's transformers index RoPE tables of `block_size` positions: longer inputs crash (IndexError, or a
+        # device-side assert on CUDA), so references and generated chunks are bounded up front (set in load()).
+        self.max_reference_s = 0.0
+        self.max_frames = 0
         self._model: Any = None
         self._decode_one: Any = None
         self._codec: Any = None
@@ -212,7 +217,10 @@ class FishSpeechEngine:
 
         on_cuda = self.device.startswith("cuda")
         self._dtype = getattr(torch, self.settings.precision) if on_cuda else torch.float32
-        config = fish["BaseModelArgs"].from_pretrained(ckpt)
+        try:
+            config = fish["BaseModelArgs"].from_pretrained(ckpt)
+        except Exception as exc:  # unknown keys raise TypeError, a bad model_type ValueError
+            raise EngineError(f"cannot read {ckpt}/config.json: {exc}") from exc
         max_len = min(config.max_seq_len, self.settings.max_seq_len or config.max_seq_len)
         if max_len <= GENERATION_RESERVE + 64:
             raise EngineError(f"max_seq_len {max_len} leaves no room for a prompt: fish-speech needs the prompt "
@@ -242,10 +250,20 @@ class FishSpeechEngine:
 
         try:
             _guard_oom(f"loading {ckpt} on {self.device}", load_all)
-        except (EngineError, OSError) as exc:
-            raise exc if isinstance(exc, EngineError) else EngineError(f"cannot load {ckpt}: {exc}") from exc
+        except EngineError:
+            raise
+        except Exception as exc:  # corrupt .pth files, architecture mismatches...
+            raise EngineError(f"cannot load {ckpt}: {type(exc).__name__}: {exc}") from exc
         self.sample_rate = int(self._codec.sample_rate)
         self.max_seq_len = int(self._model.config.max_seq_len)
+        # Encoder transformers run at sample_rate / hop_length, the quantizer's pre/post modules at one step per
+        # codec frame (frame_length samples); the decoder has none (commented out in modded_dac.DecoderBlock).
+        hop, frame = int(self._codec.hop_length), int(self._codec.frame_length)
+        blocks = {part: [m.config.block_size for m in getattr(self._codec, part).modules()
+                         if isinstance(m, fish["CodecTransformer"])] for part in ("encoder", "quantizer")}
+        samples = [b * hop for b in blocks["encoder"]] + [b * frame for b in blocks["quantizer"]]
+        self.max_reference_s = min(samples, default=10**9) / self.sample_rate
+        self.max_frames = min(blocks["quantizer"], default=10**9)
 
     def _require(self) -> None:
         if self._model is None:
@@ -268,6 +286,9 @@ class FishSpeechEngine:
         import torchaudio
 
         mono, rate = read_reference(audio_path)
+        if len(mono) / rate > self.max_reference_s:
+            raise BadReferenceError(f"reference audio {audio_path} is {len(mono) / rate:.1f} s long; this codec takes "
+                                    f"at most {self.max_reference_s:.1f} s (10-30 s is plenty for cloning)")
 
         def encode() -> np.ndarray:
             audio = torch.from_numpy(mono)
@@ -278,10 +299,7 @@ class FishSpeechEngine:
                 indices, lengths = self._codec.encode(audio, torch.tensor([audio.shape[-1]], device=self.device))
             return indices[0, :, : int(lengths[0])].to("cpu", torch.int64).numpy()
 
-        try:
-            return _guard_oom(f"encoding {audio_path}", encode)
-        except RuntimeError as exc:  # e.g. longer than the codec transformers' block_size (about 190 s on S1)
-            raise BadReferenceError(f"cannot encode reference audio {audio_path}: {exc}") from exc
+        return _guard_oom(f"encoding {audio_path}", encode)
 
     # -- synthesis -----------------------------------------------------------------------------------------------
 
@@ -349,7 +367,9 @@ class FishSpeechEngine:
             r.codes
             for r in inference.generate_long(
                 model=self._model, device=self.device, decode_one_token=self._decode_one, text=text,
-                max_new_tokens=params.max_new_tokens, top_p=params.top_p, temperature=params.temperature,
+                # Capped so one chunk's codes stay within what the codec can decode in one call.
+                max_new_tokens=min(params.max_new_tokens, self.max_frames),
+                top_p=params.top_p, temperature=params.temperature,
                 repetition_penalty=params.repetition_penalty, compile=self.settings.compile,
                 prompt_text=[prompt[1]] if prompt else None, prompt_tokens=[prompt[0]] if prompt else [],
             )

@@ -10,7 +10,8 @@ measure memory and speed on a GPU without downloading the real model.
   codec the packaged modded_dac_vq.yaml with small overrides (written to codec_overrides.json, which
        FishSpeechEngine merges over the yaml): encoder_dim 8 (latent 128 = quantizer/pre/post input_dim),
        decoder_dim 64, one encoder transformer layer in the last block, no decoder transformer layers,
-       1-layer 64-dim pre/post transformers, block sizes 4096/1024 (references up to ~47 s).
+       1-layer 64-dim pre/post transformers, block sizes 8192/2048 (references and generated chunks up to ~95 s,
+       more than max_seq_len 2560 can generate).
        sample_rate 44100, 9 x 1024 residual codebooks and the 4096 semantic codebook are unchanged.
 `size="s1-mini"` (about 1.4 GB LLM in bf16 + 0.8 GB codec in bf16): the real S1-mini SIZE with random weights.
   LLM  config values are an ASSUMPTION, not verified against fishaudio/openaudio-s1-mini's config.json: Qwen3-0.6B
@@ -49,7 +50,7 @@ _S1_MINI_LLM: dict[str, Any] = dict(
 _SMALL_TRANSFORMER = {
     "_target_": "fish_speech.models.dac.modded_dac.WindowLimitedTransformer", "causal": True, "window_size": 128,
     "input_dim": 128,
-    "config": {"_target_": "fish_speech.models.dac.modded_dac.ModelArgs", "block_size": 1024, "n_layer": 1,
+    "config": {"_target_": "fish_speech.models.dac.modded_dac.ModelArgs", "block_size": 2048, "n_layer": 1,
                "n_head": 1, "dim": 64, "intermediate_size": 128, "n_local_heads": -1, "head_dim": 64,
                "rope_base": 10000, "norm_eps": 1e-5, "dropout_rate": 0.0, "attn_dropout_rate": 0.0,
                "channels_first": True},
@@ -57,7 +58,7 @@ _SMALL_TRANSFORMER = {
 TINY_CODEC_OVERRIDES: dict[str, Any] = {
     "encoder_dim": 8, "decoder_dim": 64,
     "encoder_transformer_layers": [0, 0, 0, 1], "decoder_transformer_layers": [0, 0, 0, 0],
-    "transformer_general_config": {"block_size": 4096},
+    "transformer_general_config": {"block_size": 8192},
     "quantizer": {"input_dim": 128, "pre_module": _SMALL_TRANSFORMER, "post_module": _SMALL_TRANSFORMER},
 }
 
