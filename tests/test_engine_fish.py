@@ -17,7 +17,8 @@ from fishmp.engines.base import (
     SynthesisParams,
     TextTooLongError,
 )
-from fishmp.engines.fish import FishSpeechEngine, _guard_oom, checkpoint_fingerprint, split_text
+from fishmp.engines.checkpoint import checkpoint_fingerprint
+from fishmp.engines.fish import FishSpeechEngine, _guard_oom, split_text
 
 pytestmark = pytest.mark.slow
 ENV_AT_COLLECTION = dict(os.environ)  # before any test of this session imported fish_speech
@@ -179,9 +180,10 @@ def test_missing_or_corrupt_checkpoint(tiny_checkpoint: str, tmp_path) -> None:
 
 
 def test_fingerprint_follows_content(engine: FishSpeechEngine, tiny_checkpoint: str, tmp_path) -> None:
-    assert engine.fingerprint() == checkpoint_fingerprint(tiny_checkpoint)
+    assert engine.fingerprint() == "fish-" + checkpoint_fingerprint(tiny_checkpoint)
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
-    assert checkpoint_fingerprint(str(copy)) == engine.fingerprint()
+    same = FishSpeechEngine(Settings(checkpoint_dir=str(copy)), "cpu")
+    assert same.fingerprint() == engine.fingerprint()  # content, not path; no load needed
     with open(copy / "config.json", "a") as f:
         f.write("\n")
-    assert checkpoint_fingerprint(str(copy)) != engine.fingerprint()
+    assert FishSpeechEngine(Settings(checkpoint_dir=str(copy)), "cpu").fingerprint() != engine.fingerprint()

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
 import re
@@ -47,9 +46,10 @@ from .base import (
     SynthesisParams,
     TextTooLongError,
 )
+from .checkpoint import checkpoint_fingerprint
 
 CODEC_OVERRIDES_FILE = "codec_overrides.json"
-CHECKPOINT_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "codec.pth")
+REQUIRED_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "codec.pth")
 # fish-speech's generate_long refuses a prompt of max_seq_len - 2048 tokens or more (room for 2048 new tokens).
 GENERATION_RESERVE = 2048
 
@@ -97,28 +97,6 @@ def build_codec(overrides: dict[str, Any] | None = None) -> Any:
     with warnings.catch_warnings():  # modded_dac still uses the deprecated torch.nn.utils.weight_norm
         warnings.filterwarnings("ignore", message=".*weight_norm.*is deprecated", category=FutureWarning)
         return instantiate(cfg)
-
-
-def checkpoint_fingerprint(checkpoint_dir: str) -> str:
-    """sha256 over the small files in full and, for model.pth / codec.pth, their size and first and last MiB.
-
-    Reading 2 MiB per weight file keeps this well under a second for multi-GB checkpoints; two different trainings of
-    the same architecture differ in those bytes (tensor data starts within the first MiB of a torch zip archive).
-    """
-    digest = hashlib.sha256()
-    for name in ("config.json", "tokenizer.tiktoken", "special_tokens.json", CODEC_OVERRIDES_FILE,
-                 "model.pth", "codec.pth"):
-        path = os.path.join(checkpoint_dir, name)
-        if not os.path.isfile(path):
-            continue
-        digest.update(name.encode() + b"\0")
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            if name.endswith(".pth") and size > 2 << 20:
-                digest.update(str(size).encode() + f.read(1 << 20))
-                f.seek(size - (1 << 20))
-            digest.update(f.read())
-    return "fish-" + digest.hexdigest()[:24]
 
 
 _SPLIT_LEVELS = (
@@ -209,7 +187,7 @@ class FishSpeechEngine:
 
     def load(self) -> None:
         ckpt = self.settings.checkpoint_dir
-        missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(ckpt, n))]
+        missing = [n for n in REQUIRED_FILES if not os.path.isfile(os.path.join(ckpt, n))]
         if missing:
             raise EngineError(f"checkpoint directory {ckpt} lacks {', '.join(missing)} (FISH_CHECKPOINT_DIR)")
         fish = import_fish_speech()
@@ -399,6 +377,8 @@ class FishSpeechEngine:
             torch.cuda.empty_cache()
 
     def fingerprint(self) -> str:
+        # One definition shared with the torch-free main process (fishmp.engines.checkpoint): the sha256 of the small
+        # files whole and of model.pth / codec.pth by size + first and last MiB (milliseconds even for GB files).
         if self._fingerprint is None:
-            self._fingerprint = checkpoint_fingerprint(self.settings.checkpoint_dir)
+            self._fingerprint = "fish-" + checkpoint_fingerprint(self.settings.checkpoint_dir)
         return self._fingerprint
