@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"fishmp: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the job loop's own handlers were installed (e.g. while planning)
+        print("fishmp: interrupted", file=sys.stderr)
+        return 130
 
 
 class _UsageError(Exception):
@@ -137,6 +140,10 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if job.checkpoint_dir and "FISH_CHECKPOINT_DIR" not in os.environ:
         settings = settings.replace(checkpoint_dir=job.checkpoint_dir)
     _check_checkpoint(settings)
+    from .results import output_dir_problem
+
+    if problem := output_dir_problem(job.output_dir):
+        raise _UsageError(problem)
     try:
         plan = plan_for(settings, parse_gpu_spec(args.gpus) if args.gpus else None, len(job.segments))
     except GpuSpecError as exc:

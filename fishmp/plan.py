@@ -119,7 +119,7 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
         warnings.append(f"[GPU {gpus[best].index}] no GPU has room for a full worker: trying 1 worker there")
     total = sum(limits) if cap_total is None else min(sum(limits), cap_total)
     dealt = _deal(limits, total)
-    gpu_plans = tuple(GpuPlan(g, available, capacity, w) for (g, available, capacity), w in zip(plans_pre, dealt))
+    gpu_plans = tuple(GpuPlan(g, available, capacity, w) for (g, available, capacity), w in zip(plans_pre, dealt, strict=True))
     mode = "single" if single or (total == 1 and settings.multiprocess_mode == "auto") else "multiprocess"
     return Plan(mode=mode, gpus=gpu_plans, cpu_workers=0, warnings=tuple(warnings))
 

@@ -58,6 +58,8 @@ class WorkerHandle:
     running: str | None = None
     running_since: float = 0.0
     kill_reason: str | None = None
+    ever_ready: bool = False
+    leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash
 
     @property
     def live(self) -> bool:

@@ -12,8 +12,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -34,16 +34,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, write: Any, suffix: str = "") -> None:
-    """Call `write(file_object)` on a temp file beside `path`, then rename it into place. Cleans up on any error."""
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Call `write(temp_path)` on a temp file beside `path`, fsync it, rename it into place. Cleans up on any error.
+
+    Writers get a path (np.save, plain bytes); the temp name never collides, so concurrent writers are safe."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -52,11 +57,24 @@ def atomic_write_bytes(path: str, write: Any, suffix: str = "") -> None:
     _fsync_dir(directory)
 
 
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    atomic_write(path, write)
+
+
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
+    """Encode in memory, then write plain bytes: libsndfile would turn ENOSPC into 'System error.'."""
+    import io
+
     import soundfile as sf
 
-    data = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
-    atomic_write_bytes(path, lambda f: sf.write(f, data, sample_rate, format="WAV", subtype="PCM_16"), ".wav")
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, format="WAV",
+             subtype="PCM_16")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def wav_ok(path: str) -> bool:
@@ -68,6 +86,18 @@ def wav_ok(path: str) -> bool:
     except Exception:  # noqa: BLE001 - any unreadable file is simply "not done"
         return False
     return info.frames > 0
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why wavs cannot be written to `path`, or None. Probed with a real temp file: permissions, read-only mounts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"output directory {path} is not writable: {exc.strerror or exc}"
+    return None
 
 
 def remove_temp_files(directories: set[str]) -> int:
@@ -138,7 +168,6 @@ class Manifest:
             "counts": self.counts(),
             "segments": {sid: {k: v for k, v in asdict(r).items() if v is not None} for sid, r in self.segments.items()},
         }
-        payload = json.dumps(data, indent=1, ensure_ascii=False).encode()
-        atomic_write_bytes(self.path, lambda f: f.write(payload))
+        atomic_write_bytes(self.path, json.dumps(data, indent=1, ensure_ascii=False).encode())
         self._last_write = now
         return True

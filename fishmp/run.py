@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .job import Job, Segment, reference_fingerprint, segment_fingerprint
+from .job import Job, JobError, Segment, reference_fingerprint, segment_fingerprint
 from .pool import WorkerHandle, WorkerPool, describe_exit
 from .progress import EventCallback, make_event
-from .results import Manifest, SegmentRecord, remove_temp_files, wav_ok
+from .results import Manifest, SegmentRecord, output_dir_problem, remove_temp_files, wav_ok
 from .scheduler import Scheduler, Task
 from .worker import Done, Failed, LoadFailed, Ready, SegmentTask, SpeakerRef, Started
 
@@ -64,6 +64,8 @@ class JobRun:
         self.oom_by_device: dict[str, int] = {}
         self.stopping_since: float | None = None
         self.error: str | None = None
+        self.manifest_error: str | None = None
+        self.last_load_error: str | None = None
 
     # -- set-up -----------------------------------------------------------------------------------------------------
     def _already_done(self, seg: Segment) -> bool:
@@ -85,9 +87,22 @@ class JobRun:
             self.manifest.segments[seg.id] = SegmentRecord(status="pending", path=seg.output, speaker=seg.speaker,
                                                            fingerprint=self.fingerprints[seg.id])
             todo.append(Task(seg.id, seg.speaker, cost=float(len(seg.text))))
-        os.makedirs(self.job.output_dir, exist_ok=True)
-        self.manifest.save()
+        problem = output_dir_problem(self.job.output_dir)
+        if problem:
+            raise JobError([problem], self.job.source)
+        self._save_manifest()
         return Scheduler(todo, max_attempts=self.settings.max_attempts)
+
+    def _save_manifest(self, min_interval_s: float = 0.0) -> None:
+        """A full disk must not stop the job: the wavs are the results; the manifest is retried on the next save."""
+        try:
+            self.manifest.save(min_interval_s)
+        except OSError as exc:
+            if not self.manifest_error:
+                log.error("[Main] cannot write %s: %s (will keep trying)", self.manifest.path, exc.strerror or exc)
+            self.manifest_error = str(exc)
+        else:
+            self.manifest_error = None
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def run(self) -> JobResult:
@@ -116,9 +131,9 @@ class JobRun:
                     else:
                         self._on_exit(h, payload)
                 self._enforce_deadlines()
-                self.manifest.save(min_interval_s=1.0)
+                self._save_manifest(min_interval_s=1.0)
         finally:
-            self.manifest.save()
+            self._save_manifest()
             remove_temp_files({os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir})
         result = JobResult(self.job.output_dir, self.manifest.path, self.manifest.segments, self.skipped,
                            time.monotonic() - t0, self.pool.stop_signal, self.error)
@@ -167,11 +182,11 @@ class JobRun:
     # -- messages -------------------------------------------------------------------------------------------------------
     def _on_message(self, h: WorkerHandle, msg: Any) -> None:
         if isinstance(msg, Ready):
-            h.state, h.pid = "ready", msg.pid
+            h.state, h.pid, h.ever_ready = "ready", msg.pid, True
             self.emit(make_event("worker_ready", worker=h.id, pid=msg.pid, device=h.device,
                                  load_seconds=round(msg.load_seconds, 3)))
         elif isinstance(msg, LoadFailed):
-            h.state = "leaving"
+            h.state, h.leaving = "leaving", True
             self.last_load_error = msg.message
             log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
         elif isinstance(msg, Started):
@@ -190,7 +205,7 @@ class JobRun:
         elif isinstance(msg, Failed):
             self._finish(h, msg.task)
             if msg.kind == "out_of_memory" or not msg.input_error:
-                h.state = "leaving"  # the worker exits after this message; a clean one replaces it
+                h.state, h.leaving = "leaving", True  # it exits after this message; a clean one replaces it
             if msg.kind == "out_of_memory":
                 self.oom_by_device[h.device] = self.oom_by_device.get(h.device, 0) + 1
             if msg.input_error:
@@ -230,8 +245,10 @@ class JobRun:
 
     # -- deaths -----------------------------------------------------------------------------------------------------------
     def _on_exit(self, h: WorkerHandle, code: int | None) -> None:
-        deliberate = h.kill_reason is None and h.state == "leaving"
+        deliberate = h.kill_reason is None and h.leaving
         reason = h.kill_reason or (describe_exit(code) if not deliberate else "recycled after a failure")
+        if not h.ever_ready and not deliberate:
+            self.last_load_error = f"the worker stopped while loading the model: {reason}"
         if h.outstanding:
             running = h.running
             for tid in list(h.outstanding):
@@ -264,7 +281,7 @@ class JobRun:
         return True
 
     def _no_workers_left(self) -> None:
-        cause = getattr(self, "last_load_error", None)
+        cause = self.last_load_error
         self.error = ("no worker could load the model: " + cause) if cause else "every worker slot used its restarts"
         for tid in list(self.sched.outstanding) + [t for t in self.sched.tasks if t not in self.sched.finished]:
             if tid not in self.sched.finished:

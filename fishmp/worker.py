@@ -262,13 +262,13 @@ class _SegmentRunner:
     def _write_loop(self) -> None:
         import numpy as np
 
-        from .results import atomic_write_bytes, write_wav
+        from .results import atomic_write, write_wav
 
         while (item := self.writes.get()) is not None:
             task, payload, busy_s = item
             try:
                 if isinstance(task, EncodeTask):
-                    atomic_write_bytes(task.output_npy, lambda f, a=payload: np.save(f, a), ".npy")
+                    atomic_write(task.output_npy, lambda tmp, a=payload: np.save(tmp, a), ".npy")
                     self.send(Done(self.worker_id, task.id, task.output_npy, 0.0, busy_s, 0))
                     continue
                 write_wav(task.output, payload.samples, payload.sample_rate)

@@ -1,0 +1,278 @@
+"""Fault injection: real worker processes, real signals, real files. Each test asserts the exit code, the manifest
+states, readable wavs, no temp files left, and that no worker process outlives the run.
+
+The synthetic engine's text markers inject the faults (see fishmp/engines/synthetic.py): @@kill@@, @@segv@@,
+@@exit@@, @@hang@@, @@oom@@, @@error@@, @@slow=S@@; with -once they fire only on the first attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import soundfile as sf
+from conftest import jsonl_events, synthetic_env
+
+from fishmp.results import TMP_PREFIX
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of live processes whose environment mentions `marker` (our workers inherit FISH_CACHE_DIR=tmp_path)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in env and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def assert_no_workers_left(tmp_path, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while processes_with(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with(str(tmp_path)) == []
+
+
+def check_outputs(out_dir) -> dict[str, dict]:
+    """Manifest consistent with the files: done -> readable wav; failed -> a reason; no temp files anywhere."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    for sid, rec in manifest["segments"].items():
+        assert rec["status"] in ("done", "failed", "pending"), sid
+        if rec["status"] == "done":
+            info = sf.info(rec["path"])
+            assert info.frames > 0 and info.samplerate == 44100
+        elif rec["status"] == "failed":
+            assert rec["error"] and rec["error_kind"]
+    leftovers = [f for _, _, files in os.walk(out_dir) for f in files if f.startswith(TMP_PREFIX)]
+    assert leftovers == []
+    return manifest["segments"]
+
+
+def run(fishmp_cli, job, tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[dict], dict[str, dict]]:
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path), synthetic_env(tmp_path, **env))
+    segments = check_outputs(tmp_path / "out")
+    assert_no_workers_left(tmp_path)
+    return out, jsonl_events(out.stdout), segments
+
+
+@pytest.mark.parametrize("marker", ["kill", "segv", "exit"])
+def test_worker_death_requeues_and_replaces(marker, tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["First line.", f"Dies once @@{marker}-once@@ here."] + [f"Line {i} @@slow=0.3@@"
+                                                                                      for i in range(8)],
+                         "b": ["Other speaker."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert {r["status"] for r in segs.values()} == {"done"}
+    assert segs["a-001"]["attempts"] == 2
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert len(died) == 1 and died[0]["pid"] and died[0]["device"] == "cpu"
+    assert sum(1 for e in events if e["event"] == "worker_ready") == 3  # two at start, one replacement
+    requeued = [e for e in events if e["event"] == "segment_requeued" and e["id"] == "a-001"]
+    assert requeued and requeued[0]["attempts"] == 1
+
+
+def test_poison_segment_fails_after_max_attempts(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Fine.", "Always kills @@kill@@.", "Also fine."], "b": ["Fine too."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_MAX_RESTARTS="5")
+    assert out.returncode == 1
+    assert segs["a-001"]["status"] == "failed" and segs["a-001"]["error_kind"] == "poison"
+    assert "3 times" in segs["a-001"]["error"]
+    assert [s for s, r in segs.items() if r["status"] == "done"] == ["a-000", "a-002", "b-000"]
+
+
+def test_restart_budget_drops_the_slot_and_the_job_goes_on(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": [f"Line {i}." for i in range(6)] + ["Boom @@kill-once@@."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_MAX_RESTARTS="0")
+    assert out.returncode == 0, out.stderr
+    assert sum(1 for e in events if e["event"] == "worker_ready") == 2  # no replacement
+    assert "used its 0 restarts" in out.stderr
+    assert {r["status"] for r in segs.values()} == {"done"}
+
+
+def test_oom_once_is_retried_in_the_same_worker(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Needs memory @@oom-once@@.", "Next."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not [e for e in events if e["event"] == "worker_died"]
+    assert segs["a-000"]["attempts"] == 1
+
+
+def test_oom_twice_fails_segment_and_recycles_worker(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Too big @@oom@@.", "Small one.", "Another."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path)
+    assert out.returncode == 1
+    assert segs["a-000"]["error_kind"] == "out_of_memory"
+    assert "FISH_MODEL_MEMORY_GB" in segs["a-000"]["error"] and "max_new_tokens" in segs["a-000"]["error"]
+    assert segs["a-001"]["status"] == "done" and segs["a-002"]["status"] == "done"
+    assert [e["reason"] for e in events if e["event"] == "worker_died"] == ["recycled after a failure"]
+
+
+@pytest.mark.parametrize("fault,expect", [("raise", "EngineError"), ("oom", "EngineOutOfMemoryError"),
+                                          ("die", "SIGKILL")])
+def test_load_failure_is_reported_with_its_cause(fault, expect, tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["One.", "Two."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SYNTHETIC_LOAD_FAULT=fault, FISH_MAX_RESTARTS="1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert {r["error_kind"] for r in segs.values()} == {"no_workers"}
+    assert expect in out.stderr
+
+
+def test_hung_segment_is_killed_and_requeued(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Hangs once @@hang-once@@.", "Fine."], "b": ["Fine as well."]})
+    t0 = time.monotonic()
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_S="1.5",
+                            FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0")
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - t0 < 30
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert len(died) == 1 and "deadline" in died[0]["reason"] and "FISH_SEGMENT_TIMEOUT_S" in died[0]["reason"]
+    assert segs["a-000"]["attempts"] == 2
+
+
+def start(job, tmp_path, **env) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    full.update(synthetic_env(tmp_path, **env))
+    return subprocess.Popen([sys.executable, "-m", "fishmp", "generate", job, "-o", "out", "--progress", "jsonl"],
+                            cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_event(proc: subprocess.Popen, kind: str, n: int = 1) -> list[dict]:
+    seen = []
+    for line in proc.stdout:
+        ev = json.loads(line)
+        seen.append(ev)
+        if sum(1 for e in seen if e["event"] == kind) >= n:
+            return seen
+    raise AssertionError(f"stream ended before {n} {kind} events")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_gracefully_and_rerun_resumes(sig, code, tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": [f"Sentence number {i} @@slow=0.4@@" for i in range(12)],
+                         "b": [f"Other sentence {i} @@slow=0.4@@" for i in range(12)]})
+    proc = start(job, tmp_path)
+    wait_for_event(proc, "segment_done", 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    segs = check_outputs(tmp_path / "out")
+    states = [r["status"] for r in segs.values()]
+    assert states.count("done") >= 2 and states.count("pending") > 0 and "failed" not in states
+    assert_no_workers_left(tmp_path)
+    again = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path), synthetic_env(tmp_path))
+    assert again.returncode == 0
+    plan = jsonl_events(again.stdout)[0]
+    assert plan["skipped"] == states.count("done")
+    assert {r["status"] for r in check_outputs(tmp_path / "out").values()} == {"done"}
+
+
+def test_second_ctrl_c_is_immediate(tmp_path, synthetic_job) -> None:
+    job = synthetic_job({"a": [f"Long one {i} @@slow=20@@" for i in range(4)]})
+    proc = start(job, tmp_path, FISH_SHUTDOWN_GRACE_S="60")
+    wait_for_event(proc, "worker_ready", 2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 10
+    assert {r["status"] for r in check_outputs(tmp_path / "out").values()} == {"pending"}
+    assert_no_workers_left(tmp_path)
+
+
+def test_workers_die_with_a_sigkilled_main_process(tmp_path, synthetic_job) -> None:
+    job = synthetic_job({"a": [f"Long {i} @@slow=30@@" for i in range(4)]})
+    proc = start(job, tmp_path)
+    events = wait_for_event(proc, "worker_ready", 2)
+    pids = [e["pid"] for e in events if e["event"] == "worker_ready"]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") and processes_with(str(tmp_path)) for p in pids):
+        assert time.monotonic() < deadline, "workers outlived the main process"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "silent", "short"])
+def test_bad_reference_fails_only_that_speaker(kind, tmp_path, synthetic_job, make_wav, fishmp_cli) -> None:
+    job = synthetic_job({"good": ["One.", "Two."], "bad": ["Three.", "Four.", "Five."]})
+    bad = tmp_path / "bad.wav"
+    if kind == "corrupt":
+        bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 10)
+    elif kind == "silent":
+        make_wav(str(bad), 2.0, 16000, kind="silent")
+    else:
+        make_wav(str(bad), 0.1, 16000)
+    out, events, segs = run(fishmp_cli, job, tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert {s for s, r in segs.items() if r["status"] == "done"} == {"good-000", "good-001"}
+    bad_recs = [r for s, r in segs.items() if s.startswith("bad")]
+    assert all(r["status"] == "failed" and r["error_kind"] == "bad_reference" and "bad.wav" in r["error"]
+               for r in bad_recs)
+
+
+def test_missing_reference_is_a_validation_error(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["One."]})
+    os.unlink(tmp_path / "a.wav")
+    out = fishmp_cli(["generate", job, "-o", "out"], str(tmp_path), synthetic_env(tmp_path))
+    assert out.returncode == 2 and "a.wav" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_fails_segments_cleanly(tmp_path, synthetic_job, fishmp_cli, small_tmpfs) -> None:
+    job = synthetic_job({"a": ["Short.", "x" * 80, "y" * 80, "Tiny."]})  # 4.8 s of audio (423 kB) cannot fit
+    out = fishmp_cli(["generate", job, "-o", str(small_tmpfs), "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    segs = check_outputs(small_tmpfs)
+    assert segs["a-001"]["status"] == "failed" and segs["a-001"]["error_kind"] == "write_error"
+    assert "No space left" in segs["a-001"]["error"]
+    assert segs["a-000"]["status"] == "done" and segs["a-003"]["status"] == "done"
+    assert_no_workers_left(tmp_path)
+
+
+def test_unwritable_output_dir_is_exit_2(tmp_path, synthetic_job, fishmp_cli) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        job = synthetic_job({"a": ["One."]})
+        out = fishmp_cli(["generate", job, "-o", str(ro)], str(tmp_path), synthetic_env(tmp_path))
+        assert out.returncode == 2 and "not writable" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_hostile_texts_are_handled(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Mixed 中文 and English, ça va? Привет!", "Control\x07chars\x00 inside\ttext.",
+                               "Long. " * 400]})
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_PER_CHAR_S="1")
+    assert out.returncode == 0, out.stderr
+    assert {r["status"] for r in segs.values()} == {"done"}
