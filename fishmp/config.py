@@ -103,8 +103,8 @@ class Settings:
         "fish", "FISH_ENGINE", lambda s: s.strip().lower(), lambda v: v in ENGINES,
         "fish (Fish Speech) or synthetic (test engine, no model)")
     max_seq_len: int | None = _setting(
-        None, "FISH_MAX_SEQ_LEN", _opt_int, lambda v: v is None or (_is_int(v) and v >= 256),
-        "a KV-cache length in tokens >= 256 (empty: the checkpoint's)")
+        None, "FISH_MAX_SEQ_LEN", _opt_int, lambda v: v is None or (_is_int(v) and v > 2112),
+        "a KV-cache length in tokens > 2112, since fish-speech reserves 2048 for generation (empty: the checkpoint's)")
     cache_dir: str = _setting(
         os.path.join(os.path.expanduser("~"), ".cache", "fishmp"), "FISH_CACHE_DIR", os.path.expanduser, lambda v: bool(v),
         "a directory for cached reference tokens")

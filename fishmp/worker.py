@@ -149,9 +149,10 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
                 os.environ[var] = str(cpu_threads)
         # Ctrl-C in a terminal reaches the whole process group: only the main process decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if pin is not None:  # must happen before torch initialises CUDA; the worker then sees only its GPU
-            os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-            os.environ["CUDA_VISIBLE_DEVICES"] = pin
+        # Must happen before torch initialises CUDA: the worker then sees only its GPU, and a CPU worker none at all
+        # (fish-speech calls torch.cuda.synchronize() whenever CUDA is available, which would open a context on GPU 0).
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = pin if pin is not None else ""
     engine_device = "cuda:0" if (pin is not None and child) else device
     send = _Sender(result_conn)
     inbox: queue.Queue = queue.Queue()
