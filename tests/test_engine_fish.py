@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fishmp.config import Settings
+from fishmp.config import ConfigError, Settings
 from fishmp.engines.base import (
     BadReferenceError,
     EngineError,
@@ -166,8 +166,8 @@ def test_max_seq_len_lowers_kv_cache(tiny_checkpoint: str) -> None:
     assert eng.max_seq_len == 2304
     assert eng._model.layers[0].attention.kv_cache.k_cache.shape[2] == 2304
     assert eng._model.causal_mask.shape == (2304, 2304)
-    with pytest.raises(EngineError, match="FISH_MAX_SEQ_LEN"):
-        FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint, max_seq_len=2048), "cpu").load()
+    with pytest.raises(ConfigError, match="max_seq_len"):  # rejected as configuration, before any model loads
+        Settings(checkpoint_dir=tiny_checkpoint, max_seq_len=2048)
 
 
 def test_missing_or_corrupt_checkpoint(tiny_checkpoint: str, tmp_path) -> None:
