@@ -32,6 +32,39 @@ def plan_for(settings: Settings, gpus: list[GPU] | None = None, n_segments: int 
     return make_plan(select_devices(inventory, settings.devices), settings, n_segments)
 
 
+FRAMES_PER_SECOND = 44100 / 2048  # S1 codec: one semantic frame per 2048 samples at 44.1 kHz
+GENERATION_RESERVE = 2048  # fish-speech refuses prompts longer than max_seq_len - 2048
+
+
+def sized_max_seq_len(job: Job) -> int:
+    """A KV-cache length that fits this job's longest prompt (reference frames + transcript + text, one token per
+    UTF-8 byte at most) plus fish-speech's 2048-token generation reserve, rounded up to 256. Texts that would not
+    fit are split at sentences by the engine, so only the reference has to fit, and the text term is capped."""
+    import numpy as np
+    import soundfile as sf
+
+    longest_ref = 0
+    for sp in job.speakers.values():
+        try:
+            if sp.prompt_tokens:
+                frames = int(np.load(sp.prompt_tokens, mmap_mode="r").shape[-1])
+            else:
+                frames = int(sf.info(sp.reference_audio).duration * FRAMES_PER_SECOND) + 1
+        except Exception:  # noqa: BLE001 - an unreadable reference fails its own segments later, with its name
+            continue
+        longest_ref = max(longest_ref, frames + len(sp.reference_text.encode()))
+    longest_text = min(max((len(s.text.encode()) for s in job.segments), default=0), 1024)
+    need = longest_ref + longest_text + 64 + GENERATION_RESERVE  # 64: role and modality tokens
+    return -(-need // 256) * 256
+
+
+def resolve_settings(settings: Settings, job: Job | None) -> Settings:
+    """Settings that depend on the job: FISH_MAX_SEQ_LEN=auto becomes a length (the checkpoint's without a job)."""
+    if settings.max_seq_len != "auto" or settings.engine != "fish":
+        return settings
+    return settings.replace(max_seq_len=sized_max_seq_len(job) if job is not None else None)
+
+
 def as_job(job: Job | str | os.PathLike | dict, output_dir: str | None = None) -> Job:
     if isinstance(job, Job):
         return job
@@ -44,8 +77,10 @@ class Pool:
     """Workers per the plan, each loading the model once; reused by every `generate` call until `close()`."""
 
     def __init__(self, settings: Settings | None = None, *, gpus: list[GPU] | None = None, plan: Plan | None = None,
-                 n_segments: int | None = None, **overrides: Any) -> None:
+                 n_segments: int | None = None, job: Job | None = None, **overrides: Any) -> None:
+        """`job`, when known up front, sizes what depends on it (FISH_MAX_SEQ_LEN=auto); `n_segments` caps workers."""
         self.settings = settings.replace(**overrides) if settings else Settings.from_env(**overrides)
+        self.settings = resolve_settings(self.settings, job)
         self.plan = plan or plan_for(self.settings, gpus, n_segments)
         for line in plan_log_lines(self.plan):
             log.info(line)
@@ -115,7 +150,7 @@ def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = No
              resume: bool = True, **settings: Any) -> JobResult:
     """One-off: plan for this job's size, start workers, run the job, stop the workers."""
     job = as_job(job, output_dir)
-    with Pool(n_segments=len(job.segments), **settings) as pool:
+    with Pool(n_segments=len(job.segments), job=job, **settings) as pool:
         return pool.generate(job, on_event=on_event, resume=resume)
 
 

@@ -149,7 +149,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     except GpuSpecError as exc:
         raise _UsageError(str(exc)) from None
     renderer = make_renderer(args.progress)
-    pool = Pool(settings, plan=plan)
+    pool = Pool(settings, plan=plan, job=job)
     try:
         _install_signal_handlers(pool)
         result = pool.generate(job, on_event=renderer, resume=not args.no_resume)

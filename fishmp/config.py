@@ -102,9 +102,11 @@ class Settings:
     engine: str = _setting(
         "fish", "FISH_ENGINE", lambda s: s.strip().lower(), lambda v: v in ENGINES,
         "fish (Fish Speech) or synthetic (test engine, no model)")
-    max_seq_len: int | None = _setting(
-        None, "FISH_MAX_SEQ_LEN", _opt_int, lambda v: v is None or (_is_int(v) and v > 2112),
-        "a KV-cache length in tokens > 2112, since fish-speech reserves 2048 for generation (empty: the checkpoint's)")
+    max_seq_len: int | str | None = _setting(
+        "auto", "FISH_MAX_SEQ_LEN", lambda s: "auto" if s.strip().lower() == "auto" else _opt_int(s),
+        lambda v: v is None or v == "auto" or (_is_int(v) and v > 2112),
+        "'auto' (sized to the job), or a KV-cache length in tokens > 2112 since fish-speech reserves 2048 for "
+        "generation (empty: the checkpoint's, 8192 for S1-mini)")
     cache_dir: str = _setting(
         os.path.join(os.path.expanduser("~"), ".cache", "fishmp"), "FISH_CACHE_DIR", os.path.expanduser, lambda v: bool(v),
         "a directory for cached reference tokens")

@@ -187,3 +187,20 @@ def test_fingerprint_follows_content(engine: FishSpeechEngine, tiny_checkpoint: 
     with open(copy / "config.json", "a") as f:
         f.write("\n")
     assert FishSpeechEngine(Settings(checkpoint_dir=str(copy)), "cpu").fingerprint() != engine.fingerprint()
+
+
+@pytest.mark.parametrize("seconds,ref_text", [(1.0, "Hi."), (4.0, "A much longer reference transcript, " * 4)])
+def test_auto_max_seq_len_fits_the_real_prompt(engine: FishSpeechEngine, make_wav, tmp_path, seconds, ref_text) -> None:
+    """FISH_MAX_SEQ_LEN=auto (sized from the job in the main process, no torch) must leave the real prompt room."""
+    from fishmp.api import sized_max_seq_len
+    from fishmp.job import job_from_dict
+
+    wav = make_wav(str(tmp_path / "r.wav"), seconds, 22050)
+    text = "Ünïcode and English text, 中文也有. " * 3
+    job = job_from_dict({"speakers": {"s": {"reference_audio": wav, "reference_text": ref_text}},
+                         "segments": [{"id": "1", "speaker": "s", "text": text}]}, str(tmp_path), str(tmp_path / "o"))
+    tokens = engine.encode_reference(wav)
+    real = engine.prompt_length(text, engine._speaker_prompt(SpeakerPrompt("auto", tokens, ref_text)))
+    sized = sized_max_seq_len(job)
+    assert sized - 2048 > real  # fish-speech's rule: prompt < max_seq_len - 2048
+    assert sized - 2048 < real + 400  # and not wastefully larger

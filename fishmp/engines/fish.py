@@ -199,7 +199,8 @@ class FishSpeechEngine:
             config = fish["BaseModelArgs"].from_pretrained(ckpt)
         except Exception as exc:  # unknown keys raise TypeError, a bad model_type ValueError
             raise EngineError(f"cannot read {ckpt}/config.json: {exc}") from exc
-        max_len = min(config.max_seq_len, self.settings.max_seq_len or config.max_seq_len)
+        requested = self.settings.max_seq_len if isinstance(self.settings.max_seq_len, int) else None  # "auto": api
+        max_len = min(config.max_seq_len, requested or config.max_seq_len)
         if max_len <= GENERATION_RESERVE + 64:
             raise EngineError(f"max_seq_len {max_len} leaves no room for a prompt: fish-speech needs the prompt "
                               f"shorter than max_seq_len - {GENERATION_RESERVE} (FISH_MAX_SEQ_LEN)")
