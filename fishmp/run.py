@@ -122,7 +122,7 @@ class JobRun:
                     break
                 if self.stopping_since is None:
                     self._dispatch()
-                if not self.pool.live_handles():
+                if all(h.state == "dead" for h in self.pool.handles.values()):  # exits seen, none replaced
                     self._no_workers_left()
                     break
                 for kind, h, payload in self.pool.poll(self._next_timeout()):

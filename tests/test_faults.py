@@ -276,3 +276,14 @@ def test_hostile_texts_are_handled(tmp_path, synthetic_job, fishmp_cli) -> None:
     out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_PER_CHAR_S="1")
     assert out.returncode == 0, out.stderr
     assert {r["status"] for r in segs.values()} == {"done"}
+
+
+def test_repeated_oom_on_a_device_drops_a_worker_slot(tmp_path, synthetic_job, fishmp_cli) -> None:
+    job = synthetic_job({"a": ["Big one @@oom@@.", "Normal."] + [f"Line {i} @@slow=0.3@@" for i in range(6)],
+                         "b": ["Big two @@oom@@.", "Normal too."] + [f"Other {i} @@slow=0.3@@" for i in range(6)]})
+    out, events, segs = run(fishmp_cli, job, tmp_path)
+    assert out.returncode == 1
+    assert sorted(s for s, r in segs.items() if r["status"] == "failed") == ["a-000", "b-000"]
+    assert "repeated out-of-memory on cpu: dropping a worker there" in out.stderr
+    # Two workers recycled after their OOMs; only one of the two slots got a replacement.
+    assert sum(1 for e in events if e["event"] == "worker_ready") <= 3
