@@ -178,6 +178,7 @@ def chart(rows: list[dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for wl in dict.fromkeys(r["workload"] for r in rows):
@@ -194,6 +195,7 @@ def chart(rows: list[dict], path: str) -> None:
     ax2.set(xscale="log", xticks=WORKERS, xticklabels=WORKERS, xlabel="workers", ylabel="wall / static-split makespan",
             title="vs the original static split (lower is better)")
     for ax in (ax1, ax2):
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
