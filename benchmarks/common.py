@@ -91,7 +91,8 @@ def synthetic_env(seconds_per_char: float, load_s: float = 0.5, cache_dir: str |
         os.environ["FISH_CACHE_DIR"] = cache_dir
 
 
-def start_pool(n_workers: int, warm_dir: str, ref_wav: str, timeout_s: float = 120.0, **settings: Any) -> tuple[Any, float, list[dict]]:
+def start_pool(n_workers: int, warm_dir: str, ref_wav: str, timeout_s: float = 120.0,
+               **settings: Any) -> tuple[Any, float, list[dict]]:
     """A CPU-worker Pool with `n_workers` workers, returned only once every worker has reported ready.
 
     Ready messages are only read while a job runs, so tiny one-segment warm-up jobs are run until all `n_workers`
@@ -136,7 +137,7 @@ def worker_gaps(events: list[dict]) -> tuple[list[float], dict[str, float]]:
     for w, evs in by_worker.items():
         evs.sort(key=lambda e: e["t_mono"])
         busy[w] = sum(e["synthesis_seconds"] for e in evs)
-        for a, b in zip(evs, evs[1:]):
+        for a, b in zip(evs, evs[1:], strict=False):
             gaps.append(b["t_mono"] - a["t_mono"] - b["synthesis_seconds"])
     return gaps, busy
 

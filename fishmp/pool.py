@@ -56,6 +56,7 @@ class WorkerHandle:
     spawned_at: float = field(default_factory=time.monotonic)
     outstanding: deque[str] = field(default_factory=deque)  # task ids sent, in order: [running, queued-ahead]
     running: str | None = None
+    started: set[str] = field(default_factory=set)  # outstanding tasks the worker has begun
     running_since: float = 0.0
     kill_reason: str | None = None
     ever_ready: bool = False

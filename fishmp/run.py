@@ -147,11 +147,17 @@ class JobRun:
 
     def _dispatch(self) -> None:
         ready = [h for h in self.pool.handles.values() if h.state == "ready"]
-        # One segment queued ahead keeps a worker busy between segments; near the end it would only strand work
-        # behind a busy worker while another idles, so queue ahead only while there is plenty left.
-        depth = 2 if self.sched.pending_count >= len(ready) else 1
-        for h in ready:
-            while len(h.outstanding) < depth:
+        # Round 1 gives every idle worker a segment; round 2 queues one segment behind each running one, so a worker
+        # never waits on this process between segments. Rounds, not filling one worker at a time: otherwise worker 0
+        # takes the two longest segments. Near the end a queued segment would only wait behind a busy worker while
+        # another idles, so queue ahead only while there is plenty left.
+        rounds = (1, 2) if self.sched.pending_count >= 2 * len(ready) else (1,)
+        for target in rounds:
+            for h in ready:
+                # A worker's load: its running segment plus those not started yet (one being written does not count).
+                unstarted = sum(1 for t in h.outstanding if t not in h.started)
+                if unstarted + (h.running is not None) >= target:
+                    continue
                 task = self.sched.next_for(h.id)
                 if task is None:
                     return
@@ -159,9 +165,8 @@ class JobRun:
                 msg = SegmentTask(seg.id, seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output)
                 if not self.pool.send(h, msg):
                     self.sched.requeue(task.id, count_attempt=False)
-                    break
-                if len(h.outstanding) == 1 and h.running is None:
-                    h.running_since = time.monotonic()  # deadline starts now if nothing is ahead of it
+                elif h.running is None and not unstarted:
+                    h.running_since = time.monotonic()  # its deadline starts now: nothing is ahead of it
 
     def _next_timeout(self) -> float:
         """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
@@ -191,6 +196,7 @@ class JobRun:
             log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
         elif isinstance(msg, Started):
             h.running, h.running_since = msg.task, time.monotonic()
+            h.started.add(msg.task)
         elif isinstance(msg, Done):
             self._finish(h, msg.task)
             self.sched.done(msg.task)
@@ -218,6 +224,7 @@ class JobRun:
                 self._requeue(msg.task, f"{msg.kind}: {msg.message}", h, counted=True)
 
     def _finish(self, h: WorkerHandle, task_id: str) -> None:
+        h.started.discard(task_id)
         if task_id in h.outstanding:
             h.outstanding.remove(task_id)
         if h.running == task_id:
