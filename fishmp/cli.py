@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from .config import ConfigError, Settings, load_dotenv_file
+from .job import JobError
 
 log = logging.getLogger("fishmp")
 
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"fishmp: {exc}", file=sys.stderr)
         return 2
+    except JobError as exc:
+        print(f"fishmp: invalid job {exc.source or ''}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the job loop's own handlers were installed (e.g. while planning)
         print("fishmp: interrupted", file=sys.stderr)
         return 130
@@ -127,19 +133,11 @@ def _install_signal_handlers(pool: Any) -> None:
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from .api import Pool, plan_for
     from .gpus import GpuSpecError, parse_gpu_spec
-    from .job import JobError, load_job
+    from .job import load_job
     from .progress import make_renderer
 
-    try:
-        job = load_job(args.job, args.output_dir)
-    except JobError as exc:
-        print(f"fishmp: invalid job {args.job}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 2
-    if job.checkpoint_dir and "FISH_CHECKPOINT_DIR" not in os.environ:
-        settings = settings.replace(checkpoint_dir=job.checkpoint_dir)
-    _check_checkpoint(settings)
+    job = load_job(args.job, args.output_dir)
+    settings = _with_checkpoint(settings, job.checkpoint_dir)
     from .results import output_dir_problem
 
     if problem := output_dir_problem(job.output_dir):
@@ -171,9 +169,12 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     return result.exit_code
 
 
-def _check_checkpoint(settings: Settings) -> None:
+def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings:
+    """A legacy config's checkpoint_dir applies unless FISH_CHECKPOINT_DIR is set; the files must be there."""
+    if job_checkpoint and "FISH_CHECKPOINT_DIR" not in os.environ:
+        settings = settings.replace(checkpoint_dir=job_checkpoint)
     if settings.engine != "fish":
-        return
+        return settings
     from .engines.checkpoint import CHECKPOINT_FILES
 
     missing = [f for f in CHECKPOINT_FILES if f != "special_tokens.json"
@@ -182,22 +183,15 @@ def _check_checkpoint(settings: Settings) -> None:
         raise _UsageError(
             f"checkpoint {settings.checkpoint_dir!r} lacks {', '.join(missing)}: download openaudio-s1-mini there "
             "(see README, 'Real weights') or set FISH_CHECKPOINT_DIR; `python -m fishmp demo` needs no download")
+    return settings
 
 
 def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     from .api import Pool, plan_for
-    from .job import JobError, load_encode_config
+    from .job import load_encode_config
 
-    try:
-        job = load_encode_config(args.config)
-    except JobError as exc:
-        print(f"fishmp: invalid encode config {args.config}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 2
-    if job.checkpoint_dir and "FISH_CHECKPOINT_DIR" not in os.environ:
-        settings = settings.replace(checkpoint_dir=job.checkpoint_dir)
-    _check_checkpoint(settings)
+    job = load_encode_config(args.config)
+    settings = _with_checkpoint(settings, job.checkpoint_dir)
     # Encoding is a short codec pass per speaker: one worker, never the full plan.
     settings = settings.replace(max_workers=1)
     with Pool(settings, plan=plan_for(settings, None, 1)) as pool:

@@ -147,20 +147,26 @@ class JobRun:
 
     def _dispatch(self) -> None:
         ready = [h for h in self.pool.handles.values() if h.state == "ready"]
+        if not ready:
+            return
         # Round 1 gives every idle worker a segment; round 2 queues one segment behind each running one, so a worker
         # never waits on this process between segments. Rounds, not filling one worker at a time: otherwise worker 0
-        # takes the two longest segments. Near the end a queued segment would only wait behind a busy worker while
-        # another idles, so queue ahead only while there is plenty left.
+        # takes the two longest segments. A queued segment is committed early, which is only worth it for short ones:
+        # near the end of the job, or for a segment longer than a fair share of what is left (half of pending work per
+        # worker), it is left for whichever worker frees up first (longest-first stays longest-first).
         rounds = (1, 2) if self.sched.pending_count >= 2 * len(ready) else (1,)
         for target in rounds:
+            max_cost = self.sched.pending_total_cost / (2 * len(ready)) if target == 2 else None
             for h in ready:
                 # A worker's load: its running segment plus those not started yet (one being written does not count).
                 unstarted = sum(1 for t in h.outstanding if t not in h.started)
                 if unstarted + (h.running is not None) >= target:
                     continue
-                task = self.sched.next_for(h.id)
-                if task is None:
+                if not self.sched.pending_count:
                     return
+                task = self.sched.next_for(h.id, max_cost)
+                if task is None:
+                    continue
                 seg = self.segments[task.id]
                 msg = SegmentTask(seg.id, seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output)
                 if not self.pool.send(h, msg):

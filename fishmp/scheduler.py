@@ -55,8 +55,13 @@ class Scheduler:
         return sum(1 for s in self._holder.values() if s == speaker)
 
     # -- decisions --------------------------------------------------------------------------------------------
-    def next_for(self, worker: str) -> Task | None:
-        """The next task for `worker`, or None when nothing is pending."""
+    @property
+    def pending_total_cost(self) -> float:
+        return sum(self._pending_cost.values())
+
+    def next_for(self, worker: str, max_cost: float | None = None) -> Task | None:
+        """The next task for `worker`, or None when nothing is pending (or its next task costs more than `max_cost`:
+        a long segment is better left for whichever worker frees up first than queued behind a running one)."""
         speaker = self._holder.get(worker)
         if speaker is None or not self._pending.get(speaker):
             speaker = self._choose_speaker(worker)
@@ -64,6 +69,8 @@ class Scheduler:
                 self._holder.pop(worker, None)
                 return None
             self._holder[worker] = speaker
+        if max_cost is not None and self._pending[speaker][-1].cost > max_cost:
+            return None
         task = self._pending[speaker].pop()
         self._pending_cost[speaker] -= task.cost
         self.outstanding.add(task.id)

@@ -114,3 +114,11 @@ def test_worker_gone_releases_speaker() -> None:
     sched.next_for("w0")
     sched.worker_gone("w0")
     assert sched.holders("a") == 0
+
+
+def test_max_cost_leaves_a_long_task_pending() -> None:
+    sched = Scheduler(tasks({"a": [10.0, 2.0]}))
+    assert sched.next_for("w0", max_cost=5.0) is None  # the 10 is too long to commit early
+    assert sched.pending_count == 2 and sched.pending_total_cost == 12.0
+    assert sched.next_for("w0").cost == 10.0
+    assert sched.next_for("w0", max_cost=5.0).cost == 2.0
