@@ -17,7 +17,7 @@ from typing import Any
 from .config import Settings
 from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
-from .job import EncodeJob, Job, job_from_dict, load_encode_config, load_job
+from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_encode_config, load_job
 from .plan import Plan, make_plan, plan_log_lines
 from .pool import WorkerPool
 from .progress import EventCallback, make_event
@@ -68,8 +68,9 @@ def resolve_settings(settings: Settings, job: Job | None) -> Settings:
 def as_job(job: Job | str | os.PathLike | dict, output_dir: str | None = None) -> Job:
     if isinstance(job, Job):
         return job
-    if isinstance(job, dict):
-        return job_from_dict(job, base_dir=os.getcwd(), output_dir=os.path.abspath(output_dir or "fishmp-out/job"))
+    if isinstance(job, dict):  # relative paths resolve against the cwd, as if it were a job.json there
+        out = output_dir or default_output_dir(os.path.join(os.getcwd(), "job.json"), job)
+        return job_from_dict(job, base_dir=os.getcwd(), output_dir=os.path.abspath(out))
     return load_job(os.fspath(job), output_dir)
 
 

@@ -204,3 +204,19 @@ def test_auto_max_seq_len_fits_the_real_prompt(engine: FishSpeechEngine, make_wa
     sized = sized_max_seq_len(job)
     assert sized - 2048 > real  # fish-speech's rule: prompt < max_seq_len - 2048
     assert sized - 2048 < real + 400  # and not wastefully larger
+
+
+@pytest.mark.slow
+def test_compile_warm_up_is_paid_at_load(tiny_checkpoint: str, voice: SpeakerPrompt) -> None:
+    """FISH_COMPILE=true: the compile happens inside load(), so the first real segment is not the slow one."""
+    import time
+
+    eng = FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint, compile=True), "cpu")
+    t0 = time.perf_counter()
+    eng.load()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    audio = eng.synthesize("Hello there.", voice, SynthesisParams(max_new_tokens=8, seed=1))
+    first_s = time.perf_counter() - t0
+    assert audio.tokens > 0 and np.isfinite(audio.samples).all()
+    assert first_s < load_s  # the trace was paid at load

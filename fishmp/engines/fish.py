@@ -243,6 +243,10 @@ class FishSpeechEngine:
         samples = [b * hop for b in blocks["encoder"]] + [b * frame for b in blocks["quantizer"]]
         self.max_reference_s = min(samples, default=10**9) / self.sample_rate
         self.max_frames = min(blocks["quantizer"], default=10**9)
+        if self.settings.compile:
+            # torch.compile traces on the first call (25-250 s for S1-mini on a GPU): pay it here, once per worker,
+            # before the worker says ready, so no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it.
+            self.synthesize("Warm-up.", None, SynthesisParams(max_new_tokens=8, seed=0))
 
     def _require(self) -> None:
         if self._model is None:
