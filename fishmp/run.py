@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .job import Job, JobError, Segment, reference_fingerprint, segment_fingerprint
+from .job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
 from .pool import WorkerHandle, WorkerPool, describe_exit
 from .progress import EventCallback, make_event
 from .results import Manifest, SegmentRecord, output_dir_problem, remove_temp_files, wav_ok
@@ -48,6 +48,14 @@ class JobResult:
         return 0 if self.ok else 1
 
 
+def _reference_fingerprint(speaker: Speaker) -> str:
+    """An unreadable reference gets a fingerprint that never matches: its segments are redone, and fail by name."""
+    try:
+        return reference_fingerprint(speaker)
+    except OSError as exc:
+        return f"unreadable:{time.time()}:{exc}"
+
+
 class JobRun:
     def __init__(self, pool: WorkerPool, job: Job, engine_fingerprint: str, on_event: EventCallback | None = None,
                  resume: bool = True) -> None:
@@ -57,9 +65,9 @@ class JobRun:
         self.manifest = Manifest.load(job.output_dir)
         self.manifest.job = job.source
         self.segments: dict[str, Segment] = {s.id: s for s in job.segments}
-        ref_fp = {sid: reference_fingerprint(sp) for sid, sp in job.speakers.items()}
+        ref_fp = {sid: _reference_fingerprint(sp) for sid, sp in job.speakers.items()}
         self.fingerprints = {s.id: segment_fingerprint(s, ref_fp[s.speaker], engine_fingerprint) for s in job.segments}
-        self.refs = {sid: SpeakerRef(sid, sp.reference_text, sp.reference_audio, sp.prompt_tokens)
+        self.refs = {sid: SpeakerRef(sid, sp.reference_text, sp.reference_audio, sp.prompt_tokens, ref_fp[sid])
                      for sid, sp in job.speakers.items()}
         self.oom_by_device: dict[str, int] = {}
         self.stopping_since: float | None = None

@@ -35,6 +35,9 @@ class SpeakerRef:
     reference_text: str
     reference_audio: str | None = None
     prompt_tokens: str | None = None
+    # Content hash of the reference file + transcript: a pool reused across jobs must not mistake a new "speaker 3"
+    # (dubbing backends reuse ids and paths per video) for the last job's.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class _SegmentRunner:
                  oom_error: type) -> None:
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.EngineError, self.OOM = engine_error, oom_error
-        self.prompts: dict[str, Any] = {}  # speaker id -> SpeakerPrompt, prepared once per speaker
+        self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
         self.writes: queue.Queue = queue.Queue(maxsize=4)
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
         self.writer.start()
@@ -214,13 +217,15 @@ class _SegmentRunner:
         from .engines import SpeakerPrompt
         from .references import encode_cached, load_prompt_tokens, speaker_key
 
-        if ref.id not in self.prompts:
+        if ref not in self.prompts:
             if ref.prompt_tokens:
                 tokens = load_prompt_tokens(ref.prompt_tokens)
             else:
                 tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir)
-            self.prompts[ref.id] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
-        return self.prompts[ref.id]
+            if len(self.prompts) >= 64:  # bounded: a long-lived pool sees many voices
+                self.prompts.pop(next(iter(self.prompts)))
+            self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
+        return self.prompts[ref]
 
     def run(self, task: SegmentTask | EncodeTask) -> bool:
         """Run one task; False when the worker must leave (engine broken)."""

@@ -166,3 +166,25 @@ def test_library_pool_is_reused_across_jobs(tmp_path, make_wav, monkeypatch) -> 
     assert r1.ok and r2.ok and r1.exit_code == 0
     assert sum(1 for e in events if e["event"] == "worker_ready") == 2  # loaded once, used by both jobs
     assert len(os.listdir(tmp_path / "o2")) == 4  # 3 wavs + manifest
+
+
+def test_reused_pool_sees_a_new_voice_behind_the_same_speaker_id(tmp_path, make_wav, tiny_checkpoint,
+                                                                  monkeypatch) -> None:
+    """Backends reuse speaker ids and reference paths per video: a long-lived pool must not keep the old voice."""
+    import fishmp
+
+    for k in [k for k in os.environ if k.startswith("FISH_")]:
+        monkeypatch.delenv(k)
+    ref = str(tmp_path / "speaker_3.wav")
+    job = {"speakers": {"3": {"reference_audio": ref, "reference_text": "Hello."}},
+           "segments": [{"id": "1", "speaker": "3", "text": "Same text.", "params": {"max_new_tokens": 6, "seed": 3}}]}
+    with fishmp.Pool(engine="fish", checkpoint_dir=tiny_checkpoint, devices="cpu", multiprocess_mode="false",
+                     precision="float32", cache_dir=str(tmp_path / "c")) as pool:
+        make_wav(ref, 1.0, 16000)
+        first = pool.generate(job, output_dir=str(tmp_path / "video1"))
+        sf.write(ref, 0.3 * np.sin(np.arange(48000) / 48000 * 2 * np.pi * 330).astype(np.float32), 48000)
+        second = pool.generate(job, output_dir=str(tmp_path / "video2"))
+    assert first.ok and second.ok
+    a, _ = sf.read(str(tmp_path / "video1" / "1.wav"))
+    b, _ = sf.read(str(tmp_path / "video2" / "1.wav"))
+    assert not (len(a) == len(b) and np.allclose(a, b))  # same seed and text: only the voice differs
