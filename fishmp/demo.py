@@ -86,6 +86,7 @@ Demo finished: {result.count('done')} of {len(job.segments)} segments in {result
   wavs:     {job.output_dir}
   manifest: {result.manifest_path}
 The audio is noise: the checkpoint has random weights (it exercises the real Fish Speech code, not a voice).
-For real voice cloning download the openaudio-s1-mini checkpoint to checkpoints/openaudio-s1-mini (see README),
-then: python -m fishmp generate {os.path.relpath(os.path.join(root, 'job.json'))}""", file=sys.stderr)
+Its job file is {os.path.relpath(os.path.join(root, 'job.json'))} (the format of README "Jobs"). For real voice cloning,
+download the openaudio-s1-mini checkpoint to checkpoints/openaudio-s1-mini (README "Real weights") and run
+your own job: python -m fishmp generate job.json""", file=sys.stderr)
     return result.exit_code
