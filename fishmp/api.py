@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from collections import deque
 from typing import Any
 
 from .config import Settings
@@ -19,7 +21,7 @@ from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
 from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_encode_config, load_job
 from .plan import Plan, make_plan, plan_log_lines
-from .pool import WorkerPool
+from .pool import WorkerPool, describe_exit
 from .progress import EventCallback, make_event
 from .run import JobResult, JobRun
 from .worker import Done, EncodeTask, Failed, LoadFailed, Ready
@@ -94,6 +96,11 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def interrupted(self) -> int | None:
+        """The signal that stopped the last job, if any."""
+        return self._workers.stop_signal
+
     def request_stop(self, signum: int) -> None:
         """Stop the running job as if interrupted by `signum` (safe to call from a signal handler)."""
         self._workers.request_stop(signum)
@@ -107,40 +114,58 @@ class Pool:
         return result
 
     def encode(self, job: EncodeJob, on_event: EventCallback | None = None) -> dict[str, str]:
-        """Encode each speaker's reference to its .npy (through the reference cache). Returns id -> error message."""
+        """Encode each speaker's reference audio to its .npy (through the reference cache), on every ready worker.
+
+        Returns {speaker id: error} for the speakers that could not be encoded (empty when all were). A worker that
+        dies takes its items back to the queue (up to FISH_MAX_ATTEMPTS) and is replaced within FISH_MAX_RESTARTS.
+        """
         emit = on_event or (lambda ev: None)
+        items = {str(it.speaker_id): it for it in job.items}
+        todo = deque(items)
+        attempts: dict[str, int] = dict.fromkeys(items, 0)
         errors: dict[str, str] = {}
-        pending = list(job.items)
-        handle = None
-        while pending or (handle and handle.outstanding):
-            events = self._workers.poll(1.0)
-            for kind, h, msg in events:
+        load_error = "every worker slot used its restarts"
+        workers = self._workers
+        while todo or any(h.outstanding for h in workers.handles.values()):
+            if workers.stop_signal is not None:
+                pending = list(todo) + [sid for h in workers.handles.values() for sid in h.outstanding]
+                errors.update({sid: f"interrupted by {signal.Signals(workers.stop_signal).name}" for sid in pending})
+                break
+            for h in [h for h in workers.handles.values() if h.state == "ready"]:
+                while todo and len(h.outstanding) < 2:
+                    it = items[todo.popleft()]
+                    workers.send(h, EncodeTask(str(it.speaker_id), it.reference_audio, it.output_npy))
+            if all(h.state == "dead" for h in workers.handles.values()):
+                errors.update({sid: f"no worker could load the model: {load_error}" for sid in todo})
+                break
+            for kind, h, msg in workers.poll(1.0):
                 if kind == "exit":
-                    if h.outstanding:
-                        for tid in h.outstanding:
-                            errors[tid] = f"worker {h.id} stopped while encoding"
-                        h.outstanding.clear()
-                    if h is handle:
-                        handle = None
+                    for sid in h.outstanding:
+                        attempts[sid] += 1
+                        if attempts[sid] < self.settings.max_attempts:
+                            todo.append(sid)
+                        else:
+                            errors[sid] = f"encoding stopped its worker {attempts[sid]} times"
+                    h.outstanding.clear()
+                    if not h.ever_ready and not h.leaving:
+                        load_error = f"the worker stopped while loading the model: {describe_exit(msg)}"
+                    if todo and workers.respawn(h.slot) is None:
+                        log.warning("[Worker %s] slot %d used its restarts (FISH_MAX_RESTARTS)", h.id, h.slot)
                 elif isinstance(msg, Ready):
-                    h.state = "ready"
+                    h.state, h.pid, h.ever_ready = "ready", msg.pid, True
                     emit(make_event("worker_ready", worker=h.id, pid=msg.pid, device=h.device,
                                     load_seconds=round(msg.load_seconds, 3)))
                 elif isinstance(msg, LoadFailed):
-                    h.state = "leaving"
-                    raise RuntimeError(f"no worker could load the model: {msg.message}")
+                    h.state, h.leaving, load_error = "leaving", True, msg.message
                 elif isinstance(msg, Done | Failed):
                     h.outstanding.remove(msg.task)
                     if isinstance(msg, Failed):
                         errors[msg.task] = msg.message
-            ready = [h for h in self._workers.handles.values() if h.state == "ready"]
-            if not ready and not self._workers.live_handles():
-                raise RuntimeError("no worker is left to encode with")
-            for h in ready:
-                while pending and len(h.outstanding) < 2:
-                    item = pending.pop(0)
-                    self._workers.send(h, EncodeTask(str(item.speaker_id), item.reference_audio, item.output_npy))
-                    handle = h
+                        if not msg.input_error:
+                            h.state, h.leaving = "leaving", True
+                    else:
+                        emit(make_event("speaker_encoded", speaker_id=msg.task, path=msg.path,
+                                        seconds=round(msg.synthesis_seconds, 3), worker=h.id))
         return errors
 
     def close(self, grace_s: float = 5.0) -> None:

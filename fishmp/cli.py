@@ -193,14 +193,15 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     job = load_encode_config(args.config)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
     # Encoding is a short codec pass per speaker: one worker, never the full plan.
-    settings = settings.replace(max_workers=1)
     with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
+        _install_signal_handlers(pool)
         errors = pool.encode(job)
+        interrupted = pool.interrupted
     for sid, msg in errors.items():
         log.error("[Main] speaker %s: %s", sid, msg)
     print(json.dumps([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
                       if str(it.speaker_id) not in errors], ensure_ascii=False), flush=True)
-    return 1 if errors else 0
+    return 128 + interrupted if interrupted else (1 if errors else 0)
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -287,3 +287,31 @@ def test_repeated_oom_on_a_device_drops_a_worker_slot(tmp_path, synthetic_job, f
     assert "repeated out-of-memory on cpu: dropping a worker there" in out.stderr
     # Two workers recycled after their OOMs; only one of the two slots got a replacement.
     assert sum(1 for e in events if e["event"] == "worker_ready") <= 3
+
+
+def test_legacy_encode_with_a_bad_reference_writes_the_rest(tmp_path, make_wav, fishmp_cli) -> None:
+    make_wav(str(tmp_path / "good.wav"), 1.0, 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all" * 100)
+    cfg = {"mode": "encode", "output_dir": "npy", "speakers": [
+        {"speaker_id": 1, "reference_audio": "good.wav", "reference_text": "Hi."},
+        {"speaker_id": 2, "reference_audio": "bad.wav", "reference_text": "Hi."}]}
+    (tmp_path / "enc.json").write_text(json.dumps(cfg))
+    out = fishmp_cli(["encode", "enc.json"], str(tmp_path), synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "speaker 2" in out.stderr and "bad.wav" in out.stderr
+    listed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert listed == [{"speaker_id": 1, "npy_file": str(tmp_path / "npy" / "speaker_1.npy")}]
+    assert (tmp_path / "npy" / "speaker_1.npy").exists() and not (tmp_path / "npy" / "speaker_2.npy").exists()
+    assert_no_workers_left(tmp_path)
+
+
+def test_legacy_encode_survives_a_load_failure_with_a_clear_error(tmp_path, make_wav, fishmp_cli) -> None:
+    make_wav(str(tmp_path / "good.wav"), 1.0, 16000)
+    cfg = {"mode": "encode", "output_dir": "npy",
+           "speakers": [{"speaker_id": 1, "reference_audio": "good.wav", "reference_text": "Hi."}]}
+    (tmp_path / "enc.json").write_text(json.dumps(cfg))
+    out = fishmp_cli(["encode", "enc.json"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_SYNTHETIC_LOAD_FAULT="raise", FISH_MAX_RESTARTS="1"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "no worker could load the model" in out.stderr and "FISH_SYNTHETIC_LOAD_FAULT" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
