@@ -100,17 +100,21 @@ class Bar:
     """TTY default: a tqdm bar with segments done/total, audio seconds produced and ETA; notable events above it."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
-        from tqdm import tqdm
-
         self.stream = stream or sys.stderr
         self.tally = _Tally()
-        self.bar = tqdm(total=0, unit="seg", file=self.stream, dynamic_ncols=True, leave=True)
+        self.bar: Any = None  # created at the plan event, after the plan's log lines
 
     def __call__(self, ev: Event) -> None:
+        from tqdm import tqdm
+
         self.tally.update(ev)
         kind = ev["event"]
         if kind == "plan":
+            if self.bar is None:
+                self.bar = tqdm(total=0, unit="seg", file=self.stream, dynamic_ncols=True, leave=True)
             self.bar.reset(total=ev["segments"] - ev["skipped"])
+        elif self.bar is None:
+            return
         elif kind in ("segment_done", "segment_failed") and not ev.get("skipped"):
             self.bar.update(1)
             self.bar.set_postfix(audio=f"{self.tally.audio_s:.0f}s", failed=self.tally.failed, refresh=False)
@@ -120,7 +124,8 @@ class Bar:
             self.bar.write(f"[Worker {ev['worker']}] stopped: {ev['reason']}", file=self.stream)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_renderer(mode: str, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> Any:
