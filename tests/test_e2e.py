@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -188,3 +190,20 @@ def test_reused_pool_sees_a_new_voice_behind_the_same_speaker_id(tmp_path, make_
     a, _ = sf.read(str(tmp_path / "video1" / "1.wav"))
     b, _ = sf.read(str(tmp_path / "video2" / "1.wav"))
     assert not (len(a) == len(b) and np.allclose(a, b))  # same seed and text: only the voice differs
+
+
+@pytest.mark.slow
+def test_main_process_never_imports_torch(tmp_path, tiny_checkpoint, make_wav) -> None:
+    """Planning, scheduling and writing results need no torch: only workers import it (the design's promise)."""
+    make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
+    code = f"""
+import sys, fishmp
+job = {{"speakers": {{"v": {{"reference_audio": {str(tmp_path / "v.wav")!r}, "reference_text": "hi"}}}},
+       "segments": [{{"id": "1", "speaker": "v", "text": "Hello.", "params": {{"max_new_tokens": 4}}}}]}}
+r = fishmp.generate(job, output_dir={str(tmp_path / "o")!r}, engine="fish", checkpoint_dir={tiny_checkpoint!r},
+                    devices="cpu", multiprocess_mode="true", cache_dir={str(tmp_path / "c")!r}, precision="float32")
+print(r.exit_code, "torch" in sys.modules, "fish_speech" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["0", "False", "False"], out.stderr
