@@ -156,7 +156,6 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
         # (fish-speech calls torch.cuda.synchronize() whenever CUDA is available, which would open a context on GPU 0).
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = pin if pin is not None else ""
-    engine_device = "cuda:0" if (pin is not None and child) else device
     send = _Sender(result_conn)
     inbox: queue.Queue = queue.Queue()
 
@@ -171,10 +170,17 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
 
     threading.Thread(target=reader, name="fishmp-reader", daemon=True).start()
 
-    from .engines import EngineError, EngineOutOfMemoryError, create_engine
+    from .engines import EngineError, EngineOutOfMemoryError, create_engine, torch_device_for
 
     t0 = time.perf_counter()
     try:
+        # A child sees only its GPU, as cuda:0; in-process, the host's view of the GPUs stays untouched.
+        if pin is None:
+            engine_device = device
+        elif child:
+            engine_device = "cuda:0"
+        else:
+            engine_device = torch_device_for(pin) if settings.engine == "fish" else device
         engine = create_engine(settings, engine_device)
         engine.load()
     except BaseException as exc:  # noqa: BLE001 - report any load failure with its cause, then leave

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..config import Settings
 from .base import (
     Audio,
@@ -18,6 +20,20 @@ __all__ = [
     "Audio", "BadReferenceError", "Engine", "EngineError", "EngineOutOfMemoryError", "SpeakerPrompt",
     "SynthesisParams", "TextTooLongError", "create_engine",
 ]
+
+
+def torch_device_for(pin: str) -> str:
+    """The torch device of the GPU pinned as `pin` (an NVML UUID or index) when the worker cannot narrow
+    CUDA_VISIBLE_DEVICES (in-process mode): torch numbers GPUs in its own order, so match by UUID."""
+    import torch
+
+    if pin.isdigit():
+        return f"cuda:{pin}"
+    want = pin.removeprefix("GPU-").lower()
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid).lower().removeprefix("gpu-") == want:
+            return f"cuda:{i}"
+    raise EngineError(f"GPU {pin} is not visible to torch (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
 
 
 def create_engine(settings: Settings, device: str) -> Engine:
