@@ -61,6 +61,7 @@ class WorkerHandle:
     kill_reason: str | None = None
     ever_ready: bool = False
     leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash
+    leaving_since: float = 0.0
 
     @property
     def live(self) -> bool:

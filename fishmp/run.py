@@ -22,6 +22,7 @@ from .scheduler import Scheduler, Task
 from .worker import Done, Failed, LoadFailed, Ready, SegmentTask, SpeakerRef, Started
 
 log = logging.getLogger("fishmp")
+LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
 
 
 @dataclass
@@ -185,10 +186,12 @@ class JobRun:
     def _next_timeout(self) -> float:
         """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
         now, soonest = time.monotonic(), 5.0
-        for h in self.pool.live_handles():
-            if h.state == "starting":
+        for h in self.pool.handles.values():
+            if h.state == "leaving" and h.kill_reason is None:
+                soonest = min(soonest, h.leaving_since + LEAVE_TIMEOUT_S - now)
+            elif h.state == "starting":
                 soonest = min(soonest, h.spawned_at + self.settings.load_timeout_s - now)
-            elif h.running is not None:
+            elif h.state == "ready" and h.running is not None:
                 soonest = min(soonest, h.running_since + self._timeout_for(h.running) - now)
         if self.stopping_since is not None:
             soonest = min(soonest, self.stopping_since + self.settings.shutdown_grace_s - now)
@@ -205,7 +208,7 @@ class JobRun:
             self.emit(make_event("worker_ready", worker=h.id, pid=msg.pid, device=h.device,
                                  load_seconds=round(msg.load_seconds, 3)))
         elif isinstance(msg, LoadFailed):
-            h.state, h.leaving = "leaving", True
+            h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()
             self.last_load_error = msg.message
             log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
         elif isinstance(msg, Started):
@@ -225,7 +228,8 @@ class JobRun:
         elif isinstance(msg, Failed):
             self._finish(h, msg.task)
             if msg.kind == "out_of_memory" or not msg.input_error:
-                h.state, h.leaving = "leaving", True  # it exits after this message; a clean one replaces it
+                # It exits after this message; a clean one replaces it.
+                h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()
             if msg.kind == "out_of_memory":
                 self.oom_by_device[h.device] = self.oom_by_device.get(h.device, 0) + 1
             if msg.input_error:
@@ -310,8 +314,10 @@ class JobRun:
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
-        for h in self.pool.live_handles():
-            if h.state == "starting" and now - h.spawned_at > self.settings.load_timeout_s:
+        for h in self.pool.handles.values():
+            if h.state == "leaving" and h.kill_reason is None and now - h.leaving_since > LEAVE_TIMEOUT_S:
+                self.pool.kill(h, f"it announced its exit but was still running {LEAVE_TIMEOUT_S:g}s later")
+            elif h.state == "starting" and now - h.spawned_at > self.settings.load_timeout_s:
                 self.pool.kill(h, f"model load took longer than FISH_LOAD_TIMEOUT_S={self.settings.load_timeout_s:g}s")
             elif h.state == "ready" and h.running is not None and now - h.running_since > self._timeout_for(h.running):
                 limit = self._timeout_for(h.running)
