@@ -687,6 +687,20 @@ _NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
 _NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params"}
 
 
+def _required_list(data: dict, key: str, where: str, what: str, p: _Problems) -> list:
+    """data[key] as a non-empty list, or [] with the problem recorded."""
+    value = data.get(key)
+    if value is None:
+        p.add(f'{where}: missing "{key}" ({what})')
+        return []
+    if not isinstance(value, list):
+        p.add(f'{where}: "{key}" must be a list, not {_typename(value)}')
+        return []
+    if not value:
+        p.add(f"{where}: no {key}: nothing to do")
+    return value
+
+
 def _unknown_keys(obj: dict, allowed: set[str], where: str, p: _Problems) -> None:
     for key in obj:
         if key not in allowed and not (isinstance(key, str) and key.startswith("_")):
@@ -736,15 +750,7 @@ def _parse_new(data: dict, base: str, out: str, p: _Problems, source: str | None
     defined = ", ".join(str(k) for k in raw_speakers) if raw_speakers else "none"
 
     segments: list[Segment] = []
-    raw_segments = data.get("segments")
-    if raw_segments is None:
-        p.add('job: missing "segments" (a list of texts to synthesize)')
-        raw_segments = []
-    elif not isinstance(raw_segments, list):
-        p.add(f'job: "segments" must be a list, not {_typename(raw_segments)}')
-        raw_segments = []
-    elif not raw_segments:
-        p.add("job: no segments: nothing to synthesize")
+    raw_segments = _required_list(data, "segments", "job", "a list of texts to synthesize", p)
     outputs = _Outputs(out, p)
     ids: dict[str, int] = {}
     for i, raw in enumerate(raw_segments):
@@ -805,15 +811,7 @@ def _parse_generate(data: dict, base: str, out: str, p: _Problems, source: str |
     _check_opt_path(data, "output_dir", "config", p)
     job_params = _params_in(data, "config", p)
 
-    tasks = data.get("tasks")
-    if tasks is None:
-        p.add('config: missing "tasks" (a list of segments to generate)')
-        tasks = []
-    elif not isinstance(tasks, list):
-        p.add(f'config: "tasks" must be a list, not {_typename(tasks)}')
-        tasks = []
-    elif not tasks:
-        p.add("config: no tasks: nothing to synthesize")
+    tasks = _required_list(data, "tasks", "config", "a list of segments to generate", p)
 
     speakers: dict[str, Speaker] = {}
     first_task: dict[str, tuple[str, str | None, str | None]] = {}  # speaker id -> (task name, npy, text)
