@@ -207,3 +207,16 @@ print(r.exit_code, "torch" in sys.modules, "fish_speech" in sys.modules)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.split() == ["0", "False", "False"], out.stderr
+
+
+def test_simulated_gpus_get_pinned_workers_per_the_plan(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """The guide's 2x RTX 4090 at 6.0 GB: 3 workers per GPU, each a process labelled with its GPU (synthetic engine)."""
+    job = synthetic_job({f"s{i}": [f"Line {j} of speaker {i}." for j in range(4)] for i in range(6)})
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl", "--gpus", "RTX 4090:24,RTX 4090:24"],
+                     str(tmp_path), synthetic_env(tmp_path, FISH_MODEL_MEMORY_GB="6.0"))
+    assert out.returncode == 0, out.stderr
+    assert "[Main] Using 6 parallel workers across 2 GPU(s)" in out.stderr
+    assert "[Main] GPU 0: 3 workers" in out.stderr and "[Main] GPU 1: 3 workers" in out.stderr
+    ready = [e for e in jsonl_events(out.stdout) if e["event"] == "worker_ready"]
+    assert sorted(e["device"] for e in ready) == ["cuda:0"] * 3 + ["cuda:1"] * 3
+    assert len({e["pid"] for e in ready}) == 6
