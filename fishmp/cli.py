@@ -161,12 +161,20 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if job.legacy == "generate":  # the contract of the scripts fishmp replaces: the LAST stdout line
         mapping = {str(job_seg.legacy_index): job_seg.output for job_seg in job.segments
                    if result.records.get(job_seg.id) and result.records[job_seg.id].status == "done"}
-        print(json.dumps(mapping, ensure_ascii=False), flush=True)
+        _print_result(mapping)
     else:
-        print(json.dumps({"output_dir": result.output_dir, "manifest": result.manifest_path,
-                          "done": result.count("done"), "failed": result.count("failed"),
-                          "pending": result.count("pending"), "exit_code": result.exit_code}), flush=True)
+        _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
+                       "failed": result.count("failed"), "pending": result.count("pending"),
+                       "exit_code": result.exit_code})
     return result.exit_code
+
+
+def _print_result(obj: Any) -> None:
+    """The last stdout line. A reader that went away costs nothing: the results are on disk."""
+    try:
+        print(json.dumps(obj, ensure_ascii=False), flush=True)
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
 
 
 def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings:
@@ -199,8 +207,8 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
         interrupted = pool.interrupted
     for sid, msg in errors.items():
         log.error("[Main] speaker %s: %s", sid, msg)
-    print(json.dumps([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
-                      if str(it.speaker_id) not in errors], ensure_ascii=False), flush=True)
+    _print_result([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
+                   if str(it.speaker_id) not in errors])
     return 128 + interrupted if interrupted else (1 if errors else 0)
 
 

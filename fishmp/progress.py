@@ -26,11 +26,16 @@ class JsonLines:
     """One JSON object per line, flushed at once (a backend reads the pipe live)."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
-        self.stream = stream or sys.stdout
+        self.stream: IO[str] | None = stream or sys.stdout
 
     def __call__(self, ev: Event) -> None:
-        self.stream.write(json.dumps(ev, ensure_ascii=False) + "\n")
-        self.stream.flush()
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(json.dumps(ev, ensure_ascii=False) + "\n")
+            self.stream.flush()
+        except BrokenPipeError:  # the reader went away: the job goes on, its results are on disk
+            self.stream = None
 
     def close(self) -> None:
         pass

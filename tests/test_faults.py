@@ -315,3 +315,14 @@ def test_legacy_encode_survives_a_load_failure_with_a_clear_error(tmp_path, make
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "no worker could load the model" in out.stderr and "FISH_SYNTHETIC_LOAD_FAULT" in out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_backend_that_stops_reading_costs_nothing(tmp_path, synthetic_job) -> None:
+    job = synthetic_job({"a": [f"Line {i} @@slow=0.2@@" for i in range(6)]})
+    proc = start(job, tmp_path)
+    proc.stdout.readline()  # the plan event, then the reader goes away
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert {r["status"] for r in check_outputs(tmp_path / "out").values()} == {"done"}
+    assert_no_workers_left(tmp_path)
