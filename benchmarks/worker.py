@@ -4,7 +4,9 @@ fish-speech preallocates the KV cache and causal mask for the checkpoint's full 
 every decoded token attends over that whole preallocated length, so a shorter cache should decode faster. This
 measures it with the real FishSpeechEngine on a tiny random checkpoint whose config says max_seq_len 8192 (the
 S1-mini value), lowered by FISH_MAX_SEQ_LEN, runs interleaved (A B C A B C ...) so machine noise hits all alike.
-It also times the wav write that the worker's writer thread takes off the generation thread.
+It also times the wav write that the worker's writer thread takes off the generation thread, and what preparing a
+speaker's prompt costs per segment when it is not kept: re-encoding the reference, or the disk cache's lookup
+(hash the audio + load the .npy), against the worker's in-memory prompt (what fishmp does).
 
     .venv/bin/python benchmarks/worker.py [--rounds 3] [--tokens 64]
 """
@@ -76,6 +78,22 @@ def main() -> int:
             write_wav(os.path.join(tmp, f"out{n}.wav"), audio.samples, audio.sample_rate)
             writes.append(time.perf_counter() - t0)
 
+    from fishmp.references import encode_cached
+
+    cache = os.path.join(tmp, "cache")
+    prep: dict[str, list[float]] = {"re-encode the reference": [], "disk cache lookup": [], "in-memory prompt": []}
+    for _ in range(args.rounds * 3):
+        t0 = time.perf_counter()
+        engines[8192].encode_reference(ref)
+        prep["re-encode the reference"].append(time.perf_counter() - t0)
+        encode_cached(engines[8192], ref, cache)  # fills the cache on the first round
+        t0 = time.perf_counter()
+        encode_cached(engines[8192], ref, cache)
+        prep["disk cache lookup"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engines[8192]._speaker_prompt(speaker)  # the engine keeps the last speaker's prepared tensors
+        prep["in-memory prompt"].append(time.perf_counter() - t0)
+
     base = statistics.median(rate[8192])
     print(f"CPU, 1 thread, tiny random checkpoint, {args.tokens} tokens/segment, {args.rounds} interleaved rounds\n")
     print("| KV cache (max_seq_len) | tokens/s (median) | vs 8192 |")
@@ -86,6 +104,10 @@ def main() -> int:
     print(f"\nwav write (atomic, fsync) {statistics.median(writes) * 1000:.1f} ms median per segment = "
           f"{statistics.median(writes) / statistics.median(synth) * 100:.1f}% of a segment's synthesis time, "
           "taken off the generation thread by the worker's writer thread")
+    seg = statistics.median(synth)
+    print("\n| speaker prompt per segment (3 s reference) | ms | % of a segment |\n| --- | --- | --- |")
+    for name, times in prep.items():
+        print(f"| {name} | {statistics.median(times) * 1000:.2f} | {statistics.median(times) / seg * 100:.1f}% |")
     return 0
 
 
