@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                     "output_dir, else fishmp-out/<job file stem>)")
     sg.add_argument("--progress", choices=("auto", "bar", "jsonl", "plain", "none"), default="auto",
                     help="auto: a bar on a TTY, plain lines on stderr otherwise; jsonl: one JSON event per line on stdout")
-    sg.add_argument("--no-resume", action="store_true", help="redo every segment even if its wav is up to date")
+    sg.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip segments whose wav exists and whose inputs are unchanged (default); --no-resume redoes all")
     sg.add_argument("--gpus", metavar="SPEC", help=argparse.SUPPRESS)
 
     se = sub.add_parser("encode", help="encode speakers' reference audio to prompt tokens (legacy encode config)",
@@ -150,7 +151,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     pool = Pool(settings, plan=plan, job=job)
     try:
         _install_signal_handlers(pool)
-        result = pool.generate(job, on_event=renderer, resume=not args.no_resume)
+        result = pool.generate(job, on_event=renderer, resume=args.resume)
     finally:
         pool.close()
         if renderer is not None:

@@ -55,6 +55,11 @@ def _visible_filter(gpus: list[GPU], visible: str | None, order: str | None) -> 
     """Keep the GPUs CUDA_VISIBLE_DEVICES lets CUDA see, in its order. Entries are indices, UUIDs or UUID prefixes."""
     if visible is None:
         return gpus
+    if order != "PCI_BUS_ID" and len({g.name for g in gpus}) > 1 and any(e.strip().isdigit() for e in visible.split(",")):
+        # CUDA's default FASTEST_FIRST order is not visible through NVML; on identical GPUs it is the PCI order.
+        log.warning("CUDA_VISIBLE_DEVICES=%s uses indices on mixed GPUs without CUDA_DEVICE_ORDER=PCI_BUS_ID: fishmp "
+                    "reads them in PCI bus order (nvidia-smi's); set CUDA_DEVICE_ORDER=PCI_BUS_ID or use GPU UUIDs",
+                    visible)
     chosen: list[GPU] = []
     for entry in (e.strip() for e in visible.split(",")):
         if not entry:
@@ -62,8 +67,6 @@ def _visible_filter(gpus: list[GPU], visible: str | None, order: str | None) -> 
         if entry.isdigit() or entry.startswith("-"):
             if entry.startswith("-"):  # CUDA stops at the first invalid index
                 break
-            if order != "PCI_BUS_ID":
-                log.debug("CUDA_VISIBLE_DEVICES indices are read in PCI bus order (set CUDA_DEVICE_ORDER=PCI_BUS_ID)")
             match = [g for g in gpus if g.index == int(entry)]
         else:
             key = entry.removeprefix("GPU-") if not entry.startswith("MIG-") else entry

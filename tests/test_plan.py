@@ -127,3 +127,14 @@ def test_fish_devices_selection() -> None:
 def test_bad_gpu_spec(bad: str) -> None:
     with pytest.raises(ValueError, match="--gpus"):
         parse_gpu_spec(bad)
+
+
+def test_index_order_warning_on_mixed_gpus(caplog) -> None:
+    mixed = [GPU(0, "A100", 80.0, 80.0, "GPU-a"), GPU(1, "T4", 16.0, 16.0, "GPU-b")]
+    with caplog.at_level("WARNING", logger="fishmp"):
+        assert [g.index for g in _visible_filter(mixed, "1", None)] == [1]
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fishmp"):
+        _visible_filter(mixed, "1", "PCI_BUS_ID")
+    assert caplog.text == ""
