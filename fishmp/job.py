@@ -22,7 +22,7 @@ import json
 import math
 import os
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,12 +319,7 @@ def encode_job_from_dict(data: Any, base_dir: str, output_dir: str, *, source: s
     else:
         seen: dict[str, int] = {}
         outputs = _Outputs(out, p)
-        for i, raw in enumerate(speakers):
-            where = f"speakers[{i}]"
-            if not isinstance(raw, dict):
-                p.add(f"{where}: must be an object, not {_typename(raw)}")
-                continue
-            _check_duplicate_keys(raw, where, p)
+        for i, where, raw in _objects(speakers, "speakers", p):
             sid = raw.get("speaker_id")
             if not _is_id(sid):
                 p.add(f'{where}: "speaker_id" must be an integer or a non-empty string, not {sid!r}'
@@ -687,6 +682,17 @@ _NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
 _NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params"}
 
 
+def _objects(items: list, name: str, p: _Problems) -> Iterator[tuple[int, str, dict]]:
+    """(index, "name[i]", item) for the items that are JSON objects; the others are recorded as problems."""
+    for i, raw in enumerate(items):
+        where = f"{name}[{i}]"
+        if not isinstance(raw, dict):
+            p.add(f"{where}: must be an object, not {_typename(raw)}")
+            continue
+        _check_duplicate_keys(raw, where, p)
+        yield i, where, raw
+
+
 def _required_list(data: dict, key: str, where: str, what: str, p: _Problems) -> list:
     """data[key] as a non-empty list, or [] with the problem recorded."""
     value = data.get(key)
@@ -819,12 +825,7 @@ def _parse_generate(data: dict, base: str, out: str, p: _Problems, source: str |
     segments: list[Segment] = []
     outputs = _Outputs(out, p)
     ids: dict[str, int] = {}
-    for i, raw in enumerate(tasks):
-        where = f"tasks[{i}]"
-        if not isinstance(raw, dict):
-            p.add(f"{where}: must be an object, not {_typename(raw)}")
-            continue
-        _check_duplicate_keys(raw, where, p)
+    for i, where, raw in _objects(tasks, "tasks", p):
         index = raw.get("segment_index")
         seg_id: str | None = None
         if not (_is_int(index) and index >= 0):
