@@ -480,15 +480,16 @@ def _opt_dir(data: dict, key: str, base: str, p: _Problems) -> str | None:
     return os.path.abspath(os.path.join(base, value))
 
 
-def _check_float(lo_open: float, hi: float | None) -> Callable[[Any], bool]:
-    return lambda v: _is_number(v) and math.isfinite(v) and v > lo_open and (hi is None or v <= hi)
+def _check_float(lo_open: float, hi: float, hi_open: bool) -> Callable[[Any], bool]:
+    return lambda v: _is_number(v) and math.isfinite(v) and lo_open < v and (v < hi if hi_open else v <= hi)
 
 
 _PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    # key: (check, allowed, is_integer)
-    "temperature": (_check_float(0.0, 2.0), "a number > 0 and <= 2", False),
-    "top_p": (_check_float(0.0, 1.0), "a number > 0 and <= 1", False),
-    "repetition_penalty": (_check_float(0.0, None), "a number > 0 (typically 1.0 to 2.0)", False),
+    # key: (check, allowed, is_integer). Ranges are fish-speech's own asserts in generate_long, so a job that
+    # validates never fails inside the engine.
+    "temperature": (_check_float(0.0, 2.0, True), "a number > 0 and < 2", False),
+    "top_p": (_check_float(0.0, 1.0, False), "a number > 0 and <= 1", False),
+    "repetition_penalty": (_check_float(0.0, 2.0, True), "a number > 0 and < 2 (typically 1.0 to 1.5)", False),
     "max_new_tokens": (lambda v: _is_int(v) and 1 <= v <= MAX_NEW_TOKENS_LIMIT,
                        f"an integer from 1 to {MAX_NEW_TOKENS_LIMIT}", True),
     "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED, "an integer >= 0", True),

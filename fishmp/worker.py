@@ -170,7 +170,7 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
 
     threading.Thread(target=reader, name="fishmp-reader", daemon=True).start()
 
-    from .engines import EngineError, EngineOutOfMemoryError, create_engine, torch_device_for
+    from .engines import EngineOutOfMemoryError, create_engine, torch_device_for
 
     t0 = time.perf_counter()
     try:
@@ -193,7 +193,7 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
         return
     send(Ready(worker_id, os.getpid(), device, time.perf_counter() - t0))
 
-    runner = _SegmentRunner(worker_id, engine, settings, send, EngineError, EngineOutOfMemoryError)
+    runner = _SegmentRunner(worker_id, engine, settings, send)
     try:
         while (task := inbox.get()) is not None:
             if not runner.run(task):
@@ -203,10 +203,8 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
 
 
 class _SegmentRunner:
-    def __init__(self, worker_id: str, engine: Any, settings: Settings, send: _Sender, engine_error: type,
-                 oom_error: type) -> None:
+    def __init__(self, worker_id: str, engine: Any, settings: Settings, send: _Sender) -> None:
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
-        self.EngineError, self.OOM = engine_error, oom_error
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
         self.writes: queue.Queue = queue.Queue(maxsize=4)
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
@@ -235,7 +233,7 @@ class _SegmentRunner:
 
     def run(self, task: SegmentTask | EncodeTask) -> bool:
         """Run one task; False when the worker must leave (engine broken)."""
-        from .engines import BadReferenceError, SynthesisParams, TextTooLongError
+        from .engines import BadReferenceError, EngineOutOfMemoryError, SynthesisParams, TextTooLongError
 
         self.send(Started(self.worker_id, task.id))
         t0 = time.perf_counter()
@@ -253,7 +251,7 @@ class _SegmentRunner:
                 try:
                     audio = self.engine.synthesize(task.text, prompt, params)
                     break
-                except self.OOM:
+                except EngineOutOfMemoryError:
                     pass
                 self.engine.release_memory()
             if audio is None:

@@ -492,7 +492,9 @@ VALIDATION_CASES = [
     ("params-not-object", mutate("params", [0.7]), ["job params: params must be an object, not a list"]),
     ("unknown-param", mutate("params.top_k", 50), ["job params: unknown parameter 'top_k'"]),
     ("unknown-segment-param", mutate("segments.1.params.temp", 0.5), ['segment "0002" params: unknown parameter']),
-    ("temperature-zero", mutate("params.temperature", 0), ["job params: temperature must be a number > 0 and <= 2"]),
+    ("temperature-zero", mutate("params.temperature", 0), ["job params: temperature must be a number > 0 and < 2"]),
+    ("temperature-two", mutate("params.temperature", 2.0), ["temperature must be a number > 0 and < 2"]),  # fish-speech
+    ("repetition-penalty-two", mutate("params.repetition_penalty", 2), ["repetition_penalty must be a number > 0 and < 2"]),
     ("temperature-high", mutate("segments.1.params.temperature", 2.5), ['segment "0002" params: temperature']),
     ("temperature-string", mutate("params.temperature", "0.7"), ["temperature must be"]),
     ("temperature-bool", mutate("params.temperature", True), ["temperature must be"]),
