@@ -7,6 +7,7 @@ Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -151,7 +152,8 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     pool = Pool(settings, plan=plan, job=job)
     try:
         _install_signal_handlers(pool)
-        result = pool.generate(job, on_event=renderer, resume=args.resume)
+        with _logs_above_the_bar(renderer):
+            result = pool.generate(job, on_event=renderer, resume=args.resume)
     finally:
         pool.close()
         if renderer is not None:
@@ -176,6 +178,17 @@ def _print_result(obj: Any) -> None:
         print(json.dumps(obj, ensure_ascii=False), flush=True)
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+
+
+def _logs_above_the_bar(renderer: Any) -> Any:
+    """While a bar is drawn, log lines are written above it instead of through it."""
+    from .progress import Bar
+
+    if isinstance(renderer, Bar):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm(loggers=[log])
+    return contextlib.nullcontext()
 
 
 def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings:

@@ -119,7 +119,7 @@ class JobRun:
         sched = self.sched = self._prepare()
         self.emit(make_event("plan", segments=len(self.job.segments), skipped=self.skipped, speakers=len(self.job.speakers),
                              workers=len(self.pool.live_handles()), mode=self.pool.plan.mode,
-                             output_dir=self.job.output_dir, pid=os.getpid()))
+                             output_dir=self.job.output_dir, pid=os.getpid(), plan=self.pool.plan.to_dict()))
         for seg in self.job.segments:
             if seg.id not in sched.tasks:
                 rec = self.manifest.segments[seg.id]
