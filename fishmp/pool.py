@@ -33,7 +33,7 @@ def describe_exit(code: int | None) -> str:
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = {
-            "SIGKILL": " (killed: by fishmp after a timeout, by the kernel's out-of-memory killer, or by a user)",
+            "SIGKILL": " (not by fishmp: the kernel's out-of-memory killer or another process; see dmesg)",
             "SIGSEGV": " (segmentation fault in native code)",
             "SIGABRT": " (aborted, often a CUDA or driver error)",
         }.get(name, "")
