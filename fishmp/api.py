@@ -19,7 +19,7 @@ from typing import Any
 from .config import Settings
 from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
-from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_encode_config, load_job
+from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
 from .plan import Plan, make_plan, plan_log_lines
 from .pool import WorkerPool, describe_exit
 from .progress import EventCallback, make_event
@@ -180,4 +180,4 @@ def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = No
         return pool.generate(job, on_event=on_event, resume=resume)
 
 
-__all__ = ["Pool", "generate", "plan_for", "load_encode_config"]
+__all__ = ["Pool", "generate", "plan_for"]

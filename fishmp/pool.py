@@ -67,9 +67,6 @@ class WorkerHandle:
     def live(self) -> bool:
         return self.state in ("starting", "ready")
 
-    def alive(self) -> bool:
-        return self.process.is_alive() if self.process is not None else bool(self.thread and self.thread.is_alive())
-
     def exitcode(self) -> int | None:
         return self.process.exitcode if self.process is not None else 0
 

@@ -48,9 +48,6 @@ class Scheduler:
     def all_finished(self) -> bool:
         return len(self.finished) == len(self.tasks)
 
-    def pending_cost(self, speaker: str) -> float:
-        return self._pending_cost.get(speaker, 0.0)
-
     def holders(self, speaker: str) -> int:
         return sum(1 for s in self._holder.values() if s == speaker)
 

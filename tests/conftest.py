@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from fishmp.demo import speech_like
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -31,15 +33,10 @@ def make_wav() -> Callable[..., str]:
 
     def make(path: str, seconds: float, sample_rate: int = 44100, channels: int = 1,
              kind: str = "speech-like") -> str:
-        n = int(round(seconds * sample_rate))
         if kind == "silent":
-            mono = np.zeros(n, np.float32)
+            mono = np.zeros(int(round(seconds * sample_rate)), np.float32)
         elif kind == "speech-like":
-            t = np.arange(n) / sample_rate
-            rng = np.random.default_rng(n + sample_rate)
-            voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 6))
-            envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-            mono = (0.2 * voice * envelope + 0.01 * rng.standard_normal(n)).astype(np.float32)
+            mono = speech_like(seconds, sample_rate, 140.0, seed=int(round(seconds * sample_rate)) + sample_rate)
         else:
             raise ValueError(f"kind must be 'speech-like' or 'silent', not {kind!r}")
         sf.write(path, np.repeat(mono[:, None], channels, axis=1), sample_rate)
