@@ -6,6 +6,7 @@ from a broken worker (recycle it). Only engine modules import torch or fish_spee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +69,68 @@ class Audio:
         return len(self.samples) / self.sample_rate
 
 
+class BatchSession(Protocol):
+    """Rows of ONE speaker decoded together, one step at a time (batched decoding, FISH_BATCH_SIZE).
+
+    The worker adds rows whenever some are free (continuous refill: a row that finished takes the next segment at
+    the next step) and calls `step()` until no row is active. Each row is one segment: a long text split into chunks
+    is decoded chunk after chunk inside its row. A row's audio must not depend on its batchmates: same text, params
+    and seed -> same tokens as `Engine.synthesize` (exact on CPU float32).
+    """
+
+    capacity: int  # rows this session can hold at once
+
+    def free_rows(self) -> int:
+        """Rows that `add` can take now."""
+
+    def active(self) -> int:
+        """Rows still decoding."""
+
+    def add(self, key: str, text: str, params: SynthesisParams) -> None:
+        """Start a row for segment `key`. Input errors of this segment alone (TextTooLongError, ValueError for
+        parameters) are raised here and leave the other rows untouched."""
+
+    def step(self) -> list[tuple[str, Audio]]:
+        """Advance every active row (one or a few decode steps); return the rows that finished, as (key, audio).
+        An error here (EngineOutOfMemoryError, EngineError) concerns the whole batch: the session is then unusable
+        and the worker retries its rows in smaller batches / singly so one poison segment fails alone."""
+
+    def close(self) -> None:
+        """Drop every row and free the session's per-row memory (KV rows)."""
+
+
+class SequentialSession:
+    """A BatchSession of one row for engines without batched decoding: `step()` synthesizes the row whole."""
+
+    capacity = 1
+
+    def __init__(self, synthesize: Callable[[str, SpeakerPrompt | None, SynthesisParams], Audio],
+                 speaker: SpeakerPrompt | None) -> None:
+        self._synthesize, self._speaker = synthesize, speaker
+        self._row: tuple[str, str, SynthesisParams] | None = None
+
+    def free_rows(self) -> int:
+        return 0 if self._row else 1
+
+    def active(self) -> int:
+        return 1 if self._row else 0
+
+    def add(self, key: str, text: str, params: SynthesisParams) -> None:
+        if self._row is not None:
+            raise RuntimeError("SequentialSession holds one row")
+        self._row = (key, text, params)
+
+    def step(self) -> list[tuple[str, Audio]]:
+        if self._row is None:
+            return []
+        key, text, params = self._row
+        self._row = None
+        return [(key, self._synthesize(text, self._speaker, params))]
+
+    def close(self) -> None:
+        self._row = None
+
+
 class Engine(Protocol):
     name: str
     sample_rate: int
@@ -80,6 +143,10 @@ class Engine(Protocol):
 
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
         """One segment of text in the speaker's voice."""
+
+    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> BatchSession:
+        """A session decoding up to `capacity` rows of this speaker together (engines without batching return a
+        SequentialSession). The speaker's prompt is prefilled once per session and shared by its rows."""
 
     def release_memory(self) -> None:
         """Free cached device memory after an out-of-memory error (called outside the except block)."""
