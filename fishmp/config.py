@@ -127,6 +127,14 @@ class Settings:
         10.0, "FISH_SHUTDOWN_GRACE_S", float, lambda v: _positive(v + 1) and v >= 0,
         "seconds running segments may finish after Ctrl-C / SIGTERM, >= 0")
 
+    batch_size: int = _setting(
+        1, "FISH_BATCH_SIZE", int, lambda v: _is_int(v) and 1 <= v <= 256,
+        "a whole number of segments one worker decodes together, 1 to 256")
+    output_root: str | None = _setting(
+        None, "FISH_OUTPUT_ROOT", lambda s: os.path.expanduser(s.strip()) or None,
+        lambda v: v is None or (isinstance(v, str) and bool(v)),
+        "a directory that job files' output_dir must lie inside (empty: no restriction)")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             spec: _Spec = f.metadata["spec"]

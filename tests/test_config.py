@@ -90,3 +90,16 @@ def test_help_explains_every_option(tmp_path) -> None:
     assert out.returncode == 0 and "plan" in out.stdout and "generate" in out.stdout
     out = run_cli(["plan", "--help"], tmp_path, {})
     assert "--gpus" in out.stdout and "--json" in out.stdout
+
+
+def test_batch_size_and_output_root() -> None:
+    s = Settings.from_env({})
+    assert s.batch_size == 1 and s.output_root is None
+    s = Settings.from_env({"FISH_BATCH_SIZE": "16", "FISH_OUTPUT_ROOT": "/srv/dub"})
+    assert s.batch_size == 16 and s.output_root == "/srv/dub"
+    assert Settings.from_env({"FISH_OUTPUT_ROOT": ""}).output_root is None
+    for bad in ("0", "257", "-1", "2.5", "many"):
+        with pytest.raises(ConfigError, match="FISH_BATCH_SIZE.*1 to 256"):
+            Settings.from_env({"FISH_BATCH_SIZE": bad})
+    with pytest.raises(ConfigError, match="batch_size"):
+        Settings(batch_size=0)
