@@ -1,24 +1,58 @@
-"""Results on disk: wavs written atomically and `manifest.json`, the record resume trusts.
+"""Results on disk: wavs written atomically, `manifest.json` (the record resume trusts), and the output-directory lock.
 
 A wav only ever appears at its final path complete: it is written to a hidden temp file in the same directory,
-fsynced, then renamed over the final path (rename is atomic within a filesystem).
+fsynced, then renamed over the final path (rename is atomic within a filesystem). Temp names carry the writer's host
+and pid, so a clean-up removes only files of this process, of processes it names, or of dead processes on this host.
+One job at a time per output directory: `OutputDirLock` holds an flock on `.fishmp.lock` there, which the kernel
+releases when the holder dies (a SIGKILLed job never leaves a stale lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import glob
+import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger("fishmp")
+
 TMP_PREFIX = ".fishmp-tmp-"
 MANIFEST = "manifest.json"
+LOCK_NAME = ".fishmp.lock"
+MANIFEST_FORMAT = 1
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+# .fishmp-tmp-<host>-<pid>-<random><suffix>: nothing else is ever treated as a fishmp temp file.
+_TMP_RE = re.compile(r"^\.fishmp-tmp-([0-9a-f]{8})-([0-9]+)-[0-9a-f]{16}(\.[A-Za-z0-9]{1,8})?$")
+
+
+class OutputDirError(Exception):
+    """The output directory cannot be used for this job. One line; `exit_code` is what the CLI should return."""
+
+    exit_code = 2
+
+
+class OutputDirBusy(OutputDirError):
+    """Another fishmp job (in this or another process) holds the directory's lock."""
+
+    exit_code = 3
+
+
+class ManifestError(OutputDirError):
+    """`manifest.json` cannot be read or must not be overwritten (not fishmp's, a directory, unreadable)."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -34,14 +68,26 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _new_temp(directory: str, suffix: str = "") -> str:
+    """Create an empty temp file owned by this process. Mode 0666 minus the umask, like any file the user makes
+    (mkstemp's 0600 hid the wavs from the web server that serves them)."""
+    while True:
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{secrets.token_hex(8)}{suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Call `write(temp_path)` on a temp file beside `path`, fsync it, rename it into place. Cleans up on any error.
 
     Writers get a path (np.save, plain bytes); the temp name never collides, so concurrent writers are safe."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
-    os.close(fd)
+    tmp = _new_temp(directory, suffix)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -92,23 +138,130 @@ def output_dir_problem(path: str) -> str | None:
     """Why wavs cannot be written to `path`, or None. Probed with a real temp file: permissions, read-only mounts."""
     try:
         os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        os.unlink(_new_temp(path))
     except OSError as exc:
         return f"output directory {path} is not writable: {exc.strerror or exc}"
-    return None
+    return manifest_problem(path)
 
 
-def remove_temp_files(directories: set[str]) -> int:
-    """Delete temp files a killed worker may have left behind."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_temp_files(directories: Iterable[str], pids: Iterable[int] = ()) -> int:
+    """Delete fishmp temp files left behind in `directories`: those of this process, of `pids` (e.g. this job's
+    workers, dead or idle), and of processes on this host that no longer exist. Never a live process's file of
+    another job, never a file that does not match fishmp's own temp-name pattern."""
+    mine = {os.getpid(), *pids}
     n = 0
-    for d in directories:
+    for d in set(directories):
         for p in glob.glob(os.path.join(glob.escape(d), TMP_PREFIX + "*")):
-            with contextlib.suppress(OSError):
-                os.unlink(p)
-                n += 1
+            m = _TMP_RE.match(os.path.basename(p))
+            if not m or m.group(1) != _HOST:
+                continue
+            pid = int(m.group(2))
+            if pid in mine or not _pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+                    n += 1
     return n
+
+
+# ------------------------------------------------------------------------------------------- output-directory lock
+class OutputDirLock:
+    """An exclusive flock on `<directory>/.fishmp.lock` for one job. The file records who holds it (pid, start time,
+    host) for the refusal message. Use `with OutputDirLock(d):` or `acquire()` / `release()`.
+
+    flock belongs to the open file, so a second lock on the same directory is refused even in the same process (two
+    jobs from threads), and the kernel drops it when the holder dies. The file is removed on release, while still
+    locked; an acquirer that locked a file just unlinked by its holder sees the inode changed and tries again."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self.path = os.path.join(self.directory, LOCK_NAME)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> OutputDirLock:
+        if self._fd is not None:
+            raise OutputDirBusy(f"output directory {self.directory} is already locked by this job")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as exc:
+            raise OutputDirError(f"cannot create output directory {self.directory}: {exc.strerror or exc}") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+            except OSError as exc:
+                raise OutputDirError(f"cannot lock output directory {self.directory} ({self.path}): "
+                                     f"{exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputDirBusy(f"output directory {self.directory} is in use by {holder} (another fishmp "
+                                        "job); wait for it or use another -o") from None
+                raise OutputDirError(f"cannot lock output directory {self.directory}: {exc.strerror or exc}") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it between our open and flock: lock the new one
+        info = f"{os.getpid()} {time.time():.3f} {socket.gethostname()}\n".encode()
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if _same_file(fd, self.path):
+                os.unlink(self.path)
+        os.close(fd)
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def lock_output_dir(directory: str) -> Iterator[OutputDirLock]:
+    """`with lock_output_dir(d):` - hold the output directory for one job; raises OutputDirBusy if another has it."""
+    with OutputDirLock(directory) as lock:
+        yield lock
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid, started, host = os.pread(fd, 512, 0).decode().split(None, 2)
+        since = datetime.datetime.fromtimestamp(float(started)).strftime("%Y-%m-%d %H:%M:%S")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "a process that is starting up"  # it has the lock but has not written its pid yet
+    where = "" if host.strip() == socket.gethostname() else f" on host {host.strip()}"
+    return f"pid {int(pid)}{where} since {since}"
 
 
 @dataclass
@@ -128,6 +281,61 @@ class SegmentRecord:
     finished_at: float | None = None
 
 
+def manifest_problem(output_dir: str) -> str | None:
+    """Why `output_dir`'s manifest.json cannot be used (a directory, not fishmp's, unreadable), or None. Read-only."""
+    try:
+        Manifest.load(output_dir, repair=False)
+    except ManifestError as exc:
+        return str(exc)
+    return None
+
+
+def _is_ours(head: object) -> bool:
+    """fishmp writes {"fishmp": {"version": N}, ...}; before that field existed, exactly these keys (a damaged
+    file's header has no "segments" yet)."""
+    if not isinstance(head, dict):
+        return False
+    if isinstance(head.get("fishmp"), dict):
+        return True
+    return set(head) - {"segments"} == {"version", "job", "updated_at", "counts"} and head.get("version") == 1
+
+
+def _record(sid: object, rec: object) -> SegmentRecord | None:
+    if not isinstance(sid, str) or not isinstance(rec, dict):
+        return None
+    try:
+        return SegmentRecord(**{k: v for k, v in rec.items() if k in SegmentRecord.__dataclass_fields__})
+    except TypeError:
+        return None
+
+
+def _recover_lines(text: str) -> tuple[object, dict[str, SegmentRecord], int]:
+    """A damaged manifest in fishmp's one-record-per-line layout: (header, intact records, lines lost)."""
+    lines = text.split("\n")
+    first = lines[0].rstrip()
+    head: object = None
+    marker = '"segments": {'
+    if first.endswith(marker):
+        with contextlib.suppress(ValueError):
+            head = json.loads(first[: -len(marker)].rstrip().rstrip(",") + "}")
+    records: dict[str, SegmentRecord] = {}
+    lost = 0
+    for line in lines[1:]:
+        line = line.strip().rstrip(",")
+        if not line or line.strip("}") == "":
+            continue
+        try:
+            (sid, rec), = json.loads("{" + line + "}").items()
+        except ValueError:
+            lost += 1
+            continue
+        if (r := _record(sid, rec)) is not None:
+            records[sid] = r
+        else:
+            lost += 1
+    return head, records, lost
+
+
 @dataclass
 class Manifest:
     path: str
@@ -137,19 +345,62 @@ class Manifest:
     _last_cost: float = 0.0
 
     @classmethod
-    def load(cls, output_dir: str) -> Manifest:
-        """The manifest in `output_dir`, or an empty one. An unreadable manifest is treated as absent (resume redoes)."""
+    def load(cls, output_dir: str, repair: bool = True) -> Manifest:
+        """The manifest in `output_dir`, or an empty one when there is none.
+
+        Raises ManifestError when manifest.json is a directory, unreadable, or not fishmp's (fishmp never overwrites
+        a file it did not write). A damaged fishmp manifest (cut short, a line garbled) keeps every intact record:
+        with `repair`, a copy of the damaged file is kept as manifest.json.damaged-<time> and a warning gives the
+        count; without it, nothing is written (for read-only callers)."""
         path = os.path.join(output_dir, MANIFEST)
         m = cls(path=path)
+        if os.path.isdir(path):
+            raise ManifestError(f"{path} is a directory, not fishmp's manifest: remove it or choose another output "
+                                "directory")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            for sid, rec in data.get("segments", {}).items():
-                known = {k: v for k, v in rec.items() if k in SegmentRecord.__dataclass_fields__}
-                m.segments[sid] = SegmentRecord(**known)
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return m
+        except OSError as exc:
+            raise ManifestError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and _is_ours(data) and isinstance(data.get("segments"), dict):
+            m.job = data.get("job") if isinstance(data.get("job"), str) else None
+            for sid, rec in data["segments"].items():
+                if (r := _record(sid, rec)) is not None:
+                    m.segments[sid] = r
+            return m
+        if not raw.strip():  # empty (a crash of the filesystem, not of fishmp): nothing to lose; keep the evidence
+            m._keep_damaged(0, 0, repair)
+            return m
+        if data is not None:
+            raise ManifestError(f"{path} was not written by fishmp: choose another output directory (fishmp never "
+                                "overwrites a file it did not write)")
+        head, records, lost = _recover_lines(raw.decode("utf-8", errors="replace"))
+        if not _is_ours(head):
+            raise ManifestError(f"{path} is not a manifest fishmp can read (not written by fishmp, or damaged beyond "
+                                "recognition): move it away or choose another output directory")
+        m.segments = records
+        m._keep_damaged(len(records), lost, repair)
         return m
+
+    def _keep_damaged(self, recovered: int, lost: int, repair: bool) -> None:
+        if not repair:
+            return
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        copy = f"{self.path}.damaged-{stamp}"
+        try:
+            shutil.copyfile(self.path, copy)
+        except OSError as exc:
+            raise ManifestError(f"{self.path} is damaged and a copy could not be kept ({exc.strerror or exc}): "
+                                "move it away or choose another output directory") from None
+        log.warning("[Main] %s was damaged: recovered %d segment records (%d unreadable lines; those segments are "
+                    "redone); the damaged file is kept as %s", self.path, recovered, lost, copy)
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "failed": 0, "pending": 0}
@@ -164,13 +415,14 @@ class Manifest:
         if min_interval_s and now - self._last_write < max(min_interval_s, 20 * self._last_cost):
             return False
         data = {
-            "version": 1,
+            "fishmp": {"version": MANIFEST_FORMAT},  # how fishmp recognises its own manifest (never overwrite others)
+            "version": MANIFEST_FORMAT,
             "job": self.job,
             "updated_at": time.time(),
             "counts": self.counts(),
             "segments": {sid: {k: v for k, v in vars(r).items() if v is not None} for sid, r in self.segments.items()},
         }
-        # One segment per line: readable and diffable, without indent=1's cost on big jobs.
+        # One segment per line: readable, diffable, and a damaged file still yields every intact line (see load).
         lines = ",\n".join(f"{json.dumps(k, ensure_ascii=False)}:{json.dumps(v, ensure_ascii=False)}"
                             for k, v in data.pop("segments").items())
         head = json.dumps(data, ensure_ascii=False)[:-1]
