@@ -228,8 +228,9 @@ def test_legacy_generate_parses(proj: Path) -> None:
         ("4", 4, 0, "3"), ("0", 0, 1, "5"), ("9", 9, 2, "3")]
     assert [s.output for s in job.segments] == [
         str(out / "seg_4.wav"), str(out / "seg_0.wav"), str(out / "wavs" / "seg_9.wav")]
-    assert job.segments[0].params == Params(temperature=0.6)
-    assert job.segments[1].params == Params(temperature=0.6, top_p=0.9, seed=11)
+    # the backends' scripts sampled at 0.7 / 0.7 / 1.2: legacy configs keep those defaults, overridable
+    assert job.segments[0].params == Params(temperature=0.6, top_p=0.7, repetition_penalty=1.2)
+    assert job.segments[1].params == Params(temperature=0.6, top_p=0.9, repetition_penalty=1.2, seed=11)
 
 
 def test_legacy_generate_output_dir_override(proj: Path) -> None:
@@ -259,7 +260,7 @@ def test_legacy_generate_nested_params_and_string_speaker_ids(proj: Path) -> Non
     data["tasks"][0]["params"] = {"repetition_penalty": 1.3}
     data["tasks"][2]["speaker_id"] = "3"  # "3" and 3 are the same speaker
     job = load_job(str(write_job(proj, data)))
-    assert job.segments[0].params == Params(temperature=0.6, repetition_penalty=1.3)
+    assert job.segments[0].params == Params(temperature=0.6, top_p=0.7, repetition_penalty=1.3)
     assert set(job.speakers) == {"3", "5"}
 
 

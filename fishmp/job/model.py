@@ -1,0 +1,147 @@
+"""What a loaded job is: frozen dataclasses, the error that lists every problem, and the fingerprints resume uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# The sampling the dubbing backends' own scripts used; legacy configs keep it so switching does not change voices.
+LEGACY_PARAMS = {"temperature": 0.7, "top_p": 0.7, "repetition_penalty": 1.2}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Sampling parameters; None means the engine's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    def merged(self, override: Params) -> Params:
+        """These params with every non-None value of `override` taking precedence (segment over job)."""
+        return Params(**{
+            f.name: getattr(override, f.name) if getattr(override, f.name) is not None else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        })
+
+    def to_dict(self) -> dict:
+        """Only the values that are set."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "params") -> Params:
+        """Validated params from a mapping; raises JobError listing every bad key or value."""
+        from .checks import Problems, parse_params
+
+        problems = Problems()
+        params = parse_params(data, where, problems)
+        if problems:
+            raise JobError(problems)
+        return params
+
+
+PARAM_KEYS = tuple(f.name for f in dataclasses.fields(Params))
+
+
+@dataclass(frozen=True)
+class Speaker:
+    id: str
+    reference_text: str
+    reference_audio: str | None = None  # absolute path
+    prompt_tokens: str | None = None  # absolute path to a pre-encoded .npy (10, T)
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.prompt_tokens if self.prompt_tokens is not None else self.reference_audio
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: str
+    speaker: str
+    text: str  # normalised (NFC, no control characters, stripped), never empty
+    output: str  # absolute path, guaranteed inside Job.output_dir
+    params: Params  # already merged with the job's params
+    order: int  # position in the job file (0-based)
+    legacy_index: int | None = None  # segment_index of the legacy generate config
+
+
+@dataclass(frozen=True)
+class Job:
+    speakers: dict[str, Speaker]
+    segments: tuple[Segment, ...]
+    output_dir: str  # absolute
+    checkpoint_dir: str | None = None  # from legacy configs
+    legacy: str | None = None  # None (fishmp format) | "generate"
+    source: str | None = None  # the job file path
+    skipped: tuple[str, ...] = ()  # problems of the items left out when loaded with skip_invalid
+    items: int | None = None  # segments (tasks) the file lists, skipped ones included; None: len(segments)
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    speaker_id: int | str
+    reference_audio: str  # absolute path
+    reference_text: str
+    output_npy: str  # absolute path, guaranteed inside EncodeJob.output_dir
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    items: tuple[EncodeItem, ...]
+    output_dir: str  # absolute
+    checkpoint_dir: str | None = None
+    source: str | None = None
+    legacy: str = "encode"
+    skipped: tuple[str, ...] = ()  # problems of the speakers left out when loaded with skip_invalid
+
+
+class JobError(ValueError):
+    """A job cannot be used. `.problems` lists every problem found; str() gives them one per line."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def reference_fingerprint(speaker: Speaker) -> str:
+    """sha256 of the speaker's reference file bytes (prompt tokens or audio) and reference text.
+
+    Reads the file (references are small); raises OSError when it cannot be read.
+    """
+    h = hashlib.sha256(b"fishmp-reference-v1\0")
+    kind, path = ("prompt_tokens", speaker.prompt_tokens) if speaker.prompt_tokens else \
+        ("reference_audio", speaker.reference_audio)
+    h.update(kind.encode() + b"\0")
+    if path:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(b"\0" + speaker.reference_text.encode("utf-8"))
+    return h.hexdigest()
+
+
+def segment_fingerprint(segment: Segment, speaker_fingerprint: str, engine_fingerprint: str) -> str:
+    """sha256 over what determines a segment's audio: text, params, the speaker's reference and the engine.
+
+    Not the segment id, order or output path: moving or renumbering a segment does not change its audio.
+    """
+    payload = {
+        "v": 1,
+        "text": segment.text,
+        "params": segment.params.to_dict(),
+        "speaker": speaker_fingerprint,
+        "engine": engine_fingerprint,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
