@@ -3,6 +3,8 @@
 Per GPU: workers = floor(total GiB x (1 - FISH_MEMORY_RESERVE) / FISH_MODEL_MEMORY_GB), at least 1 (with a warning
 when even one does not fit), then capped by the memory free right now, by FISH_MAX_WORKERS and by the job's size.
 Caps are applied by dealing workers out one GPU at a time, so GPUs are spread across before any gets a second worker.
+With FISH_BATCH_SIZE = B > 1 each worker decodes B rows at once: a worker then costs FISH_MODEL_MEMORY_GB (still the
+memory of one worker at batch 1, as in the guide) plus (B - 1) KV-cache rows. All arithmetic is O(GPUs), not O(workers).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from .gpus import GPU
 
 # Guards floor() against float noise: 80 x 0.9 / 8 must be 9, not 8.999999.
 _EPS = 1e-9
+# One batch row's KV cache when the checkpoint is not at hand: S1-mini (28 layers x 2 x 8 kv heads x 128 x bf16 =
+# 114,688 bytes per token) at its full 8192 tokens, plus its 4 fast layers; fishmp.memory gives the exact figure.
+DEFAULT_ROW_GIB = (114_688 * 8192 + 4 * 2 * 10 * 8 * 128 * 2) / 1024**3
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ class GpuPlan:
     available_gib: float  # total x (1 - reserve): what the formula divides
     capacity: int  # workers the memory formula allows ("Can run N workers")
     workers: int  # workers this plan actually starts here
+    rows: int = 1  # sequences each worker decodes at once (FISH_BATCH_SIZE)
+    worker_gib: float = 0.0  # what one worker of `rows` rows is planned to take
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,8 @@ class Plan:
             "gpus": [
                 {"index": g.gpu.index, "name": g.gpu.name, "uuid": g.gpu.uuid, "total_gib": round(g.gpu.total_gib, 2),
                  "free_gib": round(g.gpu.free_gib, 2), "available_gib": round(g.available_gib, 2),
-                 "capacity": g.capacity, "workers": g.workers}
+                 "capacity": g.capacity, "workers": g.workers, "rows": g.rows,
+                 "worker_gib": round(g.worker_gib, 3)}
                 for g in self.gpus
             ],
             "warnings": list(self.warnings),
@@ -69,20 +77,39 @@ def gpu_capacity(total_gib: float, model_memory_gb: float, reserve: float) -> in
 
 
 def _deal(limits: list[int], total: int) -> list[int]:
-    """Deal `total` workers one at a time to the GPU with the fewest so far that still has room (spread first)."""
-    got = [0] * len(limits)
-    for _ in range(total):
-        open_ = [i for i in range(len(limits)) if got[i] < limits[i]]
-        if not open_:
-            break
-        i = min(open_, key=lambda k: (got[k], -limits[k], k))
+    """Deal `total` workers one at a time to the GPU with the fewest so far that still has room (spread first; ties:
+    the GPU with the larger limit, then the lower index). Computed by water-filling in O(GPUs log GPUs): every GPU
+    gets min(limit, level) for the highest level that fits, the rest go one each in the tie order."""
+    n = len(limits)
+    total = max(0, min(total, sum(limits)))
+    if total == 0:
+        return [0] * n
+    lo, hi = 0, max(limits)  # highest level with sum(min(limit, level)) <= total
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(x, mid) for x in limits) <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    got = [min(x, lo) for x in limits]
+    rest = total - sum(got)
+    for i in sorted((i for i in range(n) if limits[i] > lo), key=lambda k: (-limits[k], k))[:rest]:
         got[i] += 1
     return got
 
 
-def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None) -> Plan:
+def worker_gib(model_memory_gb: float, rows: int, row_gib: float) -> float:
+    """One worker decoding `rows` sequences: the batch-1 worker plus one KV-cache row per extra sequence."""
+    return model_memory_gb + (rows - 1) * row_gib
+
+
+def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None,
+              row_gib: float | None = None) -> Plan:
+    """`row_gib`: one batch row's KV cache (fishmp.memory.Estimate.kv_row_bytes); S1-mini's when not given."""
     warnings: list[str] = []
-    mem, reserve = settings.model_memory_gb, settings.memory_reserve
+    rows = int(getattr(settings, "batch_size", 1) or 1)
+    mem = worker_gib(settings.model_memory_gb, rows, DEFAULT_ROW_GIB if row_gib is None else row_gib)
+    reserve = settings.memory_reserve
     single = settings.multiprocess_mode == "false"
     cap_total = settings.max_workers
     if n_segments is not None:
@@ -101,8 +128,11 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
         capacity = gpu_capacity(g.total_gib, mem, reserve)
         if capacity < 1:
             warnings.append(
-                f"[GPU {g.index}] {available:.2f} GB available is less than FISH_MODEL_MEMORY_GB={mem:g}: "
-                "running 1 worker anyway; it may run out of memory")
+                f"[GPU {g.index}] {available:.2f} GB available is less than "
+                + (f"FISH_MODEL_MEMORY_GB={mem:g}" if rows == 1 else
+                   f"one worker of {rows} rows ({mem:.2f} GB: FISH_MODEL_MEMORY_GB={settings.model_memory_gb:g} + "
+                   f"{rows - 1} KV-cache rows)")
+                + ": running 1 worker anyway; it may run out of memory")
             capacity = 1
         free_cap = math.floor(g.free_gib / mem + _EPS)
         limit = capacity
@@ -119,9 +149,56 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
         warnings.append(f"[GPU {gpus[best].index}] no GPU has room for a full worker: trying 1 worker there")
     total = sum(limits) if cap_total is None else min(sum(limits), cap_total)
     dealt = _deal(limits, total)
-    gpu_plans = tuple(GpuPlan(g, available, capacity, w) for (g, available, capacity), w in zip(plans_pre, dealt, strict=True))
+    gpu_plans = tuple(GpuPlan(g, available, capacity, w, rows, mem)
+                      for (g, available, capacity), w in zip(plans_pre, dealt, strict=True))
     mode = "single" if single or (total == 1 and settings.multiprocess_mode == "auto") else "multiprocess"
     return Plan(mode=mode, gpus=gpu_plans, cpu_workers=0, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class Alternative:
+    workers: int
+    rows: int  # per worker
+    worker_gib: float  # memory of one such worker
+
+    @property
+    def total_rows(self) -> int:
+        return self.workers * self.rows
+
+    @property
+    def total_gib(self) -> float:
+        return self.workers * self.worker_gib
+
+
+def alternatives(available_gib: float, model_memory_gb: float, row_gib: float, max_rows: int = 256,
+                 limit: int = 8) -> list[Alternative]:
+    """Ways to fill `available_gib`: for k workers, the most rows each (up to `max_rows`) that fit beside k models.
+    At most `limit` worker counts (1, 2, ... and the largest), so even a huge GPU costs O(limit)."""
+    most = gpu_capacity(available_gib, model_memory_gb, 0.0)
+    if most < 1:
+        return []
+    counts = sorted({*range(1, min(most, limit - 1) + 1), most})
+    out = []
+    for k in counts:
+        spare = available_gib / k - model_memory_gb
+        rows = min(max_rows, 1 + (math.floor(spare / row_gib + _EPS) if row_gib > 0 else max_rows))
+        out.append(Alternative(k, max(rows, 1), worker_gib(model_memory_gb, max(rows, 1), row_gib)))
+    return out
+
+
+def memory_check(plan: Plan, estimate_gib: float, row_gib: float = 0.0) -> list[str]:
+    """Before loading anything: each GPU whose available memory cannot hold even one worker by the estimate
+    (`estimate_gib` at batch 1, plus `row_gib` per extra row)."""
+    problems = []
+    for g in plan.gpus:
+        need = estimate_gib + (g.rows - 1) * row_gib
+        room = min(g.available_gib, g.gpu.free_gib)
+        if need > room:
+            problems.append(
+                f"[GPU {g.gpu.index}] {g.gpu.name}: one worker needs about {need:.2f} GB by the estimate, "
+                f"{room:.2f} GB is available ({g.gpu.total_gib:.2f} GB total, {g.gpu.free_gib:.2f} GB free, "
+                f"reserve kept): short by {need - room:.2f} GB")
+    return problems
 
 
 def plan_log_lines(plan: Plan) -> list[str]:
@@ -134,7 +211,8 @@ def plan_log_lines(plan: Plan) -> list[str]:
     if plan.gpus:
         used = [g for g in plan.gpus if g.workers]
         lines.append(f"[Main] Using {plan.workers} parallel workers across {len(used)} GPU(s)")
-        lines.extend(f"[Main] GPU {g.gpu.index}: {g.workers} workers" for g in used)
+        per = "" if all(g.rows == 1 for g in used) else " x {} rows"
+        lines.extend(f"[Main] GPU {g.gpu.index}: {g.workers} workers" + per.format(g.rows) for g in used)
     else:
         lines.append(f"[Main] No usable GPU: using {plan.cpu_workers} worker(s) on the CPU")
     if plan.in_process:
