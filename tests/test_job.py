@@ -835,3 +835,122 @@ def test_npy_prompt_tokens_shape_checked(proj: Path) -> None:
         data = new_job()
         data["speakers"]["bob"]["prompt_tokens"] = f"refs/{name}"
         one_problem(proj, data, 'speaker "bob": prompt_tokens', "2-D integer array")
+
+
+# ------------------------------------------------------------------------------------------------ skipping invalid items
+
+
+def test_skip_invalid_leaves_out_bad_segments_and_their_speakers_segments(proj: Path) -> None:
+    data = new_job()
+    data["speakers"]["bob"]["prompt_tokens"] = "refs/missing.npy"  # spoils bob, so segment 0002
+    data["segments"][0]["text"] = "\u200b\u200d "  # only zero-width characters: empty text
+    data["segments"].append({"id": "0004", "speaker": "alice", "text": "Fourth."})
+    path = write_job(proj, data)
+    with pytest.raises(JobError):
+        load_job(str(path), str(proj / "o"))  # strict by default
+    job = load_job(str(path), str(proj / "o"), skip_invalid=True)
+    assert [s.id for s in job.segments] == ["0003", "0004"] and list(job.speakers) == ["alice"]
+    assert job.items == 4
+    text = "\n".join(job.skipped)
+    assert 'speaker "bob": prompt_tokens refs/missing.npy' in text
+    assert 'segment "0001": text is empty (only whitespace, control or zero-width characters)' in text
+    assert 'segment "0002": skipped: speaker "bob" has a problem' in text
+
+
+def test_skip_invalid_still_rejects_config_level_problems_and_empty_results(proj: Path) -> None:
+    data = new_job()
+    data["params"]["temperature"] = 5  # the whole job's params: not an item
+    with pytest.raises(JobError, match="job params: temperature"):
+        load_job(str(write_job(proj, data)), str(proj / "o"), skip_invalid=True)
+    data = new_job()
+    for seg in data["segments"]:
+        seg["text"] = ""
+    with pytest.raises(JobError, match="nothing left to synthesize"):
+        load_job(str(write_job(proj, data)), str(proj / "o"), skip_invalid=True)
+
+
+def test_legacy_configs_skip_invalid_items_when_asked_per_format(proj: Path) -> None:
+    data = legacy_generate(proj)
+    data["tasks"][1]["target_text"] = "  "
+    data["tasks"].append({"segment_index": 12, "speaker_id": 7, "target_text": "x", "npy_file": "legacy/none.npy",
+                          "reference_text": "r", "output_file": "seg_12.wav"})
+    data["tasks"].append({"segment_index": 13, "speaker_id": 7, "target_text": "y", "npy_file": "legacy/none.npy",
+                          "reference_text": "r", "output_file": "seg_13.wav"})
+    path = write_job(proj, data)
+    with pytest.raises(JobError):
+        load_job(str(path))
+    job = load_job(str(path), skip_invalid=None)  # None: skip for legacy configs only
+    assert [s.legacy_index for s in job.segments] == [4, 9] and job.items == 5
+    text = "\n".join(job.skipped)
+    assert 'segment "0": target_text is empty' in text and 'speaker "7" (segment "12"): npy_file' in text
+    assert 'segment "13": skipped: speaker "7" has a problem' in text
+    strict_new = write_job(proj, {**new_job(), "segments": [*new_job()["segments"], {"speaker": "x", "text": "t"}]},
+                           "new.json")
+    with pytest.raises(JobError, match='speaker "x" is not defined'):
+        load_job(str(strict_new), str(proj / "o"), skip_invalid=None)
+
+
+def test_legacy_encode_skips_a_speaker_whose_reference_is_missing(proj: Path) -> None:
+    data = legacy_encode(proj)
+    data["speakers"][0]["reference_audio"] = "voices/gone.wav"
+    path = write_job(proj, data, "enc.json")
+    with pytest.raises(JobError):
+        load_encode_config(str(path))
+    enc = load_encode_config(str(path), skip_invalid=None)
+    assert [it.speaker_id for it in enc.items] == ["five"]
+    assert len(enc.skipped) == 1 and 'speaker "3": reference_audio voices/gone.wav' in enc.skipped[0]
+
+
+# ------------------------------------------------------------------------------------------------ output_dir confinement
+
+
+@pytest.mark.parametrize("fmt", ["new", "generate", "encode"])
+def test_job_file_output_dir_must_stay_below_the_job_file(proj: Path, tmp_path_factory, fmt: str) -> None:
+    foreign = tmp_path_factory.mktemp("foreign")
+    data = {"new": new_job(), "generate": legacy_generate(proj), "encode": legacy_encode(proj)}[fmt]
+    if fmt == "generate":
+        del data["tasks"][2]  # its absolute output_file names the fixture's own directory
+    data["output_dir"] = "../" * 8 + str(foreign).lstrip("/")
+    path = write_job(proj, data, "job.json")
+    loader = load_encode_config if fmt == "encode" else load_job
+    with pytest.raises(JobError) as info:
+        loader(str(path))
+    assert any('"output_dir"' in p and "is outside the job file's directory" in p and "FISH_OUTPUT_ROOT" in p
+               for p in info.value.problems), info.value.problems
+    # the operator's root allows it; -o (the operator's choice) is never confined
+    assert loader(str(path), output_root=str(foreign)).output_dir == str(foreign)
+    assert loader(str(path), str(foreign / "x")).output_dir == str(foreign / "x")
+    data["output_dir"] = "sub/../inside"
+    assert loader(str(write_job(proj, data, "job.json"))).output_dir == str(proj / "inside")
+
+
+def test_output_dir_through_a_symlink_out_is_outside(proj: Path, tmp_path_factory) -> None:
+    foreign = tmp_path_factory.mktemp("foreign")
+    (proj / "escape").symlink_to(foreign)
+    data = new_job()
+    data["output_dir"] = "escape/out"
+    with pytest.raises(JobError, match="is outside the job file's directory"):
+        load_job(str(write_job(proj, data)))
+
+
+# ------------------------------------------------------------------------------------------------ invisible characters
+
+
+@pytest.mark.parametrize("bad", ["\u202e", "\u200b", "\u2066", "\ufeff", "\u00ad", "\u2028"])
+def test_invisible_and_bidi_characters_rejected_in_names(proj: Path, bad: str) -> None:
+    data = new_job()
+    data["segments"][0]["output"] = f"evil{bad}vaw.wav"
+    one_problem(proj, data, 'segment "0001": output', "invisible or control characters", repr(bad))
+    data = new_job()
+    data["segments"][0]["id"] = f"id{bad}x"
+    del data["segments"][0]["output"]
+    one_problem(proj, data, "segments[0]: id must be", "invisible")
+
+
+def test_zero_width_only_texts_are_empty_but_joiners_inside_text_are_kept(proj: Path) -> None:
+    data = new_job()
+    data["speakers"]["bob"]["reference_text"] = "\u200b\u2060"
+    one_problem(proj, data, 'speaker "bob": reference_text is empty')
+    data = new_job()
+    data["segments"][0]["text"] = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # Persian: ZWNJ shapes the word
+    assert "\u200c" in load_job(str(write_job(proj, data)), str(proj / "o")).segments[0].text
