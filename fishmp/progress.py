@@ -101,6 +101,32 @@ class PlainLines:
         pass
 
 
+class LegacyLines(PlainLines):
+    """Plain lines plus what the dubbing backends' own scripts printed, so their clients' progress parsers work
+    unchanged: per finished segment `[BatchGen] 进度: N/M` (the single-process script) and `[Main] Generated N/M
+    segments` (the multiprocess one), and at the end `[Main] All done! Processed N/M segments`. N counts every
+    finished task (done, failed, resumed, or skipped as invalid: `already`), so it only grows, to M = the tasks in the
+    config. On stderr, as the old scripts did: their clients read stderr merged into stdout, or on its own, and
+    stdout's last line stays the result."""
+
+    def __init__(self, stream: IO[str] | None = None, items: int | None = None, already: int = 0) -> None:
+        super().__init__(stream)
+        self.items, self.finished, self.invalid = items, already, already
+
+    def __call__(self, ev: Event) -> None:
+        super().__call__(ev)
+        kind = ev["event"]
+        if kind == "plan" and self.items is None:
+            self.items = ev["segments"] + self.invalid
+        if kind in ("segment_done", "segment_failed"):
+            self.finished += 1
+            n, m = self.finished, self.items
+            print(f"[BatchGen] 进度: {n}/{m}\n[Main] Generated {n}/{m} segments", file=self.stream, flush=True)
+        elif kind == "finished" and not ev["pending"]:
+            print(f"[Main] All done! Processed {self.finished}/{self.items} segments ({ev['done']} done, "
+                  f"{ev['failed']} failed, {self.invalid} invalid)", file=self.stream, flush=True)
+
+
 class Bar:
     """TTY default: a tqdm bar with segments done/total, audio seconds produced and ETA; notable events above it."""
 
@@ -133,9 +159,13 @@ class Bar:
             self.bar.close()
 
 
-def make_renderer(mode: str, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> Any:
-    """`auto` is the bar on a TTY and plain lines otherwise; `none` renders nothing."""
+def make_renderer(mode: str, stdout: IO[str] | None = None, stderr: IO[str] | None = None, *,
+                  items: int | None = None, already: int = 0) -> Any:
+    """`auto` is the bar on a TTY and plain lines otherwise; `none` renders nothing. `legacy` (LegacyLines) counts
+    `items` tasks in all, `already` of them finished before the job starts (left out as invalid)."""
     err = stderr or sys.stderr
+    if mode == "legacy":
+        return LegacyLines(err, items, already)
     if mode == "auto":
         mode = "bar" if err.isatty() else "plain"
     if mode == "bar":

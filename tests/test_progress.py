@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
-from fishmp.progress import Bar, JsonLines, PlainLines, make_event, make_renderer
+from fishmp.progress import Bar, JsonLines, LegacyLines, PlainLines, make_event, make_renderer
 
 EVENTS = [
     make_event("plan", segments=3, skipped=1, speakers=1, workers=2, mode="cpu", output_dir="/o", pid=1),
@@ -53,3 +54,42 @@ def test_json_lines_one_object_per_line() -> None:
 def test_auto_is_plain_off_a_tty_and_none_renders_nothing() -> None:
     assert isinstance(make_renderer("auto", stderr=io.StringIO()), PlainLines)
     assert make_renderer("none") is None
+
+
+# The dubbing backend's client parses these (its three patterns, verbatim).
+CLIENT_PATTERNS = [re.compile(r"进度:\s*(\d+)/(\d+)"), re.compile(r"Processed\s+(\d+)/(\d+)\s+segments"),
+                   re.compile(r"Generated\s+(\d+)/(\d+)\s+segments")]
+
+
+def client_progress(text: str) -> list[tuple[int, int]]:
+    found = []
+    for line in text.splitlines():
+        for pattern in CLIENT_PATTERNS:
+            if m := pattern.search(line):
+                found.append((int(m.group(1)), int(m.group(2))))
+    return found
+
+
+def test_legacy_lines_count_every_task_up_to_the_configs_total() -> None:
+    out = io.StringIO()
+    r = make_renderer("legacy", stderr=out, items=4, already=1)  # one task was left out as invalid
+    assert isinstance(r, LegacyLines)
+    for ev in EVENTS:
+        r(ev)
+    text = out.getvalue()
+    assert "[BatchGen] 进度: 2/4" in text and "[Main] Generated 3/4 segments" in text
+    assert text.splitlines()[-1] == "[Main] All done! Processed 4/4 segments (2 done, 1 failed, 1 invalid)"
+    assert "c FAILED (bad_reference)" in text  # failures stay visible
+    seen = client_progress(text)
+    assert seen[-1] == (4, 4) and all(a <= b for a, b in zip(seen, seen[1:], strict=False))
+    assert {n for n, _ in seen} == {2, 3, 4}
+
+
+def test_legacy_lines_total_from_the_plan_and_no_all_done_when_interrupted() -> None:
+    out = io.StringIO()
+    r = LegacyLines(out)
+    r(EVENTS[0])
+    r(EVENTS[3])
+    r(make_event("finished", done=1, failed=0, pending=2, skipped=1, audio_seconds=1.0, wall_seconds=1.0,
+                 exit_code=130))
+    assert client_progress(out.getvalue()) == [(1, 3), (1, 3)] and "All done" not in out.getvalue()
