@@ -3,14 +3,19 @@
 The CLI loads `./.env` (the real environment wins) and calls `Settings.from_env()`; a library caller passes the
 same settings as keyword arguments (`Settings(model_memory_gb=6.0)`). Importing fishmp never reads `.env`.
 A bad value raises `ConfigError` naming the variable, the value and what is allowed; the CLI turns it into one
-line on stderr and exit code 2.
+line on stderr and exit code 2. An unknown FISH_* variable (a typo) is ignored with a warning naming the closest
+setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import io
+import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +23,20 @@ from typing import Any
 PRECISIONS = ("bfloat16", "float16", "float32")
 MODES = ("auto", "true", "false")
 ENGINES = ("fish", "synthetic")
+# FISH_* variables that are not settings but are read on purpose: the synthetic test engine's knobs and a benchmark's.
+EXTRA_VARIABLES = frozenset({"FISH_BATCH_REFILL"})
+EXTRA_PREFIXES = ("FISH_SYNTHETIC_",)
+MODEL_MEMORY_GB_RANGE = (0.5, 1024.0)  # below: no real model fits; above: no GPU has it (and the plan's arithmetic)
+
+log = logging.getLogger("fishmp")
 
 
 class ConfigError(ValueError):
     """A setting has a value fishmp cannot use."""
 
-    def __init__(self, variable: str, value: object, allowed: str) -> None:
+    def __init__(self, variable: str, value: object, allowed: str, message: str | None = None) -> None:
         self.variable, self.value, self.allowed = variable, value, allowed
-        super().__init__(f"{variable}={value!r} is not valid: {allowed}")
+        super().__init__(message or f"{variable}={value!r} is not valid: {allowed}")
 
 
 def _bool(text: str) -> bool:
@@ -47,7 +58,8 @@ def _mode(text: str) -> str:
 
 
 def _opt_int(text: str) -> int | None:
-    return None if text.strip().lower() in ("", "none", "0") else int(text)
+    """Empty (or none) = no value. 0 is not a synonym: it is rejected by the check, with the allowed range."""
+    return None if text.strip().lower() in ("", "none") else int(text)
 
 
 def _opt_str(text: str) -> str | None:
@@ -56,6 +68,11 @@ def _opt_str(text: str) -> str | None:
 
 def _positive(x: float) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _gib(x: float) -> bool:
+    lo, hi = MODEL_MEMORY_GB_RANGE
+    return _positive(x) and lo <= x <= hi
 
 
 def _is_int(x: object) -> bool:
@@ -81,7 +98,8 @@ class Settings:
     multiprocess_mode: str = _setting(
         "auto", "FISH_MULTIPROCESS_MODE", _mode, lambda v: v in MODES, "one of true, false, auto")
     model_memory_gb: float = _setting(
-        8.0, "FISH_MODEL_MEMORY_GB", float, _positive, "a number of GiB greater than 0, e.g. 8.0")
+        8.0, "FISH_MODEL_MEMORY_GB", float, _gib,
+        f"a number of GiB from {MODEL_MEMORY_GB_RANGE[0]:g} to {MODEL_MEMORY_GB_RANGE[1]:g} per worker, e.g. 8.0")
     checkpoint_dir: str = _setting(
         "checkpoints/openaudio-s1-mini", "FISH_CHECKPOINT_DIR", str, lambda v: bool(v), "a checkpoint directory")
     precision: str = _setting(
@@ -150,6 +168,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from `environ` (default `os.environ`); keyword overrides win over the environment."""
         env = os.environ if environ is None else environ
+        warn_unknown_variables(env)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             spec: _Spec = f.metadata["spec"]
@@ -179,12 +198,58 @@ class Settings:
         return {f.name: f.metadata["spec"].env for f in dataclasses.fields(Settings)}
 
 
-def load_dotenv_file(path: str | None = None) -> str | None:
-    """Load `./.env` (or `path`) into os.environ without overriding what is already set. CLI only."""
-    from dotenv import find_dotenv, load_dotenv
+_warned: set[str] = set()  # once per process: a backend building many Pools should not repeat it
 
-    found = path or find_dotenv(usecwd=True)
-    if found and os.path.isfile(found):
-        load_dotenv(found, override=False)
-        return found
-    return None
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warn (logger "fishmp", one line each) about FISH_* variables that are no setting, naming the closest one.
+    Returns the unknown names."""
+    known = sorted(Settings.variables().values())
+    unknown = [name for name in sorted(environ) if name.startswith("FISH_") and name not in known
+               and name not in EXTRA_VARIABLES and not name.startswith(EXTRA_PREFIXES)]
+    for name in unknown:
+        if name in _warned:
+            continue
+        _warned.add(name)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see .env.example for the settings"
+        log.warning("[Main] %s is not a fishmp setting and is ignored; %s", name, hint)
+    return unknown
+
+
+def read_dotenv(path: str) -> dict[str, str | None]:
+    """The variables in a .env file. A line that sets a FISH_* variable and cannot be parsed, or a file that is not
+    UTF-8 text, is a ConfigError naming it (python-dotenv would only warn and fall back to the default)."""
+    from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
+        if "\x00" in text:
+            raise UnicodeError
+    except OSError as exc:
+        raise ConfigError(".env", path, "", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise ConfigError(".env", path, "", f"{path} is not UTF-8 text (saved as UTF-16, or a binary file?): save it "
+                          "as UTF-8 with one NAME=value per line") from None
+    for binding in parse_stream(io.StringIO(text)):
+        statement = binding.original.string.strip()
+        if binding.error and re.match(r"(export\s+)?FISH_", statement):
+            shown = statement if len(statement) <= 80 else statement[:77] + "..."
+            raise ConfigError(".env", statement, "", f"{path} line {binding.original.line} cannot be parsed: {shown} "
+                              "(an unterminated quote?); write it as NAME=value")
+    return dict(dotenv_values(stream=io.StringIO(text), interpolate=True))
+
+
+def load_dotenv_file(path: str | None = None) -> str | None:
+    """Load `.env` from the current directory (only there, not its parents: the directory you run from), or `path`,
+    into os.environ without overriding what is already set. CLI only. Returns the file loaded, or None."""
+    found = path or os.path.join(os.getcwd(), ".env")
+    if not os.path.isfile(found):
+        return None
+    for key, value in read_dotenv(found).items():
+        if value is not None and key not in os.environ:
+            os.environ[key] = value
+    return found

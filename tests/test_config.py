@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
-from fishmp.config import ConfigError, Settings
+from fishmp.config import ConfigError, Settings, warn_unknown_variables
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def fishmp_log() -> Iterator[list[str]]:
+    """Messages logged to the "fishmp" logger during the test (attached directly: the CLI turns propagation off)."""
+    handler = _Lines()
+    logger = logging.getLogger("fishmp")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_defaults() -> None:
@@ -103,3 +126,87 @@ def test_batch_size_and_output_root() -> None:
             Settings.from_env({"FISH_BATCH_SIZE": bad})
     with pytest.raises(ConfigError, match="batch_size"):
         Settings(batch_size=0)
+
+
+@pytest.mark.parametrize("value", ["1e-5", "1e-320", "inf", "-inf", "nan", "0.4", "1025", "1e308"])
+def test_model_memory_outside_a_plausible_range(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"FISH_MODEL_MEMORY_GB.*from 0\.5 to 1024"):
+        Settings.from_env({"FISH_MODEL_MEMORY_GB": value})
+    with pytest.raises(ConfigError, match="model_memory_gb"):
+        Settings(model_memory_gb=float(value))
+
+
+def test_model_memory_range_ends_are_allowed() -> None:
+    assert Settings.from_env({"FISH_MODEL_MEMORY_GB": "0.5"}).model_memory_gb == 0.5
+    assert Settings.from_env({"FISH_MODEL_MEMORY_GB": "1024"}).model_memory_gb == 1024
+
+
+@pytest.mark.parametrize("value", ["1e-5", "1e-6", "1e-320"])
+def test_cli_tiny_model_memory_is_exit_2_at_once(value: str, tmp_path) -> None:
+    out = run_cli(["plan", "--gpus", "24"], tmp_path, {"FISH_MODEL_MEMORY_GB": value})
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "0.5 to 1024" in lines[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("var,value,says", [("FISH_MAX_WORKERS", "0", "empty: no cap"),
+                                            ("FISH_MAX_SEQ_LEN", "0", "empty: the checkpoint's")])
+def test_zero_is_not_a_silent_no_cap(var: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=f"{var}='0'.*{says}"):
+        Settings.from_env({var: value})
+    field = var[len("FISH_"):].lower()
+    assert getattr(Settings.from_env({var: ""}), field) is None
+
+
+def test_unknown_fish_variable_warns_with_the_closest_name(fishmp_log) -> None:
+    s = Settings.from_env({"FISH_MODEL_MEMORY_GBB": "6", "FISH_PRECISSION": "float16", "FISH_ZZZ_TOTALLY_ELSE": "1",
+                           "FISH_SYNTHETIC_LOAD_S": "1", "FISH_BATCH_REFILL": "0", "OTHER": "x"})
+    assert s.model_memory_gb == 8.0  # ignored, not guessed
+    assert len(fishmp_log) == 3
+    gbb, prec, other = fishmp_log  # in name order
+    assert "FISH_MODEL_MEMORY_GBB is not a fishmp setting" in gbb and "did you mean FISH_MODEL_MEMORY_GB?" in gbb
+    assert "did you mean FISH_PRECISION?" in prec and "FISH_ZZZ_TOTALLY_ELSE" in other and "\n" not in other
+    Settings.from_env({"FISH_MODEL_MEMORY_GBB": "6"})  # once per process, not once per Settings
+    assert len(fishmp_log) == 3
+    assert warn_unknown_variables({"FISH_SYNTHETIC_ANYTHING": "1", "FISH_COMPILE": "1"}) == []
+
+
+def test_cli_warns_about_a_typo_in_dotenv(tmp_path) -> None:
+    (tmp_path / ".env").write_text("FISH_MODEL_MEMORY_GBB=6.0\n")
+    out = run_cli(["plan", "--gpus", "24", "--json"], tmp_path, {})
+    assert out.returncode == 0 and json.loads(out.stdout)["workers"] == 2
+    assert "FISH_MODEL_MEMORY_GBB" in out.stderr and "did you mean FISH_MODEL_MEMORY_GB?" in out.stderr
+
+
+@pytest.mark.parametrize("content,says", [
+    (b'FISH_PRECISION=float16\nFISH_MODEL_MEMORY_GB="abc\n', "line 2 cannot be parsed"),
+    (b"export FISH_MODEL_MEMORY_GB='6\n", "line 1 cannot be parsed"),
+    ("FISH_MODEL_MEMORY_GB=6.0\n".encode("utf-16"), "not UTF-8 text"),
+    (bytes(range(256)), "not UTF-8 text"),
+    (b"FISH_MODEL_MEMORY_GB=6.0\x00\n", "not UTF-8 text"),
+])
+def test_cli_unusable_dotenv_is_exit_2_one_line(tmp_path, content: bytes, says: str) -> None:
+    (tmp_path / ".env").write_bytes(content)
+    out = run_cli(["plan", "--gpus", "24"], tmp_path, {})
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(lines) == 1 and says in lines[0] and ".env" in lines[0]
+
+
+def test_dotenv_broken_line_of_another_program_is_not_fishmps_business(tmp_path) -> None:
+    (tmp_path / ".env").write_text('OTHER_APP="unterminated\nFISH_MODEL_MEMORY_GB=6.0\n')
+    out = run_cli(["plan", "--gpus", "24", "--json"], tmp_path, {})
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+
+
+def test_dotenv_utf8_bom_is_fine(tmp_path) -> None:
+    (tmp_path / ".env").write_bytes("FISH_MODEL_MEMORY_GB=6.0\n".encode("utf-8-sig"))
+    out = run_cli(["plan", "--gpus", "24", "--json"], tmp_path, {})
+    assert out.returncode == 0 and json.loads(out.stdout)["workers"] == 3
+
+
+def test_dotenv_of_a_parent_directory_is_not_loaded(tmp_path) -> None:
+    (tmp_path / ".env").write_text("FISH_MODEL_MEMORY_GB=6.0\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    out = run_cli(["plan", "--gpus", "24", "--json"], sub, {})
+    assert out.returncode == 0 and json.loads(out.stdout)["workers"] == 2  # the default 8.0, not the parent's 6.0
