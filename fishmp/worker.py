@@ -10,6 +10,31 @@ Data flow (per worker, two one-way pipes, so a killed worker can never corrupt a
 - Wavs are written by the writer thread (off the generation thread), atomically; only then is the segment reported.
 - Failures travel as data (kind, message, traceback text). Input problems keep the worker; anything else makes it
   leave on purpose (after saying so) so that the main process starts a clean replacement.
+
+Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.py runs the loop):
+- `Ready.batch_size` = B, the lanes this worker offers (1 when the engine cannot batch). The main process may have up
+  to B running + 1 queued tasks outstanding on it. Tasks of one speaker share a session of up to B rows; a task of
+  another speaker waits until that session drains.
+- `Started(task)` when the task's row is added (its deadline starts then), then exactly one `Done` or `Failed` per
+  task. Rows start and finish independently: several tasks are running at once, and a row that finishes is refilled
+  with the next task at the next step (FISH_BATCH_REFILL=0, a benchmarking knob: only when the session is empty).
+- `SegmentTask.solo`: run it in a session of its own. The main process sets it for a segment whose earlier attempt
+  died with its worker (or came back in a `Failed` with input_error False), so a poison segment cannot take its
+  batchmates down again.
+- A worker that leaves on purpose sends `Failed(input_error=False)` for the tasks it blames first; the other tasks
+  outstanding on it were innocent (requeue them without counting an attempt).
+
+What deserves a reload (a model reload costs 30 s+): only what may have broken the process or the device.
+- Input errors (bad reference, text too long, parameters the engine refuses): that segment fails, the worker stays.
+- EngineOutOfMemoryError in a batch: free cached memory, halve this worker's batch (for good, min 1) and redo the
+  batch's rows from the start (same seeds: same audio). In a session of one: retry once, then fail `out_of_memory`
+  and recycle (a fresh process has an unfragmented allocator).
+- EngineError (an error the engine raised on purpose; ValueError too) in a batch of several rows: each row is redone
+  alone, so only the culprit fails. A segment that fails twice, the last time alone, fails `engine_error` without a
+  reload: the engine is intact and a fresh process would fail it the same way (before, each retry cost a reload).
+- Anything else (RuntimeError, AssertionError..., and any error whose text names a CUDA error: those are sticky, every
+  later call fails too): the process is suspect. Every row of the batch is reported Failed (input_error False:
+  requeued, attempts + 1) and the worker leaves; the main process retries them solo in a clean worker.
 """
 
 from __future__ import annotations
@@ -47,6 +72,7 @@ class SegmentTask:
     speaker: SpeakerRef
     params: dict[str, Any]  # SynthesisParams fields; absent = engine default
     output: str
+    solo: bool = False  # run in a session of its own: an earlier attempt died with its worker (maybe in a batch)
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,7 @@ class Ready:
     pid: int
     device: str
     load_seconds: float
+    batch_size: int = 1  # lanes: the main process may have batch_size running + 1 queued tasks outstanding here
 
 
 @dataclass(frozen=True)
@@ -191,24 +218,36 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
             msg += f" (free GPU memory seen: {free:.2f} GiB)" if free is not None else ""
         send(LoadFailed(worker_id, kind, msg, traceback.format_exc()))
         return
-    send(Ready(worker_id, os.getpid(), device, time.perf_counter() - t0))
-
-    runner = _SegmentRunner(worker_id, engine, settings, send)
+    load_s = time.perf_counter() - t0
+    batch_size = max(1, int(getattr(settings, "batch_size", 1)))
+    runner = _SegmentRunner(worker_id, engine, settings, send, inbox, batch_size, refill_enabled())
+    send(Ready(worker_id, os.getpid(), device, load_s, runner.lanes.capacity))
     try:
-        while (task := inbox.get()) is not None:
-            if not runner.run(task):
-                break  # leaving on purpose after a non-input failure: the main process replaces us
+        runner.lanes.run()  # returns at the stop sentinel, or early when the worker must leave (after saying so)
     finally:
         runner.close()
 
 
+def refill_enabled() -> bool:
+    """FISH_BATCH_REFILL=0 (a benchmarking knob, not a setting): rows are added only when the session is empty."""
+    return os.environ.get("FISH_BATCH_REFILL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class _SegmentRunner:
-    def __init__(self, worker_id: str, engine: Any, settings: Settings, send: _Sender) -> None:
+    """The worker's state around its lanes: prepared speaker prompts and the writer thread."""
+
+    def __init__(self, worker_id: str, engine: Any, settings: Settings, send: _Sender, inbox: queue.Queue,
+                 batch_size: int = 1, refill: bool = True) -> None:
+        from .lanes import LaneRunner
+
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
-        self.writes: queue.Queue = queue.Queue(maxsize=4)
+        # Bounded (back-pressure on generation when the disk is slow), but a whole batch finishing at once fits.
+        self.writes: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
         self.writer.start()
+        self.lanes = LaneRunner(worker_id, engine, inbox, send, self.writes, self._prompt, settings.cache_dir,
+                                batch_size, refill)
 
     def close(self) -> None:
         self.writes.put(None)
@@ -230,44 +269,6 @@ class _SegmentRunner:
                 self.prompts.pop(next(iter(self.prompts)))
             self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
         return self.prompts[ref]
-
-    def run(self, task: SegmentTask | EncodeTask) -> bool:
-        """Run one task; False when the worker must leave (engine broken)."""
-        from .engines import BadReferenceError, EngineOutOfMemoryError, SynthesisParams, TextTooLongError
-
-        self.send(Started(self.worker_id, task.id))
-        t0 = time.perf_counter()
-        try:
-            if isinstance(task, EncodeTask):
-                from .references import encode_cached
-
-                tokens, _ = encode_cached(self.engine, task.audio_path, self.settings.cache_dir)
-                self.writes.put((task, tokens, time.perf_counter() - t0))
-                return True
-            prompt = self._prompt(task.speaker)
-            params = SynthesisParams(**task.params)
-            audio = None
-            for _ in range(2):  # out of memory: free what we can (outside the except block) and retry once
-                try:
-                    audio = self.engine.synthesize(task.text, prompt, params)
-                    break
-                except EngineOutOfMemoryError:
-                    pass
-                self.engine.release_memory()
-            if audio is None:
-                self._fail(task.id, "out_of_memory",
-                           "out of GPU memory twice on this segment; raise FISH_MODEL_MEMORY_GB (fewer workers per GPU) "
-                           "or lower max_new_tokens")
-                return False  # recycle: a fresh process has an unfragmented allocator
-            self.writes.put((task, audio, time.perf_counter() - t0))
-            return True
-        except (BadReferenceError, TextTooLongError) as exc:
-            self._fail(task.id, exc.kind, str(exc))
-            return True
-        except Exception as exc:  # noqa: BLE001 - an engine fault: report it and leave so a clean worker replaces us
-            self._fail(task.id, getattr(exc, "kind", "engine_error"), f"{type(exc).__name__}: {exc}",
-                       traceback.format_exc())
-            return False
 
     def _write_loop(self) -> None:
         import numpy as np

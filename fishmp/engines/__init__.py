@@ -8,17 +8,19 @@ from ..config import Settings
 from .base import (
     Audio,
     BadReferenceError,
+    BatchSession,
     Engine,
     EngineError,
     EngineOutOfMemoryError,
+    SequentialSession,
     SpeakerPrompt,
     SynthesisParams,
     TextTooLongError,
 )
 
 __all__ = [
-    "Audio", "BadReferenceError", "Engine", "EngineError", "EngineOutOfMemoryError", "SpeakerPrompt",
-    "SynthesisParams", "TextTooLongError", "create_engine",
+    "Audio", "BadReferenceError", "BatchSession", "Engine", "EngineError", "EngineOutOfMemoryError",
+    "SequentialSession", "SpeakerPrompt", "SynthesisParams", "TextTooLongError", "create_engine",
 ]
 
 

@@ -1,0 +1,252 @@
+"""The worker's generation loop: B lanes (rows of one BatchSession) fed from the worker's inbox.
+
+Tasks arrive in order on the inbox and wait in a backlog. A session holds rows of ONE speaker: the loop adds a row
+per task of that speaker while the session has free rows, steps the session, hands finished rows to the writer and,
+with refill on, fills the rows that freed up before the next step (continuous refill); with refill off it adds rows
+only when the session is empty (the benchmark's baseline, FISH_BATCH_REFILL=0). Refill takes tasks from the head of
+the backlog only, so a task of another speaker (or a solo task, an encode task, the stop sentinel) ends the refill and
+waits until the session drains: nothing waits behind an endless stream of one voice.
+
+Faults are per segment (see fishmp/worker.py's docstring for the table and the reasons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from .engines import (
+    BadReferenceError,
+    EngineError,
+    EngineOutOfMemoryError,
+    SequentialSession,
+    SynthesisParams,
+    TextTooLongError,
+)
+from .worker import EncodeTask, Failed, SegmentTask, Started
+
+INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
+# Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
+FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access",
+                 "NCCL error", "unspecified launch failure")
+OOM_MESSAGE = ("out of GPU memory twice on this segment alone; raise FISH_MODEL_MEMORY_GB (fewer workers per GPU), "
+               "lower FISH_BATCH_SIZE or lower max_new_tokens")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True when the process must be recycled: not an error the engine raised on purpose, or a CUDA error."""
+    if not isinstance(exc, (EngineError, ValueError)):
+        return True
+    return any(marker in str(exc) for marker in FATAL_MARKERS)
+
+
+class Leave(Exception):
+    """The worker must exit so that the main process starts a clean replacement (after the Failed messages)."""
+
+
+class LaneRunner:
+    def __init__(self, worker_id: str, engine: Any, inbox: queue.Queue, send: Any, writes: queue.Queue,
+                 prompt: Any, cache_dir: str, batch_size: int = 1, refill: bool = True) -> None:
+        self.worker_id, self.engine, self.inbox, self.send, self.writes = worker_id, engine, inbox, send, writes
+        self.cache_dir = cache_dir  # encoded references (encode tasks)
+        self.prompt = prompt  # SpeakerRef -> SpeakerPrompt (cached by the caller)
+        batched = batch_size > 1 and callable(getattr(engine, "open_batch", None))
+        self.capacity = batch_size if batched else 1  # halves on out-of-memory, never grows back
+        self.refill = refill
+        self.backlog: deque[Any] = deque()  # received, not yet in a row; None = stop
+        self.session: Any = None
+        self.session_speaker: Any = None
+        self.rows: dict[str, SegmentTask] = {}  # task id -> task, in the order the rows were added
+        self.t0: dict[str, float] = {}  # when each task started (its first row), for synthesis_seconds
+        self.solo: set[str] = set()  # tasks to run alone: their batch failed, or the main process asked
+        self.ooms: dict[str, int] = {}  # out-of-memory errors of a task in sessions of one
+        self.errors: dict[str, int] = {}  # engine errors of a task
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Until the stop sentinel (after every task before it) or until the worker must leave."""
+        try:
+            while True:
+                self._pull(block=not self.rows and not self.backlog)
+                if not self.rows:
+                    head = self.backlog[0]
+                    if head is None:
+                        return
+                    if isinstance(head, EncodeTask):
+                        self._encode(self.backlog.popleft())
+                        continue
+                    if not self._open_for(head):
+                        continue
+                self._fill()
+                if self.rows:
+                    self._step()
+        except Leave:
+            return
+        finally:
+            self._close_session()
+
+    def _pull(self, block: bool) -> None:
+        if block:
+            self.backlog.append(self.inbox.get())
+        while True:
+            try:
+                self.backlog.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _wanted_capacity(self, task: SegmentTask) -> int:
+        return 1 if getattr(task, "solo", False) or task.id in self.solo else self.capacity
+
+    def _fits(self, item: Any) -> bool:
+        return (isinstance(item, SegmentTask) and item.speaker == self.session_speaker
+                and self._wanted_capacity(item) == self.session.capacity)
+
+    # -- sessions ---------------------------------------------------------------------------------------------------
+    def _open_for(self, task: SegmentTask) -> bool:
+        """Make the session fit `task` (reusing the open one when it does); False when the task was dealt with."""
+        if self.session is not None and self._fits(task):
+            return True
+        self._close_session()
+        capacity = self._wanted_capacity(task)
+        try:
+            prompt = self.prompt(task.speaker)
+            if capacity > 1:
+                session = self.engine.open_batch(prompt, capacity)
+            else:
+                session = SequentialSession(self.engine.synthesize, prompt)
+        except BadReferenceError as exc:  # the voice is unusable: every task of it here fails the same way
+            for t in [t for t in self.backlog if isinstance(t, SegmentTask) and t.speaker == task.speaker]:
+                self.backlog.remove(t)
+                self._start(t)
+                self._fail(t, exc.kind, str(exc), input_error=True)
+            return False
+        except Exception as exc:  # noqa: BLE001 - classified below, outside the except block
+            err, tb = exc, traceback.format_exc()
+        else:
+            self.session, self.session_speaker = session, task.speaker
+            return True
+        self.backlog.popleft()
+        self._start(task)
+        self._batch_failed([task], err, tb, capacity)
+        return False
+
+    def _close_session(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(Exception):  # a broken session must not hide the error that broke it
+                self.session.close()
+        self.session, self.session_speaker = None, None
+
+    def _start(self, task: SegmentTask | EncodeTask) -> None:
+        if task.id not in self.t0:
+            self.t0[task.id] = time.perf_counter()
+            self.send(Started(self.worker_id, task.id))
+
+    def _fill(self) -> None:
+        if self.rows and not self.refill:
+            return
+        while self.backlog and self.session.free_rows() > 0 and self._fits(self.backlog[0]):
+            task = self.backlog.popleft()
+            self._start(task)
+            try:
+                self.session.add(task.id, task.text, SynthesisParams(**task.params))
+            except (BadReferenceError, TextTooLongError) as exc:
+                self._fail(task, exc.kind, str(exc), input_error=True)
+                continue
+            except (ValueError, TypeError) as exc:  # sampling parameters the engine refuses
+                self._fail(task, "bad_params", f"{type(exc).__name__}: {exc}", input_error=True)
+                continue
+            except Exception as exc:  # noqa: BLE001 - classified below, outside the except block
+                err, tb = exc, traceback.format_exc()
+            else:
+                self.rows[task.id] = task
+                continue
+            # Out of memory or an engine error while adding: the session is suspect; redo its rows.
+            self._batch_failed([*self.rows.values(), task], err, tb, self.session.capacity)
+            return
+
+    def _step(self) -> None:
+        try:
+            finished = self.session.step()
+        except Exception as exc:  # noqa: BLE001 - classified below, outside the except block
+            err, tb = exc, traceback.format_exc()
+        else:
+            now = time.perf_counter()
+            for key, audio in finished:
+                task = self.rows.pop(key)
+                self.writes.put((task, audio, now - self.t0.pop(key)))
+                self._forget(key)
+            return
+        self._batch_failed(list(self.rows.values()), err, tb, self.session.capacity)
+
+    # -- faults -----------------------------------------------------------------------------------------------------
+    def _batch_failed(self, tasks: list[SegmentTask], err: BaseException, tb: str, capacity: int) -> None:
+        """A session failed with `tasks` in it: drop it, then retry, shrink, fail or leave (see worker.py)."""
+        self._close_session()
+        self.rows.clear()
+        oom = isinstance(err, EngineOutOfMemoryError)
+        if oom:
+            self.engine.release_memory()  # outside the except block: the traceback no longer pins tensors
+        message = f"{type(err).__name__}: {err}"
+        if not oom and is_fatal(err):
+            for t in tasks:  # the device or the process is suspect: all of them go back, a clean worker retries
+                self._fail(t, getattr(err, "kind", "engine_error"), message, input_error=False, tb=tb)
+            raise Leave
+        retry: list[SegmentTask] = []
+        if oom and capacity > 1:
+            self.capacity = max(1, min(self.capacity, capacity // 2))
+            retry = tasks
+        elif len(tasks) > 1:  # who broke the batch is unknown: each row alone, so only the culprit fails
+            for t in tasks:
+                self.errors[t.id] = self.errors.get(t.id, 0) + 1
+            self.solo.update(t.id for t in tasks)
+            retry = tasks
+        else:
+            (t,) = tasks
+            self.solo.add(t.id)
+            if oom:
+                self.ooms[t.id] = self.ooms.get(t.id, 0) + 1
+                if self.ooms[t.id] >= 2:  # recycle: a fresh process has an unfragmented allocator
+                    self._fail(t, "out_of_memory", OOM_MESSAGE, input_error=True)
+                    raise Leave
+                retry = [t]
+            elif getattr(err, "kind", "") in INPUT_KINDS:
+                self._fail(t, err.kind, str(err), input_error=True)
+            else:
+                self.errors[t.id] = self.errors.get(t.id, 0) + 1
+                if self.errors[t.id] >= 2:  # twice, at least once alone: the segment's own fault, keep the model
+                    self._fail(t, getattr(err, "kind", "engine_error"),
+                               f"{message} (failed twice on this segment, the last time alone; the worker was kept)",
+                               input_error=True, tb=tb)
+                else:
+                    retry = [t]
+        self.backlog.extendleft(reversed(retry))  # from the start, same seeds: the audio does not change
+
+    def _fail(self, task: SegmentTask | EncodeTask, kind: str, message: str, input_error: bool, tb: str = "") -> None:
+        self.send(Failed(self.worker_id, task.id, kind, message, tb, input_error))
+        self.t0.pop(task.id, None)
+        self._forget(task.id)
+
+    def _forget(self, task_id: str) -> None:
+        self.solo.discard(task_id)
+        self.ooms.pop(task_id, None)
+        self.errors.pop(task_id, None)
+
+    # -- encode tasks (the legacy encode mode) ----------------------------------------------------------------------
+    def _encode(self, task: EncodeTask) -> None:
+        from .references import encode_cached
+
+        self._start(task)
+        try:
+            tokens, _ = encode_cached(self.engine, task.audio_path, self.cache_dir)
+        except BadReferenceError as exc:
+            self._fail(task, exc.kind, str(exc), input_error=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - an engine fault: report it and leave so a clean worker replaces us
+            self._fail(task, getattr(exc, "kind", "engine_error"), f"{type(exc).__name__}: {exc}",
+                       input_error=False, tb=traceback.format_exc())
+            raise Leave from None
+        self.writes.put((task, tokens, time.perf_counter() - self.t0.pop(task.id)))
