@@ -138,3 +138,85 @@ def test_index_order_warning_on_mixed_gpus(caplog) -> None:
     with caplog.at_level("WARNING", logger="fishmp"):
         _visible_filter(mixed, "1", "PCI_BUS_ID")
     assert caplog.text == ""
+
+
+def _greedy_deal(limits: list[int], total: int) -> list[int]:
+    """The original one-at-a-time dealing, the reference the O(GPUs) version must equal."""
+    got = [0] * len(limits)
+    for _ in range(total):
+        open_ = [i for i in range(len(limits)) if got[i] < limits[i]]
+        if not open_:
+            break
+        got[min(open_, key=lambda k: (got[k], -limits[k], k))] += 1
+    return got
+
+
+def test_dealing_equals_one_at_a_time_dealing() -> None:
+    import random
+
+    from fishmp.plan import _deal
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        limits = [rng.randint(0, 9) for _ in range(rng.randint(1, 6))]
+        total = rng.randint(0, sum(limits) + 3)
+        assert _deal(limits, total) == _greedy_deal(limits, total), (limits, total)
+
+
+def test_plan_arithmetic_is_o_gpus_not_o_workers() -> None:
+    """Issue 11 item 4: FISH_MODEL_MEMORY_GB=1e-5 on 24 GB planned 2,160,000 workers in 11 s, dealt one by one. The
+    setting's range now stops that value; a (simulated) 1.2 PB GPU at 0.5 GiB gives as many workers."""
+    import time
+
+    start = time.perf_counter()
+    plan = make_plan(parse_gpu_spec("a:1200000"), Settings(model_memory_gb=0.5))
+    eight = make_plan(parse_gpu_spec(",".join(["b:400000"] * 8)), Settings(model_memory_gb=0.5, max_workers=10**9))
+    assert time.perf_counter() - start < 0.5
+    assert plan.workers == 2_160_000 and [g.workers for g in eight.gpus] == [720_000] * 8
+    assert plan_log_lines(plan)[-1] == "[Main] GPU 0: 2160000 workers"
+
+
+def _batched(mem: float, batch: int, **kw: object) -> Settings:
+    settings = Settings(model_memory_gb=mem, multiprocess_mode="true", **kw)
+    return settings.replace(batch_size=batch) if hasattr(settings, "batch_size") else settings
+
+
+@pytest.mark.skipif(not hasattr(Settings(), "batch_size"), reason="Settings.batch_size (FISH_BATCH_SIZE) not there yet")
+def test_workers_times_batch_rows() -> None:
+    """One more row costs its KV cache only; FISH_MODEL_MEMORY_GB stays the memory of one worker at batch 1."""
+    from fishmp.plan import DEFAULT_ROW_GIB
+
+    # 80 GB x 0.9 = 72 GiB; a worker of 8 rows at 6.5 GiB + 7 x 1.0 GiB = 13.5 GiB -> 5 workers of 8 rows.
+    plan = make_plan(parse_gpu_spec("NVIDIA A100-SXM4-80GB:80"), _batched(6.5, 8), row_gib=1.0)
+    assert [(g.workers, g.rows, g.worker_gib) for g in plan.gpus] == [(5, 8, 13.5)]
+    assert plan_log_lines(plan)[-1] == "[Main] GPU 0: 5 workers x 8 rows"
+    assert plan.to_dict()["gpus"][0]["rows"] == 8
+    # Without the checkpoint's figure the plan assumes S1-mini's full-length row (0.875 GiB in bf16 at 8192).
+    assert abs(DEFAULT_ROW_GIB - 0.875) < 0.001
+    assert make_plan(parse_gpu_spec("a:16"), _batched(8.0, 4)).gpus[0].capacity == 1  # 14.4 / (8 + 3 x 0.875)
+    # Batch 1 is the guide's formula unchanged.
+    assert [g.workers for g in make_plan(parse_gpu_spec("a:80"), _batched(6.5, 1)).gpus] == [11]
+    small = make_plan(parse_gpu_spec("small:16"), _batched(8.0, 16), row_gib=1.0)
+    assert small.workers == 1 and "one worker of 16 rows (23.00 GB" in small.warnings[0]
+
+
+def test_alternatives_weigh_workers_against_rows() -> None:
+    from fishmp.plan import alternatives
+
+    alts = alternatives(72.0, 6.5, 1.0)  # 72 GiB available, 6.5 GiB a worker, 1 GiB a row
+    assert [(a.workers, a.rows) for a in alts[:3]] == [(1, 66), (2, 30), (3, 18)]
+    assert alts[-1].workers == 11 and alts[-1].rows == 1  # floor(72 / 6.5): the guide's plan, no batching room
+    assert all(a.total_gib <= 72.0 + 1e-9 for a in alts)
+    assert alternatives(4.0, 6.5, 1.0) == []
+    assert len(alternatives(1_080_000.0, 0.5, 1.0)) == 8  # a bounded list even for millions of workers
+
+
+def test_memory_check_names_the_short_gpu() -> None:
+    from fishmp.plan import memory_check
+
+    gpus = [GPU(0, "NVIDIA GeForce RTX 3060", 12.0, 12.0, "GPU-a"), GPU(1, "NVIDIA L4", 4.0, 4.0, "GPU-b")]
+    plan = make_plan(gpus, Settings())
+    assert memory_check(plan, 4.3) == [
+        "[GPU 1] NVIDIA L4: one worker needs about 4.30 GB by the estimate, 3.60 GB is available (4.00 GB total, "
+        "4.00 GB free, reserve kept): short by 0.70 GB"]
+    assert memory_check(plan, 3.0) == []

@@ -1,0 +1,146 @@
+"""The memory estimate: read torch-free from real checkpoint files, compared with fish-speech's own modules built on
+the meta device (exact shapes, no memory), and its arithmetic checked against a hand-computed example."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from fishmp.memory import (
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    SAFETY_MARGIN,
+    CheckpointReadError,
+    Workload,
+    estimate,
+    read_tensor_shapes,
+)
+
+
+@pytest.fixture(scope="session")
+def s1_mini_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random checkpoint at the real S1-mini size (~2.2 GB, ~30 s to write here), written once per session."""
+    from fishmp.engines.tiny import write_checkpoint
+
+    path = str(tmp_path_factory.mktemp("s1-mini-checkpoint"))
+    write_checkpoint(path, "s1-mini")
+    return path
+
+
+def _exact(checkpoint: str, precision_bytes: int, max_len: int) -> dict[str, int]:
+    """What the engine's modules hold, from fish-speech's classes built on the meta device (as FishSpeechEngine
+    builds them: LLM at the precision with caches for max_len, codec float32 with its rebuilt buffers)."""
+    import torch
+    from fish_speech.tokenizer import FishTokenizer
+
+    from fishmp.engines.fish import CODEC_OVERRIDES_FILE, build_codec, import_fish_speech
+
+    fish = import_fish_speech()
+    config = fish["BaseModelArgs"].from_pretrained(checkpoint)
+    config.max_seq_len = max_len
+    dtype = {2: torch.bfloat16, 4: torch.float32}[precision_bytes]
+    with torch.device("meta"):
+        model = fish["DualARTransformer"](config, tokenizer=FishTokenizer.from_pretrained(checkpoint)).to(dtype)
+        model.setup_caches(max_batch_size=1, max_seq_len=max_len, dtype=dtype)
+        overrides_path = os.path.join(checkpoint, CODEC_OVERRIDES_FILE)
+        overrides = json.load(open(overrides_path)) if os.path.isfile(overrides_path) else None
+        codec = build_codec(overrides).to(torch.float32)
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    named = dict(model.named_buffers())
+    kv = [t for n, t in named.items() if n.endswith(("k_cache", "v_cache"))]
+    return {
+        "LLM weights": nbytes(model.parameters()),
+        "LLM buffers": nbytes(t for n, t in named.items() if not n.endswith(("k_cache", "v_cache"))),
+        "KV cache": nbytes(kv),
+        "codec weights": nbytes(codec.parameters()),
+        "codec buffers": nbytes(codec.buffers()),
+    }
+
+
+EXACT = ("LLM weights", "LLM buffers", "KV cache", "codec weights", "codec buffers")
+
+
+@pytest.mark.parametrize("precision,bytes_", [("bfloat16", 2), ("float32", 4)])
+def test_tiny_checkpoint_components_are_exact(tiny_checkpoint: str, precision: str, bytes_: int) -> None:
+    est = estimate(tiny_checkpoint, precision)
+    exact = _exact(tiny_checkpoint, bytes_, est.max_seq_len)
+    assert {k: est.component(k) for k in EXACT} == exact
+
+
+def test_s1_mini_components_are_exact(s1_mini_checkpoint: str) -> None:
+    est = estimate(s1_mini_checkpoint, "bfloat16", max_seq_len=4096)
+    assert est.max_seq_len == 4096
+    assert {k: est.component(k) for k in EXACT} == _exact(s1_mini_checkpoint, 2, 4096)
+    # The issue's figure: 114,688 bytes per token of KV cache in bf16 (plus the fast layers' few positions).
+    assert est.kv_row_bytes == 114_688 * 4096 + 4 * 2 * 10 * 8 * 128 * 2
+    full = estimate(s1_mini_checkpoint, "bfloat16")
+    assert full.max_seq_len == 8192 and 0.87 < full.kv_row_bytes / 1024**3 < 0.88
+    assert 3.0 < full.total_gib < 8.0  # the note's 3.5-4.3 GB before context; the guide's conservative 8
+
+
+def test_arithmetic_against_a_hand_computed_example(tmp_path) -> None:
+    """A hand-made checkpoint: 2 layers, dim 64, 4 heads, 2 kv heads, head_dim 16, max_seq_len 4096, a 1,000-element
+    fp32 LLM state dict (with a tied tensor counted once) and a 500-element codec; computed by hand below."""
+    import torch
+
+    cfg = dict(model_type="dual_ar", n_layer=2, n_head=4, n_local_heads=2, head_dim=16, dim=64, intermediate_size=128,
+               n_fast_layer=1, fast_dim=64, num_codebooks=10, codebook_size=4096, vocab_size=1000, max_seq_len=4096)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    w = torch.zeros(10, 60)
+    torch.save({"a": torch.zeros(400), "b": w, "tied": w}, tmp_path / "model.pth")
+    torch.save({"x": torch.zeros(20, 25, dtype=torch.bfloat16)}, tmp_path / "codec.pth")
+    (tmp_path / "codec_overrides.json").write_text(json.dumps(
+        {"encoder_transformer_layers": [0, 0, 0, 1], "transformer_general_config": {"block_size": 100},
+         "quantizer": {"pre_module": {"config": {"block_size": 10}}, "post_module": {"config": {"block_size": 10}}}}))
+    est = estimate(str(tmp_path), "bfloat16", max_seq_len=3000,
+                   workload=Workload(reference_s=1.0, prompt_tokens=500, new_tokens=4))
+    by = {x.name: x.bytes for x in est.lines}
+    assert by["LLM weights"] == 1000 * 2
+    assert by["LLM buffers"] == 3000 * 3000 + 3000 * 16 * 2 + 10 * 16 * 2
+    kv = 2 * 2 * 2 * 3000 * 16 * 2  # layers x K,V x kv heads x tokens (3000 is a multiple of 8) x head dim x bf16
+    fast = 1 * 2 * 10 * 2 * 16 * 2
+    assert by["KV cache"] == kv + fast and est.kv_row_bytes == kv + fast
+    assert by["codec weights"] == 500 * 4  # stored bf16, held float32
+    assert by["codec buffers"] == (100 * 100 + 100 * 64 * 4) + 2 * (10 * 10 + 10 * 64 * 4)
+    # activations: 4 frames asked, capped by nothing here (quantizer blocks 10 >= 4); decode 4 x 2048 samples x 96
+    # channels x 6 live x bf16 = 9,437,184; encode 44,100 x 64 x 6 x 2 = 33,868,800; prefill = 2 x 4 x 3000 x 16 x 2
+    # + 500 x 3000 x 2 + 500 x (256 + 384) x 2 + 1000 x 8 = 3,784,000 -> encode is the largest
+    assert by["activations"] == 44_100 * 64 * 6 * 2
+    assert by["CUDA context"] == CUDA_CONTEXT_BYTES
+    allocated = sum(v for k, v in by.items() if k not in ("CUDA context", "allocator slack", "safety margin"))
+    assert by["allocator slack"] == int(ALLOCATOR_SLACK * allocated)
+    subtotal = allocated + CUDA_CONTEXT_BYTES + by["allocator slack"]
+    assert by["safety margin"] == int(SAFETY_MARGIN * subtotal)
+    assert est.total_bytes == subtotal + by["safety margin"]
+    assert est.with_rows(3) == est.total_bytes + 2 * (kv + fast)
+
+
+def test_reading_shapes_never_imports_torch_or_runs_code(tiny_checkpoint: str, tmp_path) -> None:
+    code = ("import sys; from fishmp.memory import estimate; e = estimate(sys.argv[1]); "
+            "print(e.total_bytes > 0, 'torch' in sys.modules, 'fish_speech' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, tiny_checkpoint], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr
+    # A pickle that would call anything else is refused with the file's name, not executed.
+    evil = tmp_path / "evil.pth"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("archive/data.pkl", b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(CheckpointReadError, match=r"evil\.pth: unsupported content \(unexpected object os\.system"):
+        read_tensor_shapes(str(evil))
+
+
+@pytest.mark.parametrize("content,message", [(None, "lacks model.pth"), (b"not a zip", "cannot read as a torch zip")])
+def test_bad_checkpoint_files_are_named(tiny_checkpoint: str, tmp_path, content, message) -> None:
+    for name in ("config.json", "codec.pth", "codec_overrides.json"):
+        (tmp_path / name).write_bytes(open(os.path.join(tiny_checkpoint, name), "rb").read())
+    if content is not None:
+        (tmp_path / "model.pth").write_bytes(content)
+    with pytest.raises(CheckpointReadError, match=message):
+        estimate(str(tmp_path))
