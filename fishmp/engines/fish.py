@@ -344,6 +344,18 @@ class FishSpeechEngine:
         samples, frames = _guard_oom(f"synthesizing {len(text)} characters on {self.device}", run)
         return Audio(samples=samples, sample_rate=self.sample_rate, tokens=frames)
 
+    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> Any:
+        """A BatchSession decoding up to `capacity` segments of this speaker together (fishmp.engines.batched):
+        same tokens as `synthesize` for each row on CPU float32, the speaker prefix prefilled once."""
+        self._require()
+        from .batched import FishBatchSession
+
+        prompt = self._speaker_prompt(speaker)
+        if self.prompt_length("", prompt) >= self.max_seq_len - GENERATION_RESERVE:
+            raise BadReferenceError(f"speaker {speaker.key if speaker else None}: the reference prompt alone does not "
+                                    f"fit max_seq_len {self.max_seq_len}; use a shorter reference")
+        return FishBatchSession(self, prompt, capacity)
+
     def _generate(self, text: str, prompt: tuple[Any, str] | None, params: SynthesisParams) -> Any:
         inference = import_fish_speech()["inference"]
         codes = [
