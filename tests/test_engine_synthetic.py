@@ -17,6 +17,7 @@ from fishmp.engines.base import (
     EngineOutOfMemoryError,
     SpeakerPrompt,
     SynthesisParams,
+    TextTooLongError,
 )
 from fishmp.engines.synthetic import SyntheticEngine
 
@@ -121,17 +122,24 @@ def test_load_faults_in_process(monkeypatch) -> None:
         _engine(monkeypatch, FISH_SYNTHETIC_LOAD_FAULT="explode")
 
 
-def _child(env: dict[str, str], text: str) -> None:
-    """Spawned: load and synthesize once; exit code 0 when nothing fired."""
+def _child(env: dict[str, str], text: str, batch: bool = False) -> None:
+    """Spawned: load and synthesize once (or step a batch with `text` in one of its rows); exit 0 when nothing fired."""
     os.environ.update(env)
     eng = SyntheticEngine(Settings(engine="synthetic"), "cpu")
     eng.load()
-    eng.synthesize(text, None, SynthesisParams())
+    if not batch:
+        eng.synthesize(text, None, SynthesisParams())
+        return
+    session = eng.open_batch(None, 3)
+    for i, row in enumerate(["fine", text, "also fine"]):
+        session.add(str(i), row, SynthesisParams())
+    while session.active():
+        session.step()
 
 
-def _run_child(env: dict[str, str], text: str, timeout: float = 20.0) -> int | None:
+def _run_child(env: dict[str, str], text: str, timeout: float = 20.0, batch: bool = False) -> int | None:
     base = {"FISH_SYNTHETIC_LOAD_S": "0", "FISH_SYNTHETIC_SECONDS_PER_CHAR": "0"}
-    proc = mp.get_context("spawn").Process(target=_child, args=({**base, **env}, text))
+    proc = mp.get_context("spawn").Process(target=_child, args=({**base, **env}, text, batch))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():  # hung, as asked: stop it and report None
@@ -155,3 +163,102 @@ def test_process_faults(tmp_path) -> None:
     assert _run_child(state, "b @@kill-once@@") == 0
     assert _run_child(state, "c @@exit-once@@") == 3
     assert _run_child(state, "c @@exit-once@@") == 0
+
+    # In a batch, one row's marker acts on the whole process when that row is stepped.
+    assert _run_child({}, "fine", batch=True) == 0
+    assert _run_child({}, "a @@kill@@", batch=True) == -signal.SIGKILL
+    assert _run_child(state, "d @@exit-once@@", batch=True) == 3
+    assert _run_child(state, "d @@exit-once@@", batch=True) == 0
+
+
+# ---- batched sessions (open_batch) ------------------------------------------------------------------------------
+def _drain(session) -> dict[str, object]:
+    out = {}
+    while session.active():
+        out.update(session.step())
+    return out
+
+
+def test_batch_audio_is_synthesize_audio_whatever_the_batch(monkeypatch) -> None:
+    eng = _engine(monkeypatch)
+    texts = {f"r{i}": "word " * (3 + 7 * i) for i in range(6)}
+    alone = {k: eng.synthesize(t, VOICE, PARAMS) for k, t in texts.items()}
+    for capacity in (1, 2, 6):
+        session = eng.open_batch(VOICE, capacity)
+        assert session.capacity == capacity and session.free_rows() == capacity
+        pending, got = list(texts.items()), {}
+        while pending or session.active():
+            while pending and session.free_rows():  # continuous refill
+                key, text = pending.pop()
+                session.add(key, text, PARAMS)
+            got.update(session.step())
+        assert set(got) == set(texts)
+        for key, audio in got.items():
+            assert np.array_equal(audio.samples, alone[key].samples) and audio.tokens == alone[key].tokens
+        session.close()
+    with pytest.raises(RuntimeError, match="cannot add row"):
+        session = eng.open_batch(VOICE, 1)
+        session.add("x", "a", PARAMS)
+        session.add("y", "b", PARAMS)
+
+
+def test_batch_costs_base_plus_rows(monkeypatch) -> None:
+    eng = _engine(monkeypatch, FISH_SYNTHETIC_STEP_S="0.0017", FISH_SYNTHETIC_STEP_ROW_S="0.0003")
+    text = "x" * 80
+    t0 = time.perf_counter()
+    for i in range(8):
+        one = eng.open_batch(VOICE, 1)
+        one.add(str(i), text, PARAMS)
+        _drain(one)
+    alone = time.perf_counter() - t0  # 8 x 80 steps x 2 ms = 1.28 s
+    session = eng.open_batch(VOICE, 8)
+    for i in range(8):
+        session.add(str(i), text, PARAMS)
+    t0 = time.perf_counter()
+    assert len(_drain(session)) == 8
+    together = time.perf_counter() - t0  # 80 steps x (1.7 + 8 x 0.3) ms = 0.33 s
+    assert alone >= 1.28 and together >= 0.32
+    assert alone / together > 2.5
+
+
+def test_batch_defaults_follow_seconds_per_char(monkeypatch) -> None:
+    eng = _engine(monkeypatch, FISH_SYNTHETIC_SECONDS_PER_CHAR="0.004")
+    assert eng.step_s + eng.step_row_s == pytest.approx(0.004)  # one row alone costs what synthesize() costs
+    assert 8 * 0.004 / (eng.step_s + 8 * eng.step_row_s) > 3  # a batch of 8: several times faster
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("FISH_SYNTHETIC_MAX_ROWS", bad)
+        with pytest.raises(EngineError, match="FISH_SYNTHETIC_MAX_ROWS"):
+            SyntheticEngine(Settings(engine="synthetic"), "cpu")
+
+
+def test_batch_faults_per_row(monkeypatch, tmp_path) -> None:
+    eng = _engine(monkeypatch, FISH_SYNTHETIC_STATE_DIR=str(tmp_path / "state"), FISH_SYNTHETIC_MAX_ROWS="2")
+    session = eng.open_batch(VOICE, 4)
+    session.add("a", "fine", PARAMS)
+    with pytest.raises(TextTooLongError):  # an input error of that row, from add: the others go on
+        session.add("b", "long @@toolong@@", PARAMS)
+    assert session.active() == 1 and session.free_rows() == 3
+    session.add("c", "fine too", PARAMS)
+    assert set(_drain(session)) == {"a", "c"}
+    for marker, error in (("@@error@@", EngineError), ("@@oom@@", EngineOutOfMemoryError),
+                          ("@@cuda@@", RuntimeError)):
+        session = eng.open_batch(VOICE, 2)
+        session.add("a", "fine", PARAMS)
+        session.add("b", f"bad {marker}", PARAMS)
+        with pytest.raises(error):
+            session.step()
+        with pytest.raises(EngineError, match="after an error"):  # the session is unusable; the worker redoes it
+            session.step()
+        session.close()
+    session = eng.open_batch(VOICE, 3)  # more rows than FISH_SYNTHETIC_MAX_ROWS: out of memory
+    for key in "abc":
+        session.add(key, "fine", PARAMS)
+    with pytest.raises(EngineOutOfMemoryError, match="FISH_SYNTHETIC_MAX_ROWS=2"):
+        session.step()
+    session = eng.open_batch(VOICE, 2)
+    session.add("a", "x @@oom-once@@", PARAMS)
+    with pytest.raises(EngineOutOfMemoryError):
+        session.step()
+    session = eng.open_batch(VOICE, 2)
+    session.add("a", "x @@oom-once@@", PARAMS)
+    assert set(_drain(session)) == {"a"}  # fired once only, across sessions

@@ -4,6 +4,16 @@ must never be presented as such; it exists to exercise the orchestrator (schedul
 Timing (read from the environment when the engine is constructed; spawned workers inherit it):
   FISH_SYNTHETIC_LOAD_S            seconds load() sleeps (default 0.5)
   FISH_SYNTHETIC_SECONDS_PER_CHAR  seconds synthesize() sleeps per character of text (default 0.002)
+Batched decoding (open_batch, FISH_BATCH_SIZE > 1): a session holds rows of one speaker; a row of a text of L
+characters needs L decode steps, and one step of R rows costs STEP_S + STEP_ROW_S x R seconds:
+  FISH_SYNTHETIC_STEP_S            fixed cost of one step (default 0.85 x SECONDS_PER_CHAR)
+  FISH_SYNTHETIC_STEP_ROW_S        cost of each row in a step (default 0.15 x SECONDS_PER_CHAR)
+  FISH_SYNTHETIC_MAX_ROWS          a step with more rows raises EngineOutOfMemoryError (default: no limit)
+So one row alone costs what synthesize() costs, and 8 rows together take 2.05/8 of the time of 8 alone (3.9x).
+`step()` advances every row by up to 8 steps at once (sleeping for all of them), so refill happens at that grain.
+A row's fault markers fire at its first step in a session (a kill in one row kills the whole process, as a real
+batch would); its audio is exactly synthesize()'s, whatever its batchmates.
+
 Output: a 44.1 kHz float32 sine, 0.06 s per character (markers removed), its frequency derived from the speaker key
 so voices differ; tokens = round(seconds * 21.53) (the real codec's frame rate). Sampling params are ignored.
 encode_reference validates like the fish engine (fishmp.engines.audio) and returns a deterministic (10, T) int64
@@ -13,6 +23,8 @@ Fault markers in the segment text (any number, acted on in order):
   @@kill@@   SIGKILL to itself           @@segv@@   SIGSEGV to itself        @@exit@@  os._exit(3)
   @@hang@@   sleeps forever              @@oom@@    raises EngineOutOfMemoryError
   @@error@@  raises EngineError          @@slow=<seconds>@@  sleeps that many extra seconds
+  @@toolong@@  raises TextTooLongError (an input error: from add() in a batch session)
+  @@cuda@@   raises RuntimeError("CUDA error: an illegal memory access ...") as torch does for a sticky device error
 Any marker may carry `-once` (`@@kill-once@@`, `@@oom-once@@`, `@@slow=2-once@@`): it fires only the first time across
 ALL processes, claimed by creating (O_EXCL) a file named by a hash of the marker and the whole text inside
 FISH_SYNTHETIC_STATE_DIR, which is then required (EngineError naming it when unset).
@@ -31,12 +43,13 @@ import numpy as np
 
 from ..config import Settings
 from .audio import read_reference
-from .base import Audio, EngineError, EngineOutOfMemoryError, SpeakerPrompt, SynthesisParams
+from .base import Audio, EngineError, EngineOutOfMemoryError, SpeakerPrompt, SynthesisParams, TextTooLongError
 
 SAMPLE_RATE = 44100
 FRAME_RATE = 21.53  # codec frames per second (44100 / 2048)
 SECONDS_PER_CHAR = 0.06
-MARKER = re.compile(r"@@(kill|segv|exit|hang|oom|error|slow)(?:=([0-9]*\.?[0-9]+))?(-once)?@@")
+MARKER = re.compile(r"@@(kill|segv|exit|hang|oom|error|toolong|cuda|slow)(?:=([0-9]*\.?[0-9]+))?(-once)?@@")
+STEPS_PER_CALL = 8  # decode steps one BatchSession.step() advances
 LOAD_FAULTS = ("die", "raise", "oom", "hang")
 
 
@@ -49,6 +62,15 @@ def _env_float(name: str, default: float) -> float:
     if not value >= 0:
         raise EngineError(f"{name}={raw!r} is not valid: a number of seconds >= 0")
     return value
+
+
+def _env_rows(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise EngineError(f"{name}={raw!r} is not valid: a whole number of rows >= 1")
+    return int(raw)
 
 
 def _hang() -> None:
@@ -66,6 +88,9 @@ class SyntheticEngine:
         self.settings, self.device = settings, device
         self.load_s = _env_float("FISH_SYNTHETIC_LOAD_S", 0.5)
         self.seconds_per_char = _env_float("FISH_SYNTHETIC_SECONDS_PER_CHAR", 0.002)
+        self.step_s = _env_float("FISH_SYNTHETIC_STEP_S", 0.85 * self.seconds_per_char)
+        self.step_row_s = _env_float("FISH_SYNTHETIC_STEP_ROW_S", 0.15 * self.seconds_per_char)
+        self.max_rows = _env_rows("FISH_SYNTHETIC_MAX_ROWS")
         self.state_dir = os.environ.get("FISH_SYNTHETIC_STATE_DIR") or None
         self.load_fault = os.environ.get("FISH_SYNTHETIC_LOAD_FAULT", "").strip().lower() or None
         if self.load_fault not in (None, *LOAD_FAULTS):
@@ -103,9 +128,11 @@ class SyntheticEngine:
             return False
         return True
 
-    def _faults(self, text: str) -> None:
+    def _faults(self, text: str, only: tuple[str, ...] | None = None) -> None:
         for m in MARKER.finditer(text):
             kind, value, once = m.groups()
+            if only is not None and kind not in only:
+                continue
             if once and not self._claim_once(m.group(0), text):
                 continue
             if kind == "kill":
@@ -120,12 +147,23 @@ class SyntheticEngine:
                 raise EngineOutOfMemoryError(f"synthetic out of memory ({m.group(0)})")
             elif kind == "error":
                 raise EngineError(f"synthetic engine error ({m.group(0)})")
+            elif kind == "cuda":
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered (synthetic, {m.group(0)})")
+            elif kind == "toolong":
+                raise TextTooLongError(f"synthetic text too long ({m.group(0)})")
             elif kind == "slow":
                 time.sleep(float(value or 0))
 
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
         self._faults(text)
         time.sleep(self.seconds_per_char * len(text))
+        return self._audio(text, speaker)
+
+    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> SyntheticBatch:
+        return SyntheticBatch(self, speaker, capacity)
+
+    @staticmethod
+    def _audio(text: str, speaker: SpeakerPrompt | None) -> Audio:
         spoken = MARKER.sub("", text).strip()
         key = speaker.key if speaker is not None else ""
         freq = 110.0 + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 330
@@ -139,3 +177,55 @@ class SyntheticEngine:
 
     def fingerprint(self) -> str:
         return "synthetic"
+
+
+class SyntheticBatch:
+    """A BatchSession of the synthetic engine (see the module docstring for its cost model and faults)."""
+
+    def __init__(self, engine: SyntheticEngine, speaker: SpeakerPrompt | None, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, not {capacity}")
+        self.engine, self.speaker, self.capacity = engine, speaker, capacity
+        self._rows: dict[str, list] = {}  # key -> [text, steps left, stepped yet]
+        self._broken = False
+
+    def free_rows(self) -> int:
+        return self.capacity - len(self._rows)
+
+    def active(self) -> int:
+        return len(self._rows)
+
+    def add(self, key: str, text: str, params: SynthesisParams) -> None:
+        if self.free_rows() < 1 or key in self._rows:
+            raise RuntimeError(f"cannot add row {key!r}: {len(self._rows)}/{self.capacity} rows, keys must be unique")
+        self.engine._faults(text, only=("toolong",))  # an input error: this row alone, the others go on
+        self._rows[key] = [text, len(text), False]
+
+    def step(self) -> list[tuple[str, Audio]]:
+        if self._broken:
+            raise EngineError("synthetic batch session used after an error")
+        if not self._rows:
+            return []
+        try:
+            for row in self._rows.values():
+                if not row[2]:
+                    row[2] = True
+                    self.engine._faults(row[0], only=("kill", "segv", "exit", "hang", "oom", "error", "cuda", "slow"))
+            if self.engine.max_rows is not None and len(self._rows) > self.engine.max_rows:
+                raise EngineOutOfMemoryError(f"synthetic out of memory: {len(self._rows)} rows in a step "
+                                             f"(FISH_SYNTHETIC_MAX_ROWS={self.engine.max_rows})")
+        except Exception:
+            self._broken = True
+            raise
+        n = min(STEPS_PER_CALL, min(row[1] for row in self._rows.values()))
+        time.sleep(n * (self.engine.step_s + self.engine.step_row_s * len(self._rows)))
+        done = []
+        for key, row in list(self._rows.items()):
+            row[1] -= n
+            if row[1] <= 0:
+                del self._rows[key]
+                done.append((key, self.engine._audio(row[0], self.speaker)))
+        return done
+
+    def close(self) -> None:
+        self._rows.clear()
