@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
                     "'24,24' (GiB totals), e.g. 'NVIDIA GeForce RTX 4090:24,NVIDIA GeForce RTX 4090:24'")
     sp.add_argument("--segments", type=int, metavar="N", help="plan for a job of N segments (never more workers)")
     sp.add_argument("--json", action="store_true", help="print the plan as one JSON object on stdout")
+    sp.add_argument("--explain", action="store_true", help="estimate one worker's GPU memory from the checkpoint "
+                    "(FISH_CHECKPOINT_DIR) component by component, what each GPU then holds, workers x rows "
+                    "alternatives and suggestions (with --json: under 'explain')")
+    sp.add_argument("--measure", action="store_true", help="start one real worker per GPU model present, run a "
+                    "warm-up segment and print its real memory (NVML) next to the estimate; no GPU: says so, exit 0")
 
     sg = sub.add_parser("generate", help="synthesize a job (or a legacy generate config)",
                         description="Synthesize every segment of JOB to a wav in its speaker's voice. JOB is a fishmp "
@@ -45,10 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("job", metavar="JOB", help="job JSON file")
     sg.add_argument("-o", "--output-dir", help="where wavs and manifest.json go (default: the legacy config's "
                     "output_dir, else fishmp-out/<job file stem>)")
-    sg.add_argument("--progress", choices=("auto", "bar", "jsonl", "plain", "none"), default="auto",
-                    help="auto: a bar on a TTY, plain lines on stderr otherwise; jsonl: one JSON event per line on stdout")
+    sg.add_argument("--progress", choices=("auto", "bar", "jsonl", "plain", "legacy", "none"), default="auto",
+                    help="auto: legacy for legacy configs, else a bar on a TTY and plain lines on stderr; jsonl: one "
+                    "JSON event per line on stdout; legacy: plain lines plus the old scripts' progress lines")
     sg.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="skip segments whose wav exists and whose inputs are unchanged (default); --no-resume redoes all")
+    sg.add_argument("--skip-invalid", action="store_true", help="leave out segments (and speakers) that fail "
+                    "validation, listing them on stderr, instead of rejecting the job (always on for legacy configs)")
     sg.add_argument("--gpus", metavar="SPEC", help=argparse.SUPPRESS)
 
     se = sub.add_parser("encode", help="encode speakers' reference audio to prompt tokens (legacy encode config)",
@@ -69,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("dir", metavar="DIR")
     st.add_argument("--size", choices=("tiny", "s1-mini"), default="tiny",
                     help="tiny: a few MB, for tests; s1-mini: the real S1-mini size, for GPU memory/speed measurements")
+
+    si = sub.add_parser("install-legacy-scripts", help="write the scripts a dubbing backend calls, as fishmp shims",
+                        description="Write fish_batch_generate.py, fish_multiprocess_generate.py and "
+                        "fish_simple_encode.py into DIR (the backend's script directory), each exec'ing this Python "
+                        "with -m fishmp generate|encode. Scripts there that are not shims are kept as NAME.orig.")
+    si.add_argument("dir", metavar="DIR")
+    si.add_argument("--output-root", metavar="PATH", help="FISH_OUTPUT_ROOT for the shims (unless the environment "
+                    "sets one): the directory the backend's output_dirs lie under, since its configs are temp files")
     return p
 
 
@@ -109,19 +125,59 @@ class _UsageError(Exception):
 
 def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from .api import plan_for
-    from .gpus import GpuSpecError, parse_gpu_spec
-    from .plan import plan_log_lines
+    from .gpus import GIB, GpuSpecError, nvml_inventory, parse_gpu_spec, select_devices
+    from .memory import CheckpointReadError
+    from .plan import make_plan, plan_log_lines
 
     try:
         gpus = parse_gpu_spec(args.gpus) if args.gpus else None
-        plan = plan_for(settings, gpus, args.segments)
+        if args.measure:
+            return _plan_measure(args, settings, select_devices(nvml_inventory() if gpus is None else gpus,
+                                                                settings.devices))
+        if not args.explain:
+            plan = plan_for(settings, gpus, args.segments)
+        else:
+            from .explain import estimate_for, explain, explain_lines
+
+            est = estimate_for(settings)
+            inventory = select_devices(nvml_inventory() if gpus is None else gpus, settings.devices)
+            plan = make_plan(inventory, settings, args.segments, row_gib=est.kv_row_bytes / GIB)
+            details = explain(plan, est, settings, lambda **kw: estimate_for(settings.replace(**kw)))
     except GpuSpecError as exc:
         raise _UsageError(str(exc)) from None
+    except CheckpointReadError as exc:
+        raise _UsageError(f"plan --explain reads the checkpoint: {exc}; `python -m fishmp tiny-checkpoint DIR --size "
+                          "s1-mini` writes a random one of the real size") from None
     for line in plan_log_lines(plan):
         log.info(line)
+    data = plan.to_dict()
+    if args.explain:
+        for line in explain_lines(details):
+            log.info(line)
+        data["explain"] = details
     if args.json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps(data))
     return 0
+
+
+def _plan_measure(args: argparse.Namespace, settings: Settings, gpus: list) -> int:
+    """plan --measure: exit 0 when measured (or when there is no GPU to measure), 1 when a worker failed."""
+    from .explain import estimate_for
+    from .measure import measure, measure_lines
+
+    if settings.engine != "fish":
+        raise _UsageError(f"plan --measure measures Fish Speech workers; FISH_ENGINE is {settings.engine!r}")
+    if not gpus:
+        log.info("[Measure] no GPU visible (NVML sees none, or FISH_DEVICES=cpu): nothing to measure")
+        if args.json:
+            print(json.dumps({"measured": [], "reason": "no GPU"}))
+        return 0
+    results = measure(gpus, settings, estimate_for(settings).max_seq_len)
+    for line in measure_lines(results):
+        log.info(line)
+    if args.json:
+        print(json.dumps({"measured": results}))
+    return 1 if any("error" in r for r in results) else 0
 
 
 def _install_signal_handlers(pool: Any) -> None:
@@ -136,19 +192,27 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from .api import Pool, plan_for
     from .gpus import GpuSpecError, parse_gpu_spec
     from .job import load_job
+    from .legacy import exit_code, generate_mapping
     from .progress import make_renderer
 
-    job = load_job(args.job, args.output_dir)
+    job = load_job(args.job, args.output_dir, skip_invalid=True if args.skip_invalid else None,
+                   output_root=settings.output_root)
+    legacy = job.legacy == "generate"
+    invalid = (job.items or len(job.segments)) - len(job.segments)
+    for problem in job.skipped:
+        log.error("[Main] skipped: %s", problem)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
     from .results import output_dir_problem
 
     if problem := output_dir_problem(job.output_dir):
         raise _UsageError(problem)
     try:
-        plan = plan_for(settings, parse_gpu_spec(args.gpus) if args.gpus else None, len(job.segments))
+        gpus = parse_gpu_spec(args.gpus) if args.gpus else None
+        plan = plan_for(settings, gpus, max(_remaining(job, settings, args.resume), 1))
     except GpuSpecError as exc:
         raise _UsageError(str(exc)) from None
-    renderer = make_renderer(args.progress)
+    mode = "legacy" if legacy and args.progress == "auto" else args.progress
+    renderer = make_renderer(mode, items=job.items, already=invalid)
     pool = Pool(settings, plan=plan, job=job)
     try:
         _install_signal_handlers(pool)
@@ -161,15 +225,25 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     if result.error:
         log.error("[Main] %s", result.error)
     log.info("[Main] wavs and manifest: %s", result.output_dir)
-    if job.legacy == "generate":  # the contract of the scripts fishmp replaces: the LAST stdout line
-        mapping = {str(job_seg.legacy_index): job_seg.output for job_seg in job.segments
-                   if result.records.get(job_seg.id) and result.records[job_seg.id].status == "done"}
-        _print_result(mapping)
-    else:
-        _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
-                       "failed": result.count("failed"), "pending": result.count("pending"),
-                       "exit_code": result.exit_code})
-    return result.exit_code
+    if legacy:  # the contract of the scripts fishmp replaces: the LAST stdout line, exit 0 with what succeeded
+        code = exit_code(result.count("done"), result.exit_code)
+        sys.stderr.flush()  # a backend reads stderr merged into stdout: nothing may follow the result line
+        _print_result(generate_mapping(job, result.records))
+        return code
+    code = 1 if invalid and result.exit_code == 0 else result.exit_code
+    _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
+                   "failed": result.count("failed"), "pending": result.count("pending"), "invalid": invalid,
+                   "exit_code": code})
+    return code
+
+
+def _remaining(job: Any, settings: Settings, resume: bool) -> int:
+    """Segments a (resumed) job still has to do: workers are planned for those only."""
+    from .api import resolve_settings
+    from .engines.checkpoint import engine_fingerprint
+    from .run import remaining_segments
+
+    return remaining_segments(job, engine_fingerprint(resolve_settings(settings, job)), resume)
 
 
 def _print_result(obj: Any) -> None:
@@ -211,19 +285,42 @@ def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings
 def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     from .api import Pool, plan_for
     from .job import load_encode_config
+    from .legacy import exit_code
 
-    job = load_encode_config(args.config)
+    job = load_encode_config(args.config, skip_invalid=None, output_root=settings.output_root)
+    for problem in job.skipped:
+        log.error("[Encode] skipped: %s", problem)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
+    total = job.listed or len(job.items)
+    finished = [total - len(job.items)]
+
+    def progress(ev: dict) -> None:
+        if ev["event"] == "speaker_encoded":
+            finished[0] += 1
+            log.info("[Encode] %d/%d speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
+
     # Encoding is a short codec pass per speaker: one worker, never the full plan.
     with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
         _install_signal_handlers(pool)
-        errors = pool.encode(job)
+        errors = pool.encode(job, on_event=progress)
         interrupted = pool.interrupted
     for sid, msg in errors.items():
-        log.error("[Main] speaker %s: %s", sid, msg)
+        log.error("[Encode] speaker %s failed: %s", sid, msg)
+    sys.stderr.flush()
     _print_result([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
                    if str(it.speaker_id) not in errors])
-    return 128 + interrupted if interrupted else (1 if errors else 0)
+    return 128 + interrupted if interrupted else exit_code(len(job.items) - len(errors), 1 if errors else 0)
+
+
+def _cmd_install(args: argparse.Namespace, settings: Settings) -> int:
+    from .legacy import install_scripts
+
+    try:
+        for line in install_scripts(args.dir, args.output_root):
+            log.info("[Main] %s", line)
+    except OSError as exc:
+        raise _UsageError(f"cannot install the legacy scripts in {args.dir}: {exc}") from None
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -241,4 +338,4 @@ def _cmd_tiny(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"plan": _cmd_plan, "generate": _cmd_generate, "encode": _cmd_encode, "demo": _cmd_demo,
-            "tiny-checkpoint": _cmd_tiny}
+            "tiny-checkpoint": _cmd_tiny, "install-legacy-scripts": _cmd_install}

@@ -332,7 +332,7 @@ def test_legacy_encode_parses(proj: Path) -> None:
             EncodeItem(3, str(proj / "voices" / "three.wav"), "Three.", str(out / "s3.npy")),
             EncodeItem("five", str(proj / "voices" / "five.wav"), "Five.", str(out / "speaker_five.npy")),
         ),
-        output_dir=str(out), checkpoint_dir="/models/s1-mini", source=str(path))
+        output_dir=str(out), checkpoint_dir="/models/s1-mini", source=str(path), listed=2)
     assert load_config(str(path)) == enc
     assert isinstance(load_config(str(write_job(proj, new_job(), "new.json"))), Job)
     with pytest.raises(JobError, match="load_encode_config"):
@@ -897,7 +897,7 @@ def test_legacy_encode_skips_a_speaker_whose_reference_is_missing(proj: Path) ->
     with pytest.raises(JobError):
         load_encode_config(str(path))
     enc = load_encode_config(str(path), skip_invalid=None)
-    assert [it.speaker_id for it in enc.items] == ["five"]
+    assert [it.speaker_id for it in enc.items] == ["five"] and enc.listed == 2
     assert len(enc.skipped) == 1 and 'speaker "3": reference_audio voices/gone.wav' in enc.skipped[0]
 
 

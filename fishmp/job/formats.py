@@ -271,4 +271,4 @@ def parse_encode(data: Any, base: str, out: str, p: Problems, source: str | None
     kept = tuple(it for i, it in items if ("item", i) not in bad)
     if not kept:
         raise JobError([*p, "nothing left to encode: every speaker has a problem"], source)
-    return EncodeJob(kept, out, checkpoint_dir, source, "encode", tuple(p))
+    return EncodeJob(kept, out, checkpoint_dir, source, "encode", tuple(p), len(speakers))

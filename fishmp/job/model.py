@@ -100,6 +100,7 @@ class EncodeJob:
     source: str | None = None
     legacy: str = "encode"
     skipped: tuple[str, ...] = ()  # problems of the speakers left out when loaded with skip_invalid
+    listed: int | None = None  # speakers the file lists, skipped ones included; None: len(items)
 
 
 class JobError(ValueError):
