@@ -1,0 +1,64 @@
+"""`python -m fishmp generate` as a user runs it: --skip-invalid, where a job file may write, resume planning, and
+install-legacy-scripts' errors. Real processes and files, the synthetic engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import jsonl_events, run_fishmp, synthetic_env
+
+
+def _result(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_skip_invalid_runs_the_valid_segments_of_a_fishmp_job(tmp_path: Path, synthetic_job) -> None:
+    job = synthetic_job({"alice": ["One.", "\u200b", "Three."], "bob": ["Four."]})
+    env = synthetic_env(tmp_path)
+    strict = run_fishmp(["generate", job, "-o", "out"], str(tmp_path), env)
+    assert strict.returncode == 2 and 'segment "alice-001": text is empty' in strict.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    run = run_fishmp(["generate", job, "-o", "out", "--skip-invalid", "--progress", "legacy"], str(tmp_path), env)
+    assert run.returncode == 1, run.stderr  # not everything in the file was done
+    assert _result(run.stdout) | {"output_dir": None, "manifest": None} == {
+        "output_dir": None, "manifest": None, "done": 3, "failed": 0, "pending": 0, "invalid": 1, "exit_code": 1}
+    assert '[Main] skipped: segment "alice-001": text is empty' in run.stderr
+    assert "[BatchGen] 进度: 4/4" in run.stderr and "All done! Processed 4/4 segments" in run.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["alice-000.wav", "alice-002.wav", "bob-000.wav", "manifest.json"]
+
+
+def test_a_job_files_output_dir_stays_below_it_unless_the_operator_says(tmp_path: Path, synthetic_job) -> None:
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    job = synthetic_job({"alice": ["One."]}, output_dir=f"../{victim.name}")
+    env = synthetic_env(tmp_path)
+    refused = run_fishmp(["generate", job], str(tmp_path), env)
+    assert refused.returncode == 2 and not victim.exists()
+    assert f"\"output_dir\" '../{victim.name}' ({victim}) is outside the job file's directory" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    by_root = run_fishmp(["generate", job], str(tmp_path), {**env, "FISH_OUTPUT_ROOT": str(victim)})
+    assert by_root.returncode == 0, by_root.stderr
+    assert _result(by_root.stdout)["output_dir"] == str(victim)
+    by_flag = run_fishmp(["generate", job, "-o", str(victim / "o")], str(tmp_path), env)
+    assert by_flag.returncode == 0 and (victim / "o" / "alice-000.wav").exists()
+
+
+def test_resume_plans_workers_for_the_segments_left(tmp_path: Path, synthetic_job) -> None:
+    job = synthetic_job({"alice": ["One.", "Two."], "bob": ["Three.", "Four."]})
+    env = synthetic_env(tmp_path, FISH_CPU_WORKERS="2")
+    first = run_fishmp(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path), env)
+    assert first.returncode == 0 and jsonl_events(first.stdout)[0]["workers"] == 2
+    os.remove(tmp_path / "out" / "bob-001.wav")
+    again = run_fishmp(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path), env)
+    assert again.returncode == 0, again.stderr
+    plan = jsonl_events(again.stdout)[0]
+    assert plan["event"] == "plan" and plan["skipped"] == 3 and plan["workers"] == 1
+    assert len([e for e in jsonl_events(again.stdout) if e["event"] == "worker_ready"]) == 1
+
+
+def test_install_legacy_scripts_into_a_file_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    out = run_fishmp(["install-legacy-scripts", "afile"], str(tmp_path), timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("fishmp: cannot install the legacy scripts in afile")
+    assert len(out.stderr.strip().splitlines()) == 1
