@@ -1,7 +1,9 @@
-"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint. `main(argv) -> exit code`, testable in-process.
+"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint, install-legacy-scripts, schema.
+`main(argv) -> exit code`, testable in-process.
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
-130 / 143 interrupted by SIGINT / SIGTERM. Logs go to stderr; stdout carries only machine output.
+130 / 143 interrupted by SIGINT / SIGTERM. Legacy configs: 0 whenever something was done (see legacy.py).
+Logs go to stderr; stdout carries only machine output.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("dir", metavar="DIR")
     si.add_argument("--output-root", metavar="PATH", help="FISH_OUTPUT_ROOT for the shims (unless the environment "
                     "sets one): the directory the backend's output_dirs lie under, since its configs are temp files")
+    sub.add_parser("schema", help="print the JSON Schema of fishmp's job format",
+                   description="Print the JSON Schema (draft 2020-12) of fishmp's job format on stdout, for apps "
+                   "that build job files. Loading a job checks more (files exist, unique ids, outputs inside).")
     return p
 
 
@@ -337,5 +342,13 @@ def _cmd_tiny(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from .job.schema import job_schema
+
+    _print_result(job_schema())
+    return 0
+
+
 COMMANDS = {"plan": _cmd_plan, "generate": _cmd_generate, "encode": _cmd_encode, "demo": _cmd_demo,
-            "tiny-checkpoint": _cmd_tiny, "install-legacy-scripts": _cmd_install}
+            "tiny-checkpoint": _cmd_tiny, "install-legacy-scripts": _cmd_install,
+            "schema": _cmd_schema}

@@ -954,3 +954,34 @@ def test_zero_width_only_texts_are_empty_but_joiners_inside_text_are_kept(proj: 
     data = new_job()
     data["segments"][0]["text"] = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # Persian: ZWNJ shapes the word
     assert "\u200c" in load_job(str(write_job(proj, data)), str(proj / "o")).segments[0].text
+
+
+# ------------------------------------------------------------------------------------------------ JSON Schema
+
+
+def test_schema_has_the_parsers_keys_and_ranges() -> None:
+    from fishmp.job.checks import PARAM_RULES
+    from fishmp.job.formats import NEW_SEGMENT_KEYS, NEW_SPEAKER_KEYS, NEW_TOP_KEYS
+    from fishmp.job.schema import job_schema
+
+    schema = json.loads(json.dumps(job_schema()))  # plain JSON
+    assert set(schema["properties"]) == NEW_TOP_KEYS and set(schema["required"]) == {"speakers", "segments"}
+    assert set(schema["properties"]["speakers"]["additionalProperties"]["properties"]) == NEW_SPEAKER_KEYS
+    assert set(schema["properties"]["segments"]["items"]["properties"]) == NEW_SEGMENT_KEYS
+    assert set(schema["properties"]["params"]["properties"]) == set(PARAM_RULES)
+
+
+def test_schema_accepts_valid_jobs_and_rejects_what_the_loader_rejects(proj: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from fishmp.job.schema import job_schema
+
+    validator = jsonschema.Draft202012Validator(job_schema())
+    assert not list(validator.iter_errors(new_job()))
+    for change in [mutate("params.temperature", 2), mutate("params.top_p", 0), mutate("segments.0.outptu", "x"),
+                   mutate("segments.0.output", "a\u202eva.wav"), mutate("segments.0.output", "x.mp3"),
+                   mutate("speakers.alice.prompt_tokens", "refs/bob.npy"), mutate("segments", []),
+                   mutate("segments.1.params.max_new_tokens", 0), mutate("segments.0.id", "a\u200bb")]:
+        data = change(new_job())
+        assert list(validator.iter_errors(data)), data
+        with pytest.raises(JobError):
+            job_from_dict(data, str(proj), str(proj / "out"))

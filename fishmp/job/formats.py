@@ -29,9 +29,9 @@ from .checks import (
 )
 from .model import LEGACY_PARAMS, EncodeItem, EncodeJob, Job, JobError, Params, Segment, Speaker
 
-_NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
-_NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
-_NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params"}
+NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
+NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
+NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params"}
 
 
 def _settle(p: Problems, skip: bool, source: str | None) -> set[Hashable | None]:
@@ -60,7 +60,7 @@ def _keep(segments: list[Segment], speakers: dict[str, Speaker], p: Problems, sk
 
 def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool) -> Job:
     check_duplicate_keys(data, "job", p)
-    unknown_keys(data, _NEW_TOP_KEYS, "job", p)
+    unknown_keys(data, NEW_TOP_KEYS, "job", p)
     check_opt_path(data, "output_dir", "job", p)
     job_params = parse_params(data.get("params"), "job params", p)
 
@@ -87,7 +87,7 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
                   f"not {typename(raw)}")
             continue
         check_duplicate_keys(raw, where, p)
-        unknown_keys(raw, _NEW_SPEAKER_KEYS, where, p)
+        unknown_keys(raw, NEW_SPEAKER_KEYS, where, p)
         has_audio, has_tokens = raw.get("reference_audio") is not None, raw.get("prompt_tokens") is not None
         if has_audio and has_tokens:
             p.add(f"{where}: give either reference_audio or prompt_tokens, not both")
@@ -128,7 +128,7 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
             else:
                 ids[seg_id] = i
         check_duplicate_keys(raw, where, p)
-        unknown_keys(raw, _NEW_SEGMENT_KEYS, where, p)
+        unknown_keys(raw, NEW_SEGMENT_KEYS, where, p)
         speaker = raw.get("speaker")
         if speaker is None:
             p.add(f'{where}: missing "speaker" (speakers: {defined})')

@@ -1,0 +1,64 @@
+"""JSON Schema (draft 2020-12) of fishmp's job format, for dubbing apps that build job files (`python -m fishmp
+schema`). Its keys and ranges are the parser's (tests/test_job.py compares them). What a schema
+cannot say is still checked when the job loads: that files exist, ids are unique, outputs stay inside the output
+directory, texts are not empty once normalised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checks import MAX_NEW_TOKENS_LIMIT, MAX_SEED
+
+# no control, bidi, zero-width or other invisible characters (the common ones; the loader checks every Cc/Cf)
+_VISIBLE = r"[^\u0000-\u001f\u007f-\u009f\u00ad\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060-\u2064\u2066-\u206f\ufeff]"
+_NAME = f"^{_VISIBLE}+$"
+
+
+def _obj(properties: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
+    # keys starting with "_" are the job file's own notes: allowed and ignored
+    return {"type": "object", "description": description, "properties": properties, "required": required,
+            "patternProperties": {"^_": {}}, "additionalProperties": False}
+
+
+def _path(description: str, suffix: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "string", "minLength": 1, "description": description}
+    if suffix:
+        out["pattern"] = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else "\\" + c for c in suffix) + "$"
+    return out
+
+
+def params_schema() -> dict[str, Any]:
+    num = {"type": ["number", "null"], "exclusiveMinimum": 0}
+    return _obj({
+        "temperature": {**num, "exclusiveMaximum": 2, "description": "sampling temperature"},
+        "top_p": {**num, "maximum": 1, "description": "nucleus sampling"},
+        "repetition_penalty": {**num, "exclusiveMaximum": 2, "description": "typically 1.0 to 1.5"},
+        "max_new_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NEW_TOKENS_LIMIT},
+        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
+    }, [], "sampling parameters; null or absent: the engine's default (segment params override the job's)")
+
+
+def job_schema() -> dict[str, Any]:
+    speaker = _obj({
+        "reference_audio": _path("a recording of the voice (any common audio format), relative to the job file"),
+        "prompt_tokens": _path("pre-encoded prompt tokens, a (10, T) integer array, relative to the job file", ".npy"),
+        "reference_text": {"type": "string", "minLength": 1, "description": "the transcript of the reference"},
+    }, ["reference_text"], "a voice: reference_audio or prompt_tokens, and its transcript")
+    speaker["oneOf"] = [{"required": ["reference_audio"]}, {"required": ["prompt_tokens"]}]
+    segment = _obj({
+        "id": {"type": "string", "pattern": _NAME, "description": "unique; default: the position, 0001, 0002..."},
+        "speaker": {"type": "string", "description": "a key of speakers"},
+        "text": {"type": "string", "minLength": 1, "description": "what to say"},
+        "output": _path("wav path inside the output directory; default <id>.wav") | {
+            "pattern": f"^{_VISIBLE}*\\.[wW][aA][vV]$"},
+        "params": params_schema(),
+    }, ["speaker", "text"], "one line to synthesize")
+    schema = _obj({
+        "speakers": {"type": "object", "description": "speaker id -> voice", "additionalProperties": speaker,
+                     "propertyNames": {"pattern": _NAME}},
+        "segments": {"type": "array", "minItems": 1, "items": segment},
+        "params": params_schema(),
+        "output_dir": _path("relative to the job file, and inside its directory (or FISH_OUTPUT_ROOT)"),
+    }, ["speakers", "segments"], "a fishmp job: speakers with reference audio, and the segments to say in their voices")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://fishmp/job.schema.json",
+            "title": "fishmp job", **schema}
