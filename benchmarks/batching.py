@@ -1,0 +1,256 @@
+"""Batched decoding benchmark (issue 10): frames/s of ONE worker's engine at batch sizes B, refill on and off, against
+fishmp's batch-1 path (`FishSpeechEngine.synthesize`), all configurations interleaved in one run.
+
+    .venv/bin/python benchmarks/batching.py                                   # tiny + S1-mini-sized, CPU
+    .venv/bin/python benchmarks/batching.py --checkpoints s1-mini --device cuda --sizes 1,2,4,8,16,32,64 \\
+        --seconds-per-config 8 --json-out batching.jsonl
+    .venv/bin/python benchmarks/batching.py --checkpoint checkpoints/openaudio-s1-mini --device cuda
+
+Per checkpoint: the engine loads once (bfloat16 on cuda, float32 on cpu, as the engine does), a random speaker prompt of
+--prompt-frames frames stands in for an encoded reference, and segments of mixed text lengths and max_new_tokens
+(drawn in [max_new_tokens / 2, max_new_tokens], seeded) are generated until the configuration's time is up:
+  baseline         engine.synthesize one segment after another (what a worker does today)
+  B=n refill=on    one session of n rows; a row that finishes takes the next segment at the next step
+  B=n refill=off   waves of n segments; the next wave starts when the whole wave has finished
+Frames = semantic frames produced (finished segments' tokens + the frames of rows cut off by the time limit); the
+time includes the session's prefix prefill, text prefills and codec decodes. Each configuration gets
+--seconds-per-config seconds split over --rounds interleaved rounds (config order rotates each round), so drift of the
+machine affects every configuration alike. One JSON line per measurement goes to --json-out as it is made (a run cut
+short keeps what it measured), then one summary line per configuration with its ratio to batched B=1 and to baseline.
+On cuda the peak memory per configuration (torch.cuda.max_memory_allocated) is reported. Random weights: the audio is
+noise, and rows may stop early at a random end token (frames are counted, not assumed).
+
+--compile compiles fish-speech's decode step for the baseline (FISH_COMPILE); the batched session runs eager (static
+batch buckets for torch.compile are not implemented yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from fishmp.config import Settings  # noqa: E402
+from fishmp.engines.base import SpeakerPrompt, SynthesisParams  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven singing birds watch from tall green trees near "
+         "an old stone bridge").split()
+
+
+def checkpoint_dir(name: str, cache: str) -> str:
+    """'tiny' / 's1-mini' -> a random checkpoint cached under `cache` (written once); anything else is a directory."""
+    if name not in ("tiny", "s1-mini"):
+        return name
+    path = os.path.join(cache, f"fishmp-bench-{name}")
+    if not os.path.isfile(os.path.join(path, "codec.pth")):
+        from fishmp.engines.tiny import write_checkpoint
+
+        t0 = time.perf_counter()
+        print(f"writing the random {name} checkpoint to {path} ...", file=sys.stderr, flush=True)
+        tmp = path + ".partial"
+        write_checkpoint(tmp, name)
+        os.replace(tmp, path)
+        print(f"  written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return path
+
+
+class Segments:
+    """An endless seeded stream of (key, text, params) of mixed lengths."""
+
+    def __init__(self, max_new_tokens: int, seed: int = 0) -> None:
+        self.rng, self.max_new, self.n = np.random.default_rng(seed), max_new_tokens, 0
+
+    def next(self) -> tuple[str, str, SynthesisParams]:
+        self.n += 1
+        text = " ".join(self.rng.choice(WORDS, size=int(self.rng.integers(3, 25)))).capitalize() + "."
+        max_new = int(self.rng.integers(max(2, self.max_new // 2), self.max_new + 1))
+        return f"s{self.n}", text, SynthesisParams(seed=self.n, max_new_tokens=max_new)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def in_flight_frames(session: Any) -> int:
+    """Frames produced so far by rows still in the session (benchmark bookkeeping only)."""
+    return sum(r.frames + (0 if r.pending else r.decoded + 1) for r in session._rows if r is not None)
+
+
+def run_baseline(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float) -> tuple[int, int, float]:
+    t0, frames, done = time.perf_counter(), 0, 0
+    while time.perf_counter() - t0 < seconds:
+        _, text, params = segs.next()
+        frames += engine.synthesize(text, speaker, params).tokens
+        done += 1
+    sync(engine.device)
+    return frames, done, time.perf_counter() - t0
+
+
+def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float, size: int,
+                refill: bool) -> tuple[int, int, float]:
+    t0, frames, done = time.perf_counter(), 0, 0
+    session = engine.open_batch(speaker, size)
+    try:
+        while time.perf_counter() - t0 < seconds:
+            if session.free_rows() and (refill or session.active() == 0):
+                while session.free_rows():
+                    session.add(*segs.next())
+            for _, audio in session.step():
+                frames += audio.tokens
+                done += 1
+        sync(engine.device)
+        frames += in_flight_frames(session)
+    finally:
+        session.close()
+    return frames, done, time.perf_counter() - t0
+
+
+def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
+    import torch
+
+    from fishmp.engines.fish import FishSpeechEngine
+
+    path = checkpoint_dir(name, args.cache_dir)
+    settings = Settings(checkpoint_dir=path, max_seq_len=args.max_seq_len, precision=args.precision,
+                        compile=args.compile)
+    t0 = time.perf_counter()
+    engine = FishSpeechEngine(settings, args.device)
+    engine.load()
+    print(f"[{name}] loaded on {args.device} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    rng = np.random.default_rng(1)
+    speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
+                            text="This is the reference transcript of the benchmark voice, a sentence or two long.")
+    # Warm-up (allocator, kernels): one short segment each way, not timed.
+    warm = Segments(4, seed=99)
+    engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
+    run_batched(engine, speaker, warm, 0.0, min(2, max(args.sizes)), True)
+
+    configs: list[tuple[str, int, bool]] = [] if args.no_baseline else [("baseline", 1, False)]
+    for size in args.sizes:
+        configs += [("batched", size, refill) for refill in args.refill]
+    totals: dict[tuple[str, int, bool], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
+    budget = args.seconds_per_config / args.rounds
+    for rnd in range(args.rounds):
+        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+        for cfg in order:
+            kind, size, refill = cfg
+            segs = Segments(args.max_new_tokens, seed=1000 * rnd + size)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                if kind == "baseline":
+                    frames, done, secs = run_baseline(engine, speaker, segs, budget)
+                else:
+                    frames, done, secs = run_batched(engine, speaker, segs, budget, size, refill)
+                error = None
+            except Exception as exc:  # e.g. out of memory at a large B: report it, keep measuring the others
+                frames, done, secs, error = 0, 0, 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                engine.release_memory()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+            rec = dict(event="measure", checkpoint=name, device=args.device, round=rnd, config=kind, batch=size,
+                       refill=refill if kind == "batched" else None, frames=frames, segments=done,
+                       seconds=round(secs, 3), frames_per_s=round(frames / secs, 3) if secs else 0.0,
+                       peak_memory_gib=round(peak, 3) if peak is not None else None, error=error)
+            emit(rec, out)
+            acc = totals[cfg]
+            acc[0] += frames
+            acc[1] += done
+            acc[2] += secs
+            acc[3] = max(acc[3], peak or 0)
+    fps = {cfg: (t[0] / t[2] if t[2] else 0.0) for cfg, t in totals.items()}
+    b1 = fps.get(("batched", 1, True)) or fps.get(("batched", 1, False)) or 0.0
+    base = fps.get(("baseline", 1, False), 0.0)
+    summary = []
+    for cfg in configs:
+        kind, size, refill = cfg
+        rec = dict(event="summary", checkpoint=name, device=args.device, compile=args.compile, config=kind,
+                   batch=size, refill=refill if kind == "batched" else None, frames=totals[cfg][0],
+                   segments=totals[cfg][1], seconds=round(totals[cfg][2], 2), frames_per_s=round(fps[cfg], 3),
+                   ratio_to_b1=round(fps[cfg] / b1, 2) if b1 else None,
+                   ratio_to_baseline=round(fps[cfg] / base, 2) if base else None,
+                   peak_memory_gib=round(totals[cfg][3], 3) if args.device.startswith("cuda") else None)
+        emit(rec, out)
+        summary.append(rec)
+    del engine
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return summary
+
+
+def emit(rec: dict, out: Any) -> None:
+    line = json.dumps(rec)
+    if out is not None:
+        out.write(line + "\n")
+        out.flush()
+    if rec["event"] == "summary":
+        refill = "" if rec["refill"] is None else (" refill" if rec["refill"] else " waves ")
+        mem = f"  peak {rec['peak_memory_gib']:.2f} GiB" if rec.get("peak_memory_gib") else ""
+        print(f"[{rec['checkpoint']}] {rec['config']:8s} B={rec['batch']:<3d}{refill:7s} {rec['frames_per_s']:9.2f} "
+              f"frames/s  x{rec['ratio_to_b1']} vs B=1  x{rec['ratio_to_baseline']} vs baseline{mem}", flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    ap.add_argument("--checkpoints", default="tiny,s1-mini",
+                    help="comma-separated: tiny, s1-mini (random, written once under --cache-dir) or directories")
+    ap.add_argument("--checkpoint", help="one checkpoint directory (overrides --checkpoints)")
+    ap.add_argument("--sizes", default="1,2,4,8,16", help="batch sizes, e.g. 1,2,4,8,16,32,64")
+    ap.add_argument("--refill", default="on,off", help="on, off or on,off")
+    ap.add_argument("--seconds-per-config", type=float, default=20.0, help="time per configuration (all rounds)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="segments draw max_new_tokens in [n/2, n]")
+    ap.add_argument("--prompt-frames", type=int, default=100, help="frames of the random speaker prompt")
+    ap.add_argument("--max-seq-len", type=int, default=4096, help="KV-cache length (FISH_MAX_SEQ_LEN)")
+    ap.add_argument("--precision", default="bfloat16", help="on cuda (cpu always runs float32)")
+    ap.add_argument("--compile", action="store_true", help="FISH_COMPILE for the baseline (batched runs eager)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip engine.synthesize")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--cache-dir", default="/tmp", help="where random checkpoints are cached")
+    ap.add_argument("--json-out", help="append one JSON line per measurement and per summary")
+    args = ap.parse_args(argv)
+    try:
+        args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+        args.refill = [{"on": True, "off": False}[s.strip()] for s in args.refill.split(",") if s.strip()]
+        if not args.sizes or min(args.sizes) < 1 or not args.refill or args.rounds < 1:
+            raise ValueError
+    except (KeyError, ValueError):
+        ap.error("--sizes takes whole numbers >= 1, --refill on/off, --rounds >= 1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu", file=sys.stderr)
+        return 2
+    names = [args.checkpoint] if args.checkpoint else [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    out = open(args.json_out, "a") if args.json_out else None  # noqa: SIM115  (kept open for the whole run)
+    try:
+        if args.device.startswith("cuda"):
+            emit(dict(event="device", name=torch.cuda.get_device_name(), torch=torch.__version__), out)
+        for name in names:
+            bench_checkpoint(name, args, out)
+    finally:
+        if out:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
