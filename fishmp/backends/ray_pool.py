@@ -1,0 +1,307 @@
+"""FISH_BACKEND=ray: the job loop's WorkerPool, with each worker a Ray actor somewhere in a Ray cluster.
+
+RayWorkerPool subclasses fishmp.pool.WorkerPool and replaces only the mechanism (spawn, send, kill, poll, close), so
+the slot bookkeeping (respawn, restart budget, dropped slots) and the job loop (scheduler, retries, manifest, events)
+are the same code as the local backend. Per worker:
+- an actor (max_restarts=0, max_task_retries=0: fishmp requeues and replaces, within FISH_MAX_RESTARTS), pinned to
+  its node, asking for 1/N of its GPU (fishmp.backends.ray_placement) and pinned to that GPU's UUID as locally;
+- one outstanding `next()` long-poll; `poll()` is a ray.wait over all of them, so a message or a death (ActorDiedError,
+  ActorUnavailableError) is seen at once; an actor Ray has not placed within the placement timeout is reported and
+  its slot dropped, never waited on forever;
+- no shared filesystem: references travel as content-hashed blobs in Ray's object store, wavs come back as bytes and
+  are written here, atomically, before the loop sees Done.
+Importing this module does not import ray; creating a RayWorkerPool does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError, Settings
+from ..plan import Plan
+from ..pool import WorkerHandle, WorkerPool
+from ..results import atomic_write_bytes
+from ..worker import EncodeTask, Failed, SegmentTask
+from .ray_placement import NodeInventory, RaySlot, cluster_plan, cluster_slots, placement_log_lines
+
+log = logging.getLogger("fishmp")
+
+NEXT_WAIT_S = 1.0  # how long an actor holds a `next()` call open when it has nothing to say
+WAIT_CHUNK_S = 0.1  # ray.wait slices, so a stop request (signal handler) is seen promptly
+PLACEMENT_TIMEOUT_S = 120.0  # an actor Ray cannot place by then is reported (capped by FISH_LOAD_TIMEOUT_S)
+PROBE_TIMEOUT_S = 60.0  # each GPU node's inventory probe
+FORWARDED_ENV = re.compile(r"^FISH_SYNTHETIC_")  # engine knobs read from the environment (the test engine's)
+RAY_MISSING = "local, or ray once the ray package is installed (pip install 'fishmp[ray]')"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("FISH_BACKEND", "ray", RAY_MISSING) from exc
+    return ray
+
+
+def _gpu_probe() -> list[Any]:
+    """Runs on a node (a Ray task): its GPUs as NVML sees them there, honouring that node's CUDA_VISIBLE_DEVICES."""
+    from fishmp.gpus import nvml_inventory
+
+    env = dict(os.environ)
+    if env.get("CUDA_VISIBLE_DEVICES") == "":  # older Ray blanks it for tasks that ask for no GPU
+        del env["CUDA_VISIBLE_DEVICES"]
+    return nvml_inventory(env)
+
+
+def discover_nodes(ray: Any, timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeInventory]:
+    """Every alive node with its Ray resources; GPU nodes also with their NVML inventory (a probe task there)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    alive = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeManagerAddress"])
+    probe = ray.remote(num_cpus=0, max_retries=0)(_gpu_probe)
+    refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in alive if n["Resources"].get("GPU", 0) >= 1}
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    nodes = []
+    for n in alive:
+        gpus: list[Any] = []
+        if n["NodeID"] in refs:
+            try:
+                gpus = ray.get(refs[n["NodeID"]], timeout=0)
+            except Exception as exc:  # noqa: BLE001 - a node that cannot say gets no GPU workers, and a warning
+                log.warning("[Node %s] could not list its GPUs (%s): no workers there", n["NodeManagerAddress"],
+                            type(exc).__name__)
+                ray.cancel(refs[n["NodeID"]], force=True)
+        res = n["Resources"]
+        nodes.append(NodeInventory(n["NodeID"], n["NodeManagerAddress"], float(res.get("CPU", 0)),
+                                   float(res.get("GPU", 0)), tuple(gpus)))
+    return nodes
+
+
+@dataclass
+class _Remote:
+    """The Ray side of one WorkerHandle."""
+
+    actor: Any
+    slot: RaySlot
+    info_ref: Any
+    spawned: float = field(default_factory=time.monotonic)
+    next_ref: Any = None
+    placed: bool = False
+    seq: int = 0
+
+
+class RayWorkerPool(WorkerPool):
+    """A WorkerPool whose workers are Ray actors. Not thread-safe: one job loop drives it."""
+
+    def __init__(self, plan: Plan | None, settings: Settings, *, address: str | None = None,
+                 n_segments: int | None = None, placement_timeout_s: float | None = None,
+                 nodes: list[NodeInventory] | None = None) -> None:
+        """`plan` (this machine's) is not used: the plan is made per node. `address`: FISH_RAY_ADDRESS (None: an
+        already initialised Ray, else a new local instance). `nodes` replaces discovery (what-if placement)."""
+        self.ray = import_ray()
+        from .ray_actor import WorkerActor
+
+        address = address if address is not None else getattr(settings, "ray_address", None)
+        self._owns_ray = not self.ray.is_initialized()
+        if self._owns_ray:
+            self.ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                          logging_level=logging.WARNING)
+        self._actor_cls = self.ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=8)(WorkerActor)
+        self.nodes = nodes if nodes is not None else discover_nodes(self.ray)
+        self.ray_slots, node_plans = cluster_slots(self.nodes, settings, n_segments)
+        limit = PLACEMENT_TIMEOUT_S if placement_timeout_s is None else placement_timeout_s
+        self.placement_timeout_s = min(limit, settings.load_timeout_s)
+        self._remote: dict[str, _Remote] = {}
+        self._blobs: dict[tuple[str, int, int], tuple[str, str, Any, str | None]] = {}
+        self._closed = False
+        for line in placement_log_lines(self.nodes, self.ray_slots):
+            log.info(line)
+        super().__init__(cluster_plan(self.nodes, node_plans, self.ray_slots), settings)  # spawns every slot
+        os.set_blocking(self._wake_r, False)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def spawn(self, slot: int) -> WorkerHandle:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        s = self.ray_slots[slot]
+        self._generation += 1
+        wid = f"w{slot}" if self._generation <= len(self.slots) else f"w{slot}.{self._generation}"
+        env = {k: v for k, v in os.environ.items() if FORWARDED_ENV.match(k)}
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        if s.pin is not None:  # fishmp pins by UUID, as locally; Ray's fraction only keeps its accounting right
+            env.update(RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES="1", CUDA_VISIBLE_DEVICES=s.pin)
+        else:  # a CPU worker sees no GPU (fish-speech would open a CUDA context on GPU 0 otherwise)
+            env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(s.cpu_threads), MKL_NUM_THREADS=str(s.cpu_threads))
+        actor = self._actor_cls.options(
+            num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env={"env_vars": env},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(s.node_id, soft=False),
+        ).remote(wid, "cuda:0" if s.pin is not None else "cpu", self.settings)
+        h = WorkerHandle(wid, slot, s.device, s.pin, task_conn=None, result_conn=None)
+        self._remote[wid] = _Remote(actor, s, actor.info.remote())
+        self.handles[wid] = h
+        return h
+
+    def send(self, h: WorkerHandle, task: Any) -> bool:
+        r = self._remote.get(h.id)
+        if r is None or h.state == "dead":
+            return False
+        paths: list[str] = []
+        if isinstance(task, SegmentTask):
+            paths = [p for p in (task.speaker.reference_audio, task.speaker.prompt_tokens) if p]
+        elif isinstance(task, EncodeTask):
+            paths = [task.audio_path]
+        r.actor.submit.remote(r.seq, task, {p: self._blob(p) for p in paths})  # a dead actor: its next() tells
+        r.seq += 1
+        h.outstanding.append(task.id)
+        return True
+
+    def _blob(self, path: str) -> tuple[str, str, Any, str | None]:
+        """(sha256, suffix, object ref, None), put into the object store once per file version; or the read error."""
+        try:
+            st = os.stat(path)
+            key = (path, st.st_mtime_ns, st.st_size)
+            if key not in self._blobs:
+                with open(path, "rb") as f:
+                    data = f.read()
+                suffix = re.sub(r"[^A-Za-z0-9.]", "", os.path.splitext(path)[1])[:16]
+                self._blobs[key] = (hashlib.sha256(data).hexdigest(), suffix, self.ray.put(data), None)
+            return self._blobs[key]
+        except OSError as exc:
+            return ("", "", None, exc.strerror or str(exc))
+
+    def kill(self, h: WorkerHandle, reason: str) -> None:
+        h.kill_reason = reason
+        r = self._remote.get(h.id)
+        if r is not None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(r.actor, no_restart=True)
+
+    # -- waiting ----------------------------------------------------------------------------------------------------
+    def poll(self, timeout: float | None) -> list[tuple[str, WorkerHandle, Any]]:
+        """Messages and deaths, like WorkerPool.poll: ('msg', handle, message) and ('exit', handle, exitcode)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        events: list[tuple[str, WorkerHandle, Any]] = []
+        while True:
+            waiting: dict[Any, tuple[WorkerHandle, str]] = {}
+            for h in list(self.handles.values()):
+                r = self._remote.get(h.id)
+                if h.state == "dead" or r is None:
+                    continue
+                if not r.placed and time.monotonic() - r.spawned > self.placement_timeout_s:
+                    self._unplaceable(h, r, events)
+                    continue
+                if r.info_ref is not None:
+                    waiting[r.info_ref] = (h, "info")
+                if r.next_ref is None:
+                    r.next_ref = r.actor.next.remote(NEXT_WAIT_S)
+                waiting[r.next_ref] = (h, "next")
+            now = time.monotonic()
+            chunk = WAIT_CHUNK_S if deadline is None else max(0.0, min(WAIT_CHUNK_S, deadline - now))
+            if waiting and not events:
+                refs = list(waiting)
+                ready, _ = self.ray.wait(refs, num_returns=1, timeout=chunk)
+                if ready:
+                    ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+                for ref in sorted(ready, key=lambda x: waiting[x][1] != "info"):  # placement news first
+                    h, kind = waiting[ref]
+                    if h.state != "dead":
+                        (self._on_info if kind == "info" else self._on_next)(h, ref, events)
+            elif not events:
+                time.sleep(chunk)
+            woken = False
+            with contextlib.suppress(OSError):
+                woken = bool(os.read(self._wake_r, 1024))
+            if events or woken or (deadline is not None and time.monotonic() >= deadline):
+                return events
+
+    def _on_info(self, h: WorkerHandle, ref: Any, events: list) -> None:
+        r = self._remote[h.id]
+        r.info_ref = None
+        try:
+            info = self.ray.get(ref)
+        except Exception:  # noqa: BLE001 - it died in its constructor: its next() reports the death
+            return
+        r.placed = True
+        h.pid = info["pid"]
+        log.debug("[Worker %s] placed on %s (pid %s, GPU ids %s)", h.id, info["node"], info["pid"], info["gpu_ids"])
+
+    def _on_next(self, h: WorkerHandle, ref: Any, events: list) -> None:
+        r = self._remote[h.id]
+        r.next_ref = None
+        try:
+            items = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - ActorDiedError, ActorUnavailableError, or a bug in the wrapper
+            self._gone(h, r, events, self._death_code(h, exc))
+            return
+        for kind, msg, data in items:
+            if kind == "end":  # the worker returned (after LoadFailed or a deliberate exit): the actor goes too
+                self._gone(h, r, events, 0)
+                return
+            if data is not None:
+                try:
+                    atomic_write_bytes(msg.path, data)
+                except OSError as exc:  # disk full here: the segment fails like a local write failure
+                    msg = Failed(msg.worker, msg.task, "write_error", f"cannot write {msg.path}: {exc.strerror or exc}",
+                                 "", True)
+            if msg.__class__.__name__ == "Ready" and getattr(msg, "pid", None):
+                h.pid = msg.pid
+            events.append(("msg", h, msg))
+
+    def _death_code(self, h: WorkerHandle, exc: BaseException) -> int | None:
+        """An exit code for the loop (-9 for our ray.kill), and a reason when Ray says more than a code would."""
+        if h.kill_reason is not None:
+            return -signal.SIGKILL
+        text = str(exc)
+        if "SIGKILL" in text or "killed" in text.lower():
+            return -signal.SIGKILL
+        if not h.leaving:
+            cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+            h.kill_reason = f"its Ray actor died: {cause[:300]}"
+        return 1
+
+    def _unplaceable(self, h: WorkerHandle, r: _Remote, events: list) -> None:
+        s = r.slot
+        h.kill_reason = (f"Ray could not place it on node {s.address} within {self.placement_timeout_s:g}s (it asks "
+                         f"for {s.num_gpus:g} GPU and {s.num_cpus:g} CPU there; see `ray status`); slot dropped")
+        log.error("[Worker %s] %s", h.id, h.kill_reason)
+        self.dropped.add(h.slot)  # the same request would wait just as long again
+        self._gone(h, r, events, None)
+
+    def _gone(self, h: WorkerHandle, r: _Remote, events: list, code: int | None) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.kill(r.actor, no_restart=True)
+        r.next_ref = r.info_ref = None
+        h.state = "dead"
+        events.append(("exit", h, code))
+
+    # -- shutdown ---------------------------------------------------------------------------------------------------
+    def close(self, grace_s: float = 5.0) -> None:
+        """Idempotent: ask every placed worker to finish within `grace_s`, then kill every actor."""
+        if self._closed:
+            return
+        self._closed = True
+        live = [(h, self._remote[h.id]) for h in self.handles.values() if h.state != "dead" and h.id in self._remote]
+        stops = [r.actor.stop.remote(grace_s) for h, r in live if r.placed]
+        if stops:
+            self.ray.wait(stops, num_returns=len(stops), timeout=grace_s + 2.0)
+        for _h, r in live:
+            with contextlib.suppress(Exception):
+                self.ray.kill(r.actor, no_restart=True)
+        for h in self.handles.values():
+            h.state = "dead"
+        self._remote.clear()
+        self._blobs.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if self._owns_ray:
+            self.ray.shutdown()
