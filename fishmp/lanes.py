@@ -199,9 +199,7 @@ class LaneRunner:
         if oom and capacity > 1:
             self.capacity = max(1, min(self.capacity, capacity // 2))
             retry = tasks
-        elif len(tasks) > 1:  # who broke the batch is unknown: each row alone, so only the culprit fails
-            for t in tasks:
-                self.errors[t.id] = self.errors.get(t.id, 0) + 1
+        elif len(tasks) > 1:  # who broke the batch is unknown: each row alone (not counted), so only the culprit fails
             self.solo.update(t.id for t in tasks)
             retry = tasks
         else:
@@ -217,9 +215,9 @@ class LaneRunner:
                 self._fail(t, err.kind, str(err), input_error=True)
             else:
                 self.errors[t.id] = self.errors.get(t.id, 0) + 1
-                if self.errors[t.id] >= 2:  # twice, at least once alone: the segment's own fault, keep the model
+                if self.errors[t.id] >= 2:  # twice alone: the segment's own fault; the model is fine, keep it
                     self._fail(t, getattr(err, "kind", "engine_error"),
-                               f"{message} (failed twice on this segment, the last time alone; the worker was kept)",
+                               f"{message} (failed twice on this segment alone; the worker was kept)",
                                input_error=True, tb=tb)
                 else:
                     retry = [t]

@@ -30,8 +30,8 @@ What deserves a reload (a model reload costs 30 s+): only what may have broken t
   batch's rows from the start (same seeds: same audio). In a session of one: retry once, then fail `out_of_memory`
   and recycle (a fresh process has an unfragmented allocator).
 - EngineError (an error the engine raised on purpose; ValueError too) in a batch of several rows: each row is redone
-  alone, so only the culprit fails. A segment that fails twice, the last time alone, fails `engine_error` without a
-  reload: the engine is intact and a fresh process would fail it the same way (before, each retry cost a reload).
+  alone, so only the culprit fails. A segment that fails twice alone fails `engine_error` without a reload: the
+  engine is intact and a fresh process would fail it the same way (before, each retry cost a model reload).
 - Anything else (RuntimeError, AssertionError..., and any error whose text names a CUDA error: those are sticky, every
   later call fails too): the process is suspect. Every row of the batch is reported Failed (input_error False:
   requeued, attempts + 1) and the worker leaves; the main process retries them solo in a clean worker.
