@@ -1,7 +1,11 @@
 """The library API: a pool of model-loaded workers that a backend starts once and reuses for many jobs.
 
-    with fishmp.Pool(model_memory_gb=6.0) as pool:
-        result = pool.generate(job, on_event=print)     # job: a path, a dict (the JSON structure) or a Job
+    if __name__ == "__main__":                          # workers are spawned: they re-import your main module
+        with fishmp.Pool(model_memory_gb=6.0) as pool:
+            result = pool.generate(job, on_event=print)  # job: a path, a dict (the JSON structure) or a Job
+            handle = pool.submit(other_job)              # from any thread; jobs share the workers fairly
+            handle.cancel()                              # ends only that job
+
 
 Settings come from the environment (FISH_*) overridden by keyword arguments; `.env` is never read here.
 The library never prints, never exits and never installs signal handlers: errors are raised (`ConfigError`,
@@ -10,9 +14,11 @@ The library never prints, never exits and never installs signal handlers: errors
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
+import threading
 from collections import deque
 from typing import Any
 
@@ -21,9 +27,10 @@ from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
 from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
 from .plan import Plan, make_plan, plan_log_lines
-from .pool import WorkerPool, describe_exit
+from .pool import PoolError, WorkerPool, describe_exit, refuse_in_bootstrap
 from .progress import EventCallback, make_event
-from .run import JobResult, JobRun
+from .run import JobResult, JobRun, remaining_segments
+from .service import JobHandle, Service
 from .worker import Done, EncodeTask, Failed, LoadFailed, Ready
 
 log = logging.getLogger("fishmp")
@@ -76,19 +83,33 @@ def as_job(job: Job | str | os.PathLike | dict, output_dir: str | None = None) -
     return load_job(os.fspath(job), output_dir)
 
 
+def child_process_plan(plan: Plan, settings: Settings) -> Plan:
+    """FISH_MULTIPROCESS_MODE=auto runs even a lone worker as a child process, so segment deadlines, SIGTERM and
+    crashes work as with many; only `false` keeps the model in this process (for debugging: no deadlines)."""
+    if plan.in_process and settings.multiprocess_mode != "false":
+        return dataclasses.replace(plan, mode="multiprocess" if plan.gpus else "cpu")
+    return plan
+
+
 class Pool:
-    """Workers per the plan, each loading the model once; reused by every `generate` call until `close()`."""
+    """Workers per the plan, each loading the model once; shared by every job submitted until `close()`.
+
+    Thread-safe: `submit`/`generate` from any number of threads; jobs run at once and share the workers."""
 
     def __init__(self, settings: Settings | None = None, *, gpus: list[GPU] | None = None, plan: Plan | None = None,
                  n_segments: int | None = None, job: Job | None = None, **overrides: Any) -> None:
         """`job`, when known up front, sizes what depends on it (FISH_MAX_SEQ_LEN=auto); `n_segments` caps workers."""
+        refuse_in_bootstrap()
         self.settings = settings.replace(**overrides) if settings else Settings.from_env(**overrides)
         self.settings = resolve_settings(self.settings, job)
-        self.plan = plan or plan_for(self.settings, gpus, n_segments)
+        self.plan = child_process_plan(plan or plan_for(self.settings, gpus, n_segments), self.settings)
         for line in plan_log_lines(self.plan):
             log.info(line)
         self.engine_fingerprint = engine_fingerprint(self.settings)
         self._workers = WorkerPool(self.plan, self.settings)
+        self._service: Service | None = None  # started by the first job (encode drives the workers itself)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __enter__(self) -> Pool:
         return self
@@ -102,16 +123,34 @@ class Pool:
         return self._workers.stop_signal
 
     def request_stop(self, signum: int) -> None:
-        """Stop the running job as if interrupted by `signum` (safe to call from a signal handler)."""
+        """Stop every running job as if interrupted by `signum` (safe to call from a signal handler; a second call
+        stops at once). Workers still busy with those jobs are killed; the pool takes new jobs afterwards."""
         self._workers.request_stop(signum)
 
+    def submit(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
+               on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobHandle:
+        """Start a job next to any others running; returns at once. `priority` weighs its share of the workers
+        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from the pool's thread."""
+        if not priority > 0:
+            raise ValueError(f"priority={priority!r} is not valid: a number greater than 0")
+        with self._lock:
+            if self._closed:
+                raise PoolError("this fishmp.Pool is closed: create a new Pool (or use it inside its `with` block)")
+            if self._service is None:
+                self._service = Service(self._workers)
+            service = self._service
+        run = JobRun(as_job(job, output_dir), self.engine_fingerprint, self.settings, on_event, resume,
+                     number=service.new_number(), priority=priority)
+        return service.submit(run)
+
     def generate(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
-                 on_event: EventCallback | None = None, resume: bool = True) -> JobResult:
-        run = JobRun(self._workers, as_job(job, output_dir), self.engine_fingerprint, on_event, resume)
-        result = run.run()
-        if result.interrupted is not None:
-            self.close(grace_s=0.0)  # running segments had their grace period inside the loop
-        return result
+                 on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobResult:
+        """Run a job and wait for its result (= `submit(...).result()`)."""
+        return self.submit(job, output_dir=output_dir, on_event=on_event, resume=resume, priority=priority).result()
+
+    def cancel(self, handle: JobHandle) -> None:
+        """End one job (= `handle.cancel()`); the others and the pool go on."""
+        handle.cancel()
 
     def encode(self, job: EncodeJob, on_event: EventCallback | None = None) -> dict[str, str]:
         """Encode each speaker's reference audio to its .npy (through the reference cache), on every ready worker.
@@ -119,6 +158,11 @@ class Pool:
         Returns {speaker id: error} for the speakers that could not be encoded (empty when all were). A worker that
         dies takes its items back to the queue (up to FISH_MAX_ATTEMPTS) and is replaced within FISH_MAX_RESTARTS.
         """
+        with self._lock:
+            if self._closed:
+                raise PoolError("this fishmp.Pool is closed: create a new Pool (or use it inside its `with` block)")
+            if self._service is not None:
+                raise PoolError("encode needs a Pool of its own (this one has run generate jobs)")
         emit = on_event or (lambda ev: None)
         items = {str(it.speaker_id): it for it in job.items}
         todo = deque(items)
@@ -149,6 +193,7 @@ class Pool:
                     h.outstanding.clear()
                     if not h.ever_ready and not h.leaving:
                         load_error = f"the worker stopped while loading the model: {describe_exit(msg)}"
+                    workers.charge(h.slot, suspect=False)
                     if todo and workers.respawn(h.slot) is None:
                         log.warning("[Worker %s] slot %d used its restarts (FISH_MAX_RESTARTS)", h.id, h.slot)
                 elif isinstance(msg, Ready):
@@ -169,15 +214,25 @@ class Pool:
         return errors
 
     def close(self, grace_s: float = 5.0) -> None:
+        """Stop everything: running jobs end at once (interrupted, manifests written), workers exit. Idempotent;
+        later calls to submit/generate raise PoolError."""
+        with self._lock:
+            self._closed, service = True, self._service
+        if service is not None:
+            service.close()
         self._workers.close(grace_s)
+
+    shutdown = close
 
 
 def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = None, on_event: EventCallback | None = None,
              resume: bool = True, **settings: Any) -> JobResult:
-    """One-off: plan for this job's size, start workers, run the job, stop the workers."""
+    """One-off: plan for the segments left to do (resume), start workers, run the job, stop the workers."""
     job = as_job(job, output_dir)
-    with Pool(n_segments=len(job.segments), job=job, **settings) as pool:
+    base = Settings.from_env(**settings)
+    todo = remaining_segments(job, engine_fingerprint(base), resume)
+    with Pool(n_segments=max(todo, 1), job=job, **settings) as pool:
         return pool.generate(job, on_event=on_event, resume=resume)
 
 
-__all__ = ["Pool", "generate", "plan_for"]
+__all__ = ["JobHandle", "Pool", "PoolError", "generate", "plan_for", "remaining_segments"]

@@ -7,11 +7,13 @@ sentinel and a wake-up pipe (for signals) at once, so a death is seen the moment
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -24,6 +26,25 @@ from .plan import Plan
 from .worker import worker_main
 
 log = logging.getLogger("fishmp")
+
+# A spawned worker re-imports the caller's main module. Without `if __name__ == "__main__":` that module builds a Pool
+# again inside the child; fishmp recognises this and the child exits with this code, so the parent stops at once.
+BOOTSTRAP_EXIT = 87
+MISSING_GUARD = ("fishmp's worker processes re-import your main module, and it starts a fishmp.Pool (or "
+                 "fishmp.generate) at import time: put that code under `if __name__ == \"__main__\":` "
+                 "(multiprocessing's spawn method needs it)")
+
+
+class PoolError(RuntimeError):
+    """The pool cannot run jobs: it is closed, or its workers cannot start (the message says why)."""
+
+
+def refuse_in_bootstrap() -> None:
+    """Called when a Pool is built: inside a worker that is still being spawned, say what to add and exit."""
+    if getattr(mp.current_process(), "_inheriting", False):
+        sys.stderr.write(f"fishmp: {MISSING_GUARD}\n")
+        sys.stderr.flush()
+        os._exit(BOOTSTRAP_EXIT)
 
 
 def describe_exit(code: int | None) -> str:
@@ -54,10 +75,11 @@ class WorkerHandle:
     state: str = "starting"  # starting -> ready -> leaving -> dead
     pid: int | None = None
     spawned_at: float = field(default_factory=time.monotonic)
-    outstanding: deque[str] = field(default_factory=deque)  # task ids sent, in order: [running, queued-ahead]
-    running: str | None = None
-    started: set[str] = field(default_factory=set)  # outstanding tasks the worker has begun
-    running_since: float = 0.0
+    outstanding: deque[str] = field(default_factory=deque)  # task ids sent and not finished, in order
+    running: dict[str, float] = field(default_factory=dict)  # begun tasks (Started seen) -> when each began
+    batch_size: int = 1  # tasks it runs at once (its Ready says; lanes)
+    job: Any = None  # the job it last took work from (fair sharing between jobs)
+    load_seconds: float = 0.0
     kill_reason: str | None = None
     ever_ready: bool = False
     leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash
@@ -71,21 +93,43 @@ class WorkerHandle:
         return self.process.exitcode if self.process is not None else 0
 
 
+_IN_PROCESS: list[WorkerPool] = []
+
+
+@atexit.register
+def _exit_past_busy_threads() -> None:
+    """An in-process worker thread still inside torch at interpreter exit would be torn down by pthread_exit in C++
+    code, which aborts ("terminate called without an active exception", exit 134). Leave before that happens, with
+    the exit code the job reported (e.g. 143 after SIGTERM)."""
+    for pool in _IN_PROCESS:
+        if any(h.thread is not None and h.thread.is_alive() for h in pool.handles.values()):
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(pool.exit_code)
+
+
 class WorkerPool:
-    """Owns the processes of one plan. Not thread-safe: one job loop drives it."""
+    """Owns the processes of one plan. Not thread-safe: one loop thread drives it (request_stop and wake excepted)."""
 
     def __init__(self, plan: Plan, settings: Settings) -> None:
         self.plan, self.settings = plan, settings
         self.ctx = mp.get_context("spawn")  # CUDA cannot survive fork; 3.14 changes the default anyway
         self.slots = plan.slots()
-        self.restarts = [0] * len(self.slots)
+        self.restarts = [0] * len(self.slots)  # deaths per slot (see can_restart)
+        self.suspects = [0] * len(self.slots)  # of those, blamed on segments not yet known to be poison or not
         self.dropped: set[int] = set()
+        self.oom_dropped: set[int] = set()  # dropped for repeated out-of-memory: stays dropped
         self.handles: dict[str, WorkerHandle] = {}
         self._generation = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.stop_signal: int | None = None
         self.stop_count = 0
+        self.exit_code = 0  # what the last job reported; used only by _exit_past_busy_threads
+        self.broken: str | None = None  # why no worker can ever start (e.g. the missing __main__ guard)
+        if plan.in_process:
+            _IN_PROCESS.append(self)
         for slot in range(len(self.slots)):
             self.spawn(slot)
 
@@ -115,14 +159,36 @@ class WorkerPool:
         return h
 
     def can_restart(self, slot: int) -> bool:
-        return slot not in self.dropped and self.restarts[slot] < self.settings.max_restarts
+        """Deaths still blamed on a segment that may yet prove to be poison do not count (see service.py)."""
+        return slot not in self.dropped and self.restarts[slot] - self.suspects[slot] < self.settings.max_restarts
 
     def respawn(self, slot: int) -> WorkerHandle | None:
-        if not self.can_restart(slot):
+        if self.broken or not self.can_restart(slot):
             self.dropped.add(slot)
             return None
-        self.restarts[slot] += 1
         return self.spawn(slot)
+
+    def charge(self, slot: int, suspect: bool) -> None:
+        """Count a death of `slot`; `suspect`: it is blamed on a segment whose fate is not known yet."""
+        self.restarts[slot] += 1
+        self.suspects[slot] += int(suspect)
+
+    def resolve(self, slot: int, refund: bool) -> None:
+        """A blamed segment's fate is known: poison (`refund`: the death was not the slot's fault) or not."""
+        self.suspects[slot] = max(0, self.suspects[slot] - 1)
+        if refund:
+            self.restarts[slot] = max(0, self.restarts[slot] - 1)
+
+    def refill(self) -> list[WorkerHandle]:
+        """Start a worker for every slot that has none (not dropped): a new job gets the full plan again."""
+        if self.broken:
+            return []
+        live = {h.slot for h in self.handles.values() if h.state != "dead"}
+        for s in range(len(self.slots)):  # a new job gives a slot that used its restarts a fresh budget
+            if s not in live and s not in self.oom_dropped:
+                self.dropped.discard(s)
+                self.restarts[s] = self.suspects[s] = 0
+        return [self.spawn(s) for s in range(len(self.slots)) if s not in live and s not in self.dropped]
 
     def live_handles(self) -> list[WorkerHandle]:
         return [h for h in self.handles.values() if h.live]
@@ -146,6 +212,10 @@ class WorkerPool:
         """Called from a signal handler: remember, and wake the job loop."""
         self.stop_signal = signum
         self.stop_count += 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the current (or next) poll return at once; safe from any thread and from signal handlers."""
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 

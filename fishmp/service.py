@@ -1,0 +1,460 @@
+"""The loop that drives a WorkerPool for any number of jobs at once, in one background thread.
+
+Each turn: apply stop requests -> dispatch -> wait for messages, deaths or a deadline -> apply them -> enforce
+deadlines -> finish jobs that are done. Jobs (run.py) keep their own scheduler, manifest and events; this loop owns
+the workers and divides them fairly between running jobs (by priority), keeping speaker affinity inside each job.
+
+Deaths and blame (issue 11): a worker that dies while running exactly one segment, alone, blames that segment
+(attempts + 1; FISH_MAX_ATTEMPTS of those make it poison). Every death counts against its slot's FISH_MAX_RESTARTS,
+but one blamed on a segment whose fate is still open does not stop a replacement, and when that segment ends as
+poison its deaths are refunded: poison segments never use up the budget that the innocent ones need. A death with
+several segments running at once (lanes) blames none of them: each is requeued to run solo, so the one that then
+dies alone is the culprit and its batchmates are never poisoned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .pool import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPool, describe_exit
+from .progress import make_event
+from .run import JobResult, JobRun
+from .worker import Done, Failed, LoadFailed, Ready, Started
+
+log = logging.getLogger("fishmp")
+LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
+SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
+
+
+class JobHandle:
+    """A submitted job: `result()` waits for its JobResult, `cancel()` stops only this job."""
+
+    def __init__(self, run: JobRun, service: Service) -> None:
+        self._run, self._service = run, service
+        self._done = threading.Event()
+        self._result: JobResult | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def job(self) -> Any:
+        return self._run.job
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop this job: its running segments get FISH_SHUTDOWN_GRACE_S, then it ends (pending ones stay pending)."""
+        self._service.cancel(self)
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(0.2):  # short waits: the main thread stays responsive to signals
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the job is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _set(self, result: JobResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+
+class Service:
+    """Runs jobs on a WorkerPool from one loop thread; `submit` is safe from any thread."""
+
+    def __init__(self, workers: WorkerPool) -> None:
+        self.workers, self.settings = workers, workers.settings
+        self._lock = threading.Lock()
+        self._incoming: list[tuple[JobHandle, Callable[[], None]]] = []
+        self._cancels: list[JobHandle] = []
+        self.active: list[JobHandle] = []
+        self._owner: dict[str, tuple[JobHandle, str]] = {}  # task id on the wire -> (job, segment id)
+        self._abandoned: set[str] = set()  # tasks of stopped jobs still on a worker: results are ignored
+        self._count = 0
+        self._closing = False
+        self._stopped_by_signal = False  # the pool's stop signal ended a job: clear it once no job is left
+        self.last_load_error: str | None = None
+        self.oom_by_device: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._loop, name="fishmp-loop", daemon=True)
+        self._thread.start()
+
+    # -- API (any thread) -------------------------------------------------------------------------------------------
+    def new_number(self) -> int:
+        with self._lock:
+            self._count += 1
+            return self._count
+
+    def submit(self, run: JobRun) -> JobHandle:
+        handle = JobHandle(run, self)
+        with self._lock:
+            if self._closing:
+                raise PoolError("this fishmp.Pool is closed: create a new Pool (or use it inside its `with` block)")
+            if self.workers.broken:
+                raise PoolError(self.workers.broken)
+            self._incoming.append((handle, lambda: None))
+        self.workers.wake()
+        return handle
+
+    def cancel(self, handle: JobHandle) -> None:
+        with self._lock:
+            self._cancels.append(handle)
+        self.workers.wake()
+
+    def close(self) -> None:
+        """Stop every job at once (their results say interrupted) and the loop thread."""
+        with self._lock:
+            self._closing = True
+        self.workers.wake()
+        self._thread.join(timeout=LEAVE_TIMEOUT_S)
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    incoming, self._incoming = self._incoming, []
+                    cancels, self._cancels = self._cancels, []
+                    closing = self._closing
+                for handle, _ in incoming:
+                    self._start(handle)
+                for handle in cancels:
+                    if handle in self.active:
+                        handle._run.stop(signal.SIGTERM, cancelled=True)
+                if closing:
+                    for handle in list(self.active):
+                        handle._run.stop(signal.SIGTERM)
+                        self._end(handle)
+                    return
+                self._turn()
+        except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers blocked forever
+            log.exception("[Main] the job loop failed")
+            for handle in list(self.active):
+                self.active.remove(handle)
+                handle._set(None, exc)
+            with self._lock:
+                self._closing = True
+                for handle, _ in self._incoming:
+                    handle._set(None, exc)
+
+    def _start(self, handle: JobHandle) -> None:
+        run = handle._run
+        try:
+            live = self.workers.refill() + self.workers.live_handles()
+            run.prepare(len({h.id for h in live}), self.workers.plan.to_dict(), self.workers.plan.mode)
+        except BaseException as exc:  # noqa: BLE001 - invalid job, locked directory: raised to the caller
+            handle._set(None, exc)
+            return
+        run.resolve_suspect = self.workers.resolve
+        self.active.append(handle)
+        for h in self.workers.handles.values():  # workers that were ready before this job came
+            if h.state == "ready":
+                self._ready_event(handle, h)
+
+    def _turn(self) -> None:
+        w = self.workers
+        if w.stop_signal is not None:  # the pool's request_stop (the CLI's Ctrl-C / SIGTERM): every job stops
+            for handle in self.active:
+                handle._run.stop(w.stop_signal)
+        for handle in list(self.active):
+            self._check_stop(handle)
+        self._dispatch()
+        if self.active and all(h.state == "dead" for h in w.handles.values()):
+            self._no_workers_left()
+            self._end_finished()
+        for kind, h, payload in w.poll(self._next_timeout()):
+            if kind == "msg":
+                self._on_message(h, payload)
+            else:
+                self._on_exit(h, payload)
+        self._enforce_deadlines()
+        self._end_finished()
+        for handle in self.active:
+            handle._run.save_manifest(min_interval_s=1.0)
+        if not self.active and self._stopped_by_signal:
+            w.stop_signal, w.stop_count, self._stopped_by_signal = None, 0, False  # the pool takes new jobs
+
+    def _end_finished(self) -> None:
+        for handle in list(self.active):
+            if handle._run.finished:
+                self._settle(handle)
+                self._end(handle)
+
+    def _check_stop(self, handle: JobHandle) -> None:
+        run = handle._run
+        if run.stopping_since is None:
+            return
+        running = any(self._owner.get(t, (None,))[0] is handle for h in self.workers.live_handles() for t in h.running)
+        now_ = self.workers.stop_count > 1 and not run.cancelled
+        if now_ or not running or time.monotonic() - run.stopping_since >= self.settings.shutdown_grace_s:
+            self._end(handle)
+
+    def _end(self, handle: JobHandle, error: BaseException | None = None) -> None:
+        """The job is over: its tasks still on workers are abandoned (results ignored; after the pool's own stop
+        signal their workers are killed, so the caller is not kept waiting), its result returned."""
+        if handle not in self.active:
+            return
+        self.active.remove(handle)
+        run = handle._run
+        for tid, (owner, _) in list(self._owner.items()):
+            if owner is handle:
+                del self._owner[tid]
+                self._abandoned.add(tid)
+        for h in self.workers.handles.values():
+            if h.job is handle:
+                h.job = None
+            if h.state != "dead" and run.stop_signal is not None and not run.cancelled and \
+                    any(t in self._abandoned for t in h.outstanding):
+                self.workers.kill(h, f"stopped by {signal.Signals(run.stop_signal).name}")
+        idle = {h.pid for h in self.workers.handles.values()
+                if h.pid and (h.state == "dead" or not h.outstanding) and h.process is not None}
+        try:
+            result = run.finish(idle)
+        except BaseException as exc:  # noqa: BLE001
+            handle._set(None, exc)
+            return
+        if run.stop_signal is not None and not run.cancelled:
+            self._stopped_by_signal = True
+        self.workers.exit_code = result.exit_code
+        handle._set(None, error) if error is not None else handle._set(result)
+
+    def _settle(self, handle: JobHandle) -> None:
+        """Workers that said they are leaving (recycled after a failure) exit within moments: see those exits now, so
+        the job's events are complete (worker_died) whatever the machine's load."""
+        deadline = time.monotonic() + SETTLE_S
+        while any(h.state == "leaving" for h in self.workers.handles.values()) and time.monotonic() < deadline:
+            for kind, h, payload in self.workers.poll(max(0.0, deadline - time.monotonic())):
+                if kind == "msg":
+                    self._on_message(h, payload)
+                else:
+                    self._on_exit(h, payload)
+
+    # -- dispatch ----------------------------------------------------------------------------------------------------
+    def _jobs_with_work(self) -> list[JobHandle]:
+        return [j for j in self.active if j._run.stopping_since is None and j._run.sched.pending_count]
+
+    def _choose_job(self, h: WorkerHandle, jobs: list[JobHandle]) -> JobHandle:
+        """The job with the fewest workers per unit of priority (not counting `h`); ties keep h's current job."""
+        count = {id(j): 0 for j in jobs}
+        for o in self.workers.live_handles():
+            if o is not h and o.job is not None and id(o.job) in count:
+                count[id(o.job)] += 1
+        return min(jobs, key=lambda j: (count[id(j)] / j._run.priority, j is not h.job, j._run.number))
+
+    def _dispatch(self) -> None:
+        ready = [h for h in self.workers.handles.values() if h.state == "ready"]
+        jobs = self._jobs_with_work()
+        if not ready or not jobs:
+            return
+        # Rounds fill every worker's lanes one task at a time (so worker 0 does not take the longest segments of
+        # all), then queue one task behind each worker so it never waits on this process. A queued task is committed
+        # early, which is only worth it for short ones: near the end, or for a task longer than a fair share of what
+        # is left (half the pending work per worker), it is left for whichever worker frees up first.
+        pending = sum(j._run.sched.pending_count for j in jobs)
+        top = max(h.batch_size for h in ready) + (1 if pending >= 2 * len(ready) else 0)
+        for target in range(1, top + 1):
+            for h in ready:
+                lanes = h.batch_size + (1 if target > h.batch_size else 0)
+                unstarted = sum(1 for t in h.outstanding if t not in h.running)
+                if target > lanes or unstarted + len(h.running) >= target:
+                    continue
+                jobs = self._jobs_with_work()
+                if not jobs:
+                    return
+                handle = self._choose_job(h, jobs)
+                run = handle._run
+                queued = target > h.batch_size
+                max_cost = (run.sched.pending_total_cost / (2 * len(ready))) if queued else None
+                if h.job is not handle:
+                    if h.job is not None:
+                        h.job._run.sched.worker_gone(h.id)
+                    h.job = handle
+                task = run.sched.next_for(h.id, max_cost)
+                if task is None:
+                    continue
+                solo = run.sched.tasks[task.id].attempts > 0 or task.id in run.suspect_slots or \
+                    getattr(task, "solo", False)
+                msg = run.message_for(task, solo)
+                if not self.workers.send(h, msg):
+                    run.sched.requeue(task.id, count_attempt=False)
+                    continue
+                self._owner[msg.id] = (handle, task.id)
+                if len(h.running) < h.batch_size and not unstarted:
+                    h.running[msg.id] = time.monotonic()  # its deadline starts now: nothing is ahead of it
+
+    def _next_timeout(self) -> float:
+        """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
+        now, soonest = time.monotonic(), 5.0
+        for h in self.workers.handles.values():
+            if h.state == "leaving" and h.kill_reason is None:
+                soonest = min(soonest, h.leaving_since + LEAVE_TIMEOUT_S - now)
+            elif h.state == "starting":
+                soonest = min(soonest, h.spawned_at + self.settings.load_timeout_s - now)
+            elif h.state == "ready":
+                for tid, since in h.running.items():
+                    soonest = min(soonest, since + self._timeout_for(tid) - now)
+        for handle in self.active:
+            if handle._run.stopping_since is not None:
+                soonest = min(soonest, handle._run.stopping_since + self.settings.shutdown_grace_s - now)
+        return max(0.0, soonest)
+
+    def _timeout_for(self, tid: str) -> float:
+        owner = self._owner.get(tid)
+        if owner is None:  # abandoned: the base timeout still bounds it
+            return self.settings.segment_timeout_s
+        return owner[0]._run.timeout_for(owner[1])
+
+    # -- messages -----------------------------------------------------------------------------------------------------
+    def _on_message(self, h: WorkerHandle, msg: Any) -> None:
+        if isinstance(msg, Ready):
+            h.state, h.pid, h.ever_ready, h.load_seconds = "ready", msg.pid, True, msg.load_seconds
+            h.batch_size = max(1, int(getattr(msg, "batch_size", 1) or 1))
+            for handle in self.active:
+                self._ready_event(handle, h)
+        elif isinstance(msg, LoadFailed):
+            h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()
+            self.last_load_error = msg.message
+            log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
+        elif isinstance(msg, Started):
+            h.running[msg.task] = time.monotonic()
+        elif isinstance(msg, Done | Failed):
+            self._finish_task(h, msg.task)
+            if isinstance(msg, Failed) and (msg.kind == "out_of_memory" or not msg.input_error):
+                h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()  # it exits after this
+                if msg.kind == "out_of_memory":
+                    self.oom_by_device[h.device] = self.oom_by_device.get(h.device, 0) + 1
+            owner = self._owner.pop(msg.task, None)
+            self._abandoned.discard(msg.task)
+            if owner is None:
+                return
+            handle, sid = owner
+            if isinstance(msg, Done):
+                handle._run.on_done(h, sid, msg)
+            else:
+                handle._run.on_failed(h, sid, msg)
+
+    def _finish_task(self, h: WorkerHandle, tid: str) -> None:
+        h.running.pop(tid, None)
+        with contextlib.suppress(ValueError):
+            h.outstanding.remove(tid)
+        if len(h.running) < h.batch_size:  # the first queued task starts now (its Started may lag behind)
+            for t in h.outstanding:
+                if t not in h.running:
+                    h.running[t] = time.monotonic()
+                    break
+
+    @staticmethod
+    def _ready_event(handle: JobHandle, h: WorkerHandle) -> None:
+        handle._run.emit(make_event("worker_ready", worker=h.id, pid=h.pid, device=h.device,
+                                    load_seconds=round(h.load_seconds, 3), batch_size=h.batch_size))
+
+    def _emit_all(self, event: dict) -> None:
+        for handle in self.active:
+            handle._run.emit(event)
+
+    # -- deaths ---------------------------------------------------------------------------------------------------------
+    def _on_exit(self, h: WorkerHandle, code: int | None) -> None:
+        deliberate = h.kill_reason is None and h.leaving
+        reason = h.kill_reason or (describe_exit(code) if not deliberate else "recycled after a failure")
+        if code == BOOTSTRAP_EXIT and not h.ever_ready:
+            self.workers.broken = MISSING_GUARD
+        elif not h.ever_ready and not deliberate:
+            self.last_load_error = f"the worker stopped while loading the model: {reason}"
+        running = [t for t in h.running if t in self._owner]
+        blamed = running[0] if len(running) == 1 and not deliberate else None
+        self.workers.charge(h.slot, suspect=blamed is not None)
+        for tid in list(h.outstanding):
+            owner = self._owner.pop(tid, None)
+            self._abandoned.discard(tid)
+            if owner is None:
+                continue
+            handle, sid = owner
+            # Only a segment it was running alone can have caused the death; the others are innocent.
+            if tid == blamed:
+                handle._run.blame(sid, h.slot)
+                handle._run.requeue(sid, reason, h, counted=True)
+            else:
+                handle._run.requeue(sid, reason, h, counted=False)
+                if tid in running:  # it shared the worker with others when it died: next time it runs alone
+                    handle._run.suspect_slots.setdefault(sid, [])
+        h.outstanding.clear()
+        h.running.clear()
+        if h.job is not None:
+            h.job._run.sched.worker_gone(h.id)
+            h.job = None
+        if not self.active:
+            return
+        if all(j._run.stopping_since is not None for j in self.active):
+            return
+        self._emit_all(make_event("worker_died", worker=h.id, pid=h.pid, device=h.device, exit_code=code,
+                                  reason=reason))
+        if self.workers.broken or self._drop_for_oom(h):
+            return
+        if any(not j._run.finished for j in self.active):
+            if self.workers.respawn(h.slot) is None:
+                log.warning("[Worker %s] slot %d on %s used its %d restarts (FISH_MAX_RESTARTS): going on with fewer "
+                            "workers", h.id, h.slot, h.device, self.settings.max_restarts)
+
+    def _drop_for_oom(self, h: WorkerHandle) -> bool:
+        """Out of memory twice on one GPU: that GPU holds fewer workers than planned, so drop this slot."""
+        if self.oom_by_device.get(h.device, 0) < 2:
+            return False
+        others = [o for o in self.workers.live_handles() if o.device == h.device]
+        if not others:
+            return False
+        self.workers.dropped.add(h.slot)
+        self.workers.oom_dropped.add(h.slot)
+        self.oom_by_device[h.device] = 0
+        log.warning("[Main] repeated out-of-memory on %s: dropping a worker there (%d left); raise FISH_MODEL_MEMORY_GB",
+                    h.device, len(others))
+        return True
+
+    def _no_workers_left(self) -> None:
+        if self.workers.broken:
+            error = self.workers.broken
+        elif self.last_load_error:
+            error = "no worker could load the model: " + self.last_load_error
+        else:
+            error = "every worker slot used its restarts"
+        for handle in list(self.active):
+            handle._run.fail_rest("no_workers", error)
+            if self.workers.broken:
+                self._end(handle, PoolError(error))
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for h in self.workers.handles.values():
+            if h.state == "leaving" and h.kill_reason is None and now - h.leaving_since > LEAVE_TIMEOUT_S:
+                self.workers.kill(h, f"it announced its exit but was still running {LEAVE_TIMEOUT_S:g}s later")
+            elif h.state == "starting" and now - h.spawned_at > self.settings.load_timeout_s:
+                self.workers.kill(h, f"model load took longer than FISH_LOAD_TIMEOUT_S={self.settings.load_timeout_s:g}s")
+            elif h.state == "ready" and h.kill_reason is None:
+                for tid, since in h.running.items():
+                    limit = self._timeout_for(tid)
+                    if now - since > limit:
+                        self._overdue(h, tid, limit)
+                        break
+
+    def _overdue(self, h: WorkerHandle, tid: str, limit: float) -> None:
+        owner = self._owner.get(tid)
+        name = owner[1] if owner else tid
+        reason = (f"segment {name} ran past its {limit:.0f}s deadline (FISH_SEGMENT_TIMEOUT_S + "
+                  "FISH_SEGMENT_TIMEOUT_PER_CHAR_S x characters)")
+        if h.process is not None:
+            self.workers.kill(h, reason)
+            return
+        # In-process (FISH_MULTIPROCESS_MODE=false) the model runs in this process and cannot be stopped: fail the
+        # segment, stop the job; the hung thread is left behind and the process exits past it (see pool.py).
+        h.kill_reason = reason
+        h.state = "dead"
+        error = reason + "; in single-process mode (FISH_MULTIPROCESS_MODE=false) it cannot be stopped: use auto"
+        for handle in list(self.active):
+            handle._run.fail_rest("timeout" if handle is (owner[0] if owner else None) else "no_workers", error)
+        self.workers.broken = error
