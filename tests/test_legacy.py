@@ -186,3 +186,27 @@ def test_install_keeps_the_backends_own_scripts_and_honours_the_environment(tmp_
 @pytest.mark.parametrize("done, code, expected", [(5, 1, 0), (0, 1, 1), (5, 0, 0), (3, 130, 130), (0, 143, 143)])
 def test_legacy_exit_code(done: int, code: int, expected: int) -> None:
     assert exit_code(done, code) == expected
+
+
+@pytest.mark.slow
+def test_shims_with_the_fish_engine_in_one_process(backend: dict, tiny_checkpoint: str, make_wav) -> None:
+    """What `auto` runs for a one-worker plan: Fish Speech inside the main process. Its logs must not follow the
+    result line on the merged stream."""
+    env = {k: v for k, v in backend["env"].items() if not k.startswith("FISH_")}
+    env.update({"FISH_CACHE_DIR": str(backend["tmp"] / "cache"), "FISH_MULTIPROCESS_MODE": "auto"})
+    root = backend["root"]
+    make_wav(str(backend["tmp"] / "ref.wav"), 1.5, 16000)
+    npy = str(root / "npy" / "speaker_1_codes.npy")
+    enc = backend_call(backend["python"], backend["scripts"] / "fish_simple_encode.py",
+                       {"mode": "encode", "checkpoint_dir": tiny_checkpoint, "output_dir": str(root / "npy"),
+                        "speakers": [{"speaker_id": 1, "reference_audio": str(backend["tmp"] / "ref.wav"),
+                                      "reference_text": "Hello.", "output_npy": npy}]}, backend["cwd"], env)
+    assert enc.returncode == 0 and enc.result == [{"speaker_id": 1, "npy_file": npy}], enc.lines
+    tasks = [{"segment_index": i, "speaker_id": 1, "target_text": text, "npy_file": npy, "reference_text": "Hello.",
+              "output_file": str(root / f"segment_{i}.wav")} for i, text in enumerate(["Good morning.", "", "Bye."])]
+    gen = backend_call(backend["python"], backend["scripts"] / "fish_batch_generate.py",
+                       {"mode": "generate", "checkpoint_dir": tiny_checkpoint, "output_dir": str(root),
+                        "max_new_tokens": 8, "tasks": tasks}, backend["cwd"], env)
+    assert gen.returncode == 0, gen.lines
+    assert gen.result == {"0": tasks[0]["output_file"], "2": tasks[2]["output_file"]}
+    assert [n for _, n, _ in gen.progress][-1] == 3 and any("1 workers" in line for line in gen.lines)
