@@ -144,3 +144,34 @@ def test_bad_checkpoint_files_are_named(tiny_checkpoint: str, tmp_path, content,
         (tmp_path / "model.pth").write_bytes(content)
     with pytest.raises(CheckpointReadError, match=message):
         estimate(str(tmp_path))
+
+
+def test_measure_runs_one_real_worker_and_estimates_the_same_work(tiny_checkpoint: str) -> None:
+    """--measure's path without a GPU: a real worker process, the warm-up segment, the estimate for its frames."""
+    from fishmp.config import Settings
+    from fishmp.measure import measure_gpu, measure_lines
+
+    settings = Settings(checkpoint_dir=tiny_checkpoint, precision="float32")
+    r = measure_gpu(None, settings, 2560, reference_s=2.0, new_tokens=16)
+    assert "error" not in r, r
+    assert r["measured_bytes"] == 0 and r["tokens"] > 0  # no NVML on the CPU; the segment really ran
+    assert r["estimate"]["workload"]["new_tokens"] == r["tokens"]
+    assert r["expected_bytes"] == r["estimate_bytes"] - r["estimate"]["components"][-1]["bytes"]
+    assert "one worker takes 0.00 GB" in measure_lines([r])[0]
+
+
+def _gpu_present() -> bool:
+    from fishmp.gpus import nvml_inventory
+
+    return bool(nvml_inventory())
+
+
+@pytest.mark.skipif(not _gpu_present(), reason="needs a GPU (NVML): the measurement is what the estimate is checked by")
+def test_estimate_within_15_percent_of_a_real_worker_on_gpu(s1_mini_checkpoint: str) -> None:
+    from fishmp.config import Settings
+    from fishmp.gpus import nvml_inventory
+    from fishmp.measure import measure_gpu
+
+    r = measure_gpu(nvml_inventory()[0], Settings(checkpoint_dir=s1_mini_checkpoint), 8192)
+    assert "error" not in r, r
+    assert 0.85 <= r["expected_over_measured"] <= 1.15, r

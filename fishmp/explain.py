@@ -1,0 +1,100 @@
+"""`plan --explain`: the memory estimate per component, what each GPU then holds, the workers x rows alternatives
+and concrete suggestions. Pure: an Estimate (fishmp.memory) and a Plan in, a dict and text lines out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .config import Settings
+from .memory import GIB, Estimate
+from .plan import Plan, alternatives, gpu_capacity, memory_check
+
+# Fish models have produced degenerate audio with GPU memory above ~90 % (sglang-omni #370): keep >= 10 % free.
+MIN_RESERVE = 0.10
+
+
+def _round_up(gib: float, step: float = 0.1) -> float:
+    return math.ceil(gib / step - 1e-9) * step
+
+
+def explain(plan: Plan, est: Estimate, settings: Settings,
+            variant: Callable[..., Estimate] | None = None) -> dict[str, Any]:
+    """Everything --explain shows, as JSON-ready data. `variant(precision=..., max_seq_len=...)` re-estimates with
+    other settings for the suggestions (None: no what-if suggestions)."""
+    mem = settings.model_memory_gb
+    rows = int(getattr(settings, "batch_size", 1) or 1)
+    est_gib, row_gib = est.total_gib, est.kv_row_bytes / GIB
+    suggested = _round_up(est_gib)
+    suggestions: list[str] = []
+    gpus = []
+    for g in plan.gpus:
+        by_est = gpu_capacity(g.gpu.total_gib, est_gib + (rows - 1) * row_gib, settings.memory_reserve)
+        by_suggested = gpu_capacity(g.gpu.total_gib, suggested + (rows - 1) * row_gib, settings.memory_reserve)
+        used = g.workers * (est_gib + (g.rows - 1) * row_gib)
+        gpus.append({
+            "index": g.gpu.index, "name": g.gpu.name, "total_gib": round(g.gpu.total_gib, 2),
+            "available_gib": round(g.available_gib, 2), "free_gib": round(g.gpu.free_gib, 2),
+            "planned_workers": g.workers, "rows": g.rows, "workers_by_estimate": by_est,
+            "estimated_use_gib": round(used, 2), "estimated_use_fraction": round(used / g.gpu.total_gib, 3),
+            "alternatives": [{"workers": a.workers, "rows_each": a.rows, "total_rows": a.total_rows,
+                              "worker_gib": round(a.worker_gib, 2), "total_gib": round(a.total_gib, 2)}
+                             for a in alternatives(g.available_gib, est_gib, row_gib)],
+        })
+        if by_suggested > g.capacity:
+            suggestions.append(f"[GPU {g.gpu.index}] FISH_MODEL_MEMORY_GB={suggested:.1f} (the estimate, rounded up) "
+                               f"would run {by_suggested} workers instead of {g.capacity}")
+        if used > g.available_gib + 1e-9:
+            suggestions.append(f"[GPU {g.gpu.index}] the plan's {g.workers} worker(s) need about {used:.2f} GB by the "
+                               f"estimate, more than the {g.available_gib:.2f} GB available: raise FISH_MODEL_MEMORY_GB to "
+                               f"{suggested:.1f} or set FISH_MAX_WORKERS={max(by_est, 1)}")
+    short = memory_check(plan, est_gib, row_gib)
+    suggestions.extend(short)
+    if variant is not None and (short or est_gib > mem):
+        if settings.precision == "float32":
+            lower = variant(precision="bfloat16")
+            suggestions.append(f"FISH_PRECISION=bfloat16 needs {lower.total_gib:.2f} GB per worker instead of "
+                               f"{est_gib:.2f} GB")
+        if est.max_seq_len > 4096:
+            shorter = variant(max_seq_len=4096)
+            suggestions.append(f"FISH_MAX_SEQ_LEN=4096 (KV cache and mask for 4096 tokens instead of {est.max_seq_len}) "
+                               f"needs {shorter.total_gib:.2f} GB per worker; the default 'auto' sizes it to each job")
+    if settings.memory_reserve < MIN_RESERVE:
+        suggestions.append(f"FISH_MEMORY_RESERVE={settings.memory_reserve:g} keeps less than 10 % of each GPU free: Fish "
+                           "models have produced degenerate audio above ~90 % GPU memory; 0.10 or more is safer")
+    if not suggestions:
+        suggestions.append(f"FISH_MODEL_MEMORY_GB={mem:g} covers the estimate ({est_gib:.2f} GB): nothing to change")
+    return {"estimate": est.to_dict(), "model_memory_gb": mem, "rows": rows, "row_gib": round(row_gib, 3),
+            "suggested_model_memory_gb": round(suggested, 1), "gpus": gpus, "suggestions": suggestions}
+
+
+def explain_lines(data: dict[str, Any]) -> list[str]:
+    """The human-readable form of explain()'s data, in the spirit of a memory calculator's report."""
+    est = data["estimate"]
+    lines = [f"[Memory] one worker, {est['precision']}, max_seq_len {est['max_seq_len']}, "
+             f"{data['rows']} row(s) (checkpoint's own tensor sizes):"]
+    width = max(len(c["name"]) for c in est["components"])
+    for c in est["components"]:
+        lines.append(f"[Memory]   {c['name']:<{width}} {c['bytes'] / GIB:7.3f} GB  {c['how']}")
+    lines.append(f"[Memory]   {'total':<{width}} {est['total_gib']:7.3f} GB  (FISH_MODEL_MEMORY_GB is "
+                 f"{data['model_memory_gb']:g}; one more batch row costs {data['row_gib']:.3f} GB of KV cache)")
+    for g in data["gpus"]:
+        lines.append(f"[Memory] GPU {g['index']} {g['name']}: {g['total_gib']:.2f} GB, {g['available_gib']:.2f} GB "
+                     f"available, {g['free_gib']:.2f} GB free; the plan's {g['planned_workers']} worker(s) x "
+                     f"{g['rows']} row(s) use about {g['estimated_use_gib']:.2f} GB "
+                     f"({g['estimated_use_fraction']:.0%}); by the estimate it holds {g['workers_by_estimate']}")
+        for a in g["alternatives"]:
+            lines.append(f"[Memory]   {a['workers']:>4} worker(s) x {a['rows_each']:>3} rows = {a['total_rows']:>4} rows,"
+                         f" {a['worker_gib']:.2f} GB each, {a['total_gib']:.2f} GB in all")
+    lines.extend(f"[Suggest] {s}" for s in data["suggestions"])
+    return lines
+
+
+def estimate_for(settings: Settings) -> Estimate:
+    """The estimate for these settings' checkpoint, precision, max_seq_len ('auto' without a job: the checkpoint's)
+    and batch rows. Raises fishmp.memory.CheckpointReadError naming what is missing."""
+    from .memory import estimate
+
+    seq = settings.max_seq_len if isinstance(settings.max_seq_len, int) else None
+    return estimate(settings.checkpoint_dir, settings.precision, seq)
