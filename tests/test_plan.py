@@ -220,3 +220,42 @@ def test_memory_check_names_the_short_gpu() -> None:
         "[GPU 1] NVIDIA L4: one worker needs about 4.30 GB by the estimate, 3.60 GB is available (4.00 GB total, "
         "4.00 GB free, reserve kept): short by 0.70 GB"]
     assert memory_check(plan, 3.0) == []
+
+
+def test_plan_explain_cli(tiny_checkpoint: str, tmp_path) -> None:
+    from conftest import run_fishmp
+
+    out = run_fishmp(["plan", "--gpus", "NVIDIA GeForce RTX 4090:24,NVIDIA L4:0.5", "--explain", "--json"],
+                     cwd=str(tmp_path), env={"FISH_CHECKPOINT_DIR": tiny_checkpoint}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert [g["workers"] for g in data["gpus"]] == [2, 0]  # the guide's plan is unchanged by --explain
+    ex = data["explain"]
+    names = [c["name"] for c in ex["estimate"]["components"]]
+    assert names == ["LLM weights", "LLM buffers", "KV cache", "codec weights", "codec buffers", "activations",
+                     "CUDA context", "allocator slack", "safety margin"]
+    assert sum(c["bytes"] for c in ex["estimate"]["components"]) == ex["estimate"]["total_bytes"]
+    assert ex["gpus"][0]["alternatives"][0]["workers"] == 1
+    assert any("[GPU 1] NVIDIA L4: one worker needs about" in s and "short by" in s for s in ex["suggestions"])
+    assert any("FISH_MODEL_MEMORY_GB=" in s and "would run" in s for s in ex["suggestions"])
+    assert "[Memory]   total" in out.stderr and "[Suggest]" in out.stderr
+
+
+def test_plan_explain_without_checkpoint_is_one_clear_line(tmp_path) -> None:
+    from conftest import run_fishmp
+
+    out = run_fishmp(["plan", "--gpus", "24", "--explain"], cwd=str(tmp_path),
+                     env={"FISH_CHECKPOINT_DIR": str(tmp_path / "none")})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"fishmp: plan --explain reads the checkpoint: checkpoint '{tmp_path / 'none'}' lacks config.json "
+        "(FISH_CHECKPOINT_DIR); `python -m fishmp tiny-checkpoint DIR --size s1-mini` writes a random one of the real size"]
+
+
+def test_plan_measure_without_gpu_says_so(tmp_path) -> None:
+    from conftest import run_fishmp
+
+    out = run_fishmp(["plan", "--measure", "--json"], cwd=str(tmp_path), env={"FISH_DEVICES": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"measured": [], "reason": "no GPU"}
+    assert "no GPU visible" in out.stderr
