@@ -52,12 +52,12 @@ class Run:
 class Worker:
     """One real worker process; tasks sent before it is ready are all in its inbox when it starts generating."""
 
-    def __init__(self, tmp_path, monkeypatch: pytest.MonkeyPatch, batch_size: int, engine: str = "synthetic",
+    def __init__(self, tmp_path, monkeypatch: pytest.MonkeyPatch, batch_size: int, settings: dict | None = None,
                  **env: str) -> None:
-        extra = {"checkpoint_dir": env.pop("checkpoint_dir")} if "checkpoint_dir" in env else {}
         for key, value in {**FAST, "FISH_SYNTHETIC_STATE_DIR": str(tmp_path / "state"), **env}.items():
             monkeypatch.setenv(key, value)  # the spawned child inherits the environment
-        settings = Settings(engine=engine, batch_size=batch_size, cache_dir=str(tmp_path / "cache"), **extra)
+        settings = Settings(**{"engine": "synthetic", "batch_size": batch_size, "cache_dir": str(tmp_path / "cache"),
+                               **(settings or {})})
         ctx = mp.get_context("spawn")
         task_r, self.task_w = ctx.Pipe(duplex=False)
         self.res_r, res_w = ctx.Pipe(duplex=False)
@@ -316,3 +316,27 @@ def test_generate_batch_oom_shrinks_and_finishes(tmp_path, synthetic_job, fishmp
     events = jsonl_events(out.stdout)
     assert not [e for e in events if e["event"] in ("worker_died", "segment_failed", "segment_requeued")]
     assert events[-1]["done"] == len(TEXTS)
+
+
+# ---- the real Fish Speech engine on the tiny checkpoint ---------------------------------------------------------
+@pytest.mark.timeout(400)
+def test_fish_engine_batches_through_the_worker(tmp_path, monkeypatch, voice, tiny_checkpoint) -> None:
+    """FishSpeechEngine.open_batch (fishmp/engines/batched.py) behind the worker's lanes: the wavs of B=3 are B=1's."""
+    a = voice()
+    texts = ["Hello there.", "A longer line for the batch to decode.", "Yes.", "One more line here."]
+    wavs = {}
+    for batch in (1, 3):
+        w = Worker(tmp_path, monkeypatch, batch,  # float32: exact on the CPU
+                   {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "precision": "float32"})
+        tasks = [SegmentTask(t.id, t.text, t.speaker, {"seed": 11 + i, "max_new_tokens": 24}, t.output)
+                 for i, t in enumerate(tasks_for(tmp_path, a, texts, f"fish{batch}-"))]
+        w.send(*tasks)
+        run = w.collect({t.id for t in tasks}, timeout=300)
+        assert w.stop() == 0
+        assert run.ready.batch_size == batch
+        assert set(run.done()) == {t.id for t in tasks}, run.failed()
+        if batch == 3:
+            assert max(run.started(t.id) for t in tasks[:3]) < min(run.done_at(t.id) for t in tasks[:3])
+        wavs[batch] = [(run.done()[t.id].tokens, samples(t.output)) for t in tasks]
+    for (tokens1, audio1), (tokens3, audio3) in zip(wavs[1], wavs[3], strict=True):
+        assert tokens1 == tokens3 and np.array_equal(audio1, audio3)
