@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import ConfigError, Settings, load_dotenv_file
 from .job import JobError
+from .results import OutputDirError
 
 log = logging.getLogger("fishmp")
 
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    except OutputDirError as exc:  # e.g. another job holds the output directory (exit 3)
+        print(f"fishmp: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:  # before the job loop's own handlers were installed (e.g. while planning)
         print("fishmp: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import jsonl_events, run_fishmp, synthetic_env
@@ -62,3 +64,23 @@ def test_install_legacy_scripts_into_a_file_is_one_clear_line(tmp_path: Path) ->
     out = run_fishmp(["install-legacy-scripts", "afile"], str(tmp_path), timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("fishmp: cannot install the legacy scripts in afile")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_job_on_a_busy_output_directory_is_one_line_and_exit_3(tmp_path: Path, synthetic_job) -> None:
+    job = synthetic_job({"alice": ["Long @@slow=5@@ line."]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")} | synthetic_env(tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "fishmp", "generate", job, "-o", "out"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:  # wait until the first job holds the directory
+            if "segments to synthesize" in line:
+                break
+        second = run_fishmp(["generate", job, "-o", "out"], str(tmp_path), synthetic_env(tmp_path), timeout=60)
+        assert second.returncode == 3, second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(f"fishmp: output directory {tmp_path / 'out'} is in "
+                                                                 f"use by pid {first.pid}")
+        assert "Traceback" not in second.stderr and second.stdout == ""
+    finally:
+        first.communicate(timeout=60)
+    assert first.returncode == 0
