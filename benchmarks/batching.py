@@ -119,6 +119,27 @@ def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: fl
     return frames, done, time.perf_counter() - t0
 
 
+def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: int, out: Any) -> None:
+    """n segments through synthesize and through one batched session of `size` rows (refill on): how many give the
+    same audio (= the same codes; exact on CPU float32, on GPU bf16 kernels differ with the batch shape)."""
+    gen = Segments(48, seed=7)
+    segs = [gen.next() for _ in range(n)]
+    ref = {key: engine.synthesize(text, speaker, params) for key, text, params in segs}
+    got: dict[str, Any] = {}
+    session = engine.open_batch(speaker, size)
+    pending = list(segs)
+    while pending or session.active():
+        while pending and session.free_rows():
+            session.add(*pending.pop(0))
+        got.update(session.step())
+    session.close()
+    same = sum(np.array_equal(ref[k].samples, got[k].samples) for k in ref)
+    same_len = sum(ref[k].tokens == got[k].tokens for k in ref)
+    emit(dict(event="match", checkpoint=name, device=engine.device, batch=size, segments=n, identical=same,
+              same_length=same_len, frames_ref=sum(a.tokens for a in ref.values()),
+              frames_batched=sum(a.tokens for a in got.values())), out)
+
+
 def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
     import torch
 
@@ -138,6 +159,8 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     warm = Segments(4, seed=99)
     engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
     run_batched(engine, speaker, warm, 0.0, min(2, max(args.sizes)), True)
+    if args.match:
+        match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out)
 
     configs: list[tuple[str, int, bool]] = [] if args.no_baseline else [("baseline", 1, False)]
     for size in args.sizes:
@@ -220,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=4096, help="KV-cache length (FISH_MAX_SEQ_LEN)")
     ap.add_argument("--precision", default="bfloat16", help="on cuda (cpu always runs float32)")
     ap.add_argument("--compile", action="store_true", help="FISH_COMPILE for the baseline (batched runs eager)")
+    ap.add_argument("--match", type=int, default=0,
+                    help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--no-baseline", action="store_true", help="skip engine.synthesize")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cache-dir", default="/tmp", help="where random checkpoints are cached")
