@@ -157,6 +157,7 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
     assert result.exit_code == 0 and result.count("done") == 10
     died = [e for e in events if e["event"] == "worker_died"]
     assert len(died) == 1 and died[0]["worker"] == "w0" and died[0]["pid"] == killed[0]
+    assert "its Ray actor on" in died[0]["reason"] and "died" in died[0]["reason"], died
     replacements = {e["worker"] for e in events if e["event"] == "worker_ready"} - {"w0", "w1"}
     assert len(replacements) == 1  # one restart
     assert [e for e in events if e["event"] == "segment_requeued"]
@@ -164,6 +165,26 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
     assert sorted(done_ids) == sorted(result.records)  # each exactly once
     for sid in done_ids:
         assert sf.info(str(tmp_path / "out" / f"{sid}.wav")).frames > 0
+
+
+def test_stop_request_interrupts_the_job_and_frees_the_cluster(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
+    """SIGTERM's path (pool.request_stop): dispatch stops, the manifest is written, exit 143; close frees every CPU."""
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
+    monkeypatch.setenv("FISH_SYNTHETIC_SECONDS_PER_CHAR", "0.01")
+    job = _job(tmp_path, make_wav, n=8)
+    with ray_pool(cache_dir=str(tmp_path / "c"), shutdown_grace_s=5.0, **SYNTH) as pool:
+        def on_event(ev: dict) -> None:
+            if ev["event"] == "segment_done":
+                pool.request_stop(signal.SIGTERM)
+
+        result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=on_event)
+    assert result.exit_code == 143 and 0 < result.count("done") < 16 and result.count("pending") > 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(manifest["segments"]) == sorted(result.records)
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2  # every actor is gone
 
 
 def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
@@ -203,10 +224,10 @@ def test_references_travel_with_the_work(tmp_path, make_wav, ray_pool, monkeypat
 
 @pytest.mark.slow
 def test_tiny_fish_checkpoint_on_ray_matches_the_local_backend(tmp_path, make_wav, tiny_checkpoint, ray_pool) -> None:
-    job = _job(tmp_path, make_wav, n=2)
-    fish = {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "devices": "cpu", "cpu_workers": 2,
+    job = _job(tmp_path, make_wav, n=1)
+    fish = {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "devices": "cpu", "cpu_workers": 1,
             "multiprocess_mode": "true", "precision": "float32"}
-    with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **fish) as pool:
+    with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **{**fish, "multiprocess_mode": "false"}) as pool:  # in-process
         local = pool.generate(job, output_dir=str(tmp_path / "local"))
     with ray_pool(cache_dir=str(tmp_path / "c2"), **fish) as pool:
         remote = pool.generate(job, output_dir=str(tmp_path / "ray"))

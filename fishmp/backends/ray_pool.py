@@ -256,16 +256,24 @@ class RayWorkerPool(WorkerPool):
             events.append(("msg", h, msg))
 
     def _death_code(self, h: WorkerHandle, exc: BaseException) -> int | None:
-        """An exit code for the loop (-9 for our ray.kill), and a reason when Ray says more than a code would."""
+        """The exit code for the loop: -9 for a ray.kill (ours or anyone's); None when Ray cannot say (a dead process
+        on another node has no exit status here), with Ray's own words as the reason."""
+        text = str(exc)
         if h.kill_reason is not None:
             return -signal.SIGKILL
-        text = str(exc)
-        if "SIGKILL" in text or "killed" in text.lower():
+        if "killed by `ray.kill`" in text:
+            h.kill_reason = "its Ray actor was stopped with ray.kill (not by fishmp)"
             return -signal.SIGKILL
         if not h.leaving:
-            cause = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-            h.kill_reason = f"its Ray actor died: {cause[:300]}"
-        return 1
+            because = re.search(r"The actor is dead because ([^\n]*?)\.(?:\s|$)", text)
+            detail = re.search(r"Worker exit detail: ([^\n]*?)\.(?:\s|$)", text)
+            what = because.group(1) if because else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            if detail:
+                what += f": {detail.group(1)}"
+            node = self._remote[h.id].slot.address
+            h.kill_reason = (f"its Ray actor on {node} died ({what}); killed, crashed, or the node's out-of-memory "
+                             "killer: see the Ray logs on that node")
+        return None
 
     def _unplaceable(self, h: WorkerHandle, r: _Remote, events: list) -> None:
         s = r.slot
