@@ -222,6 +222,23 @@ def test_references_travel_with_the_work(tmp_path, make_wav, ray_pool, monkeypat
         assert any(f.startswith(digest) for f in os.listdir(tmp_path / "c"))
 
 
+def test_legacy_encode_on_ray_writes_the_npy_here(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
+    from fishmp.job import load_encode_config
+
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
+    make_wav(str(tmp_path / "s3.wav"), 1.0, 16000)
+    config = {"mode": "encode", "checkpoint_dir": "unused", "output_dir": str(tmp_path / "npy"), "speakers": [
+        {"speaker_id": 3, "reference_audio": str(tmp_path / "s3.wav"), "reference_text": "hi",
+         "output_npy": str(tmp_path / "npy" / "speaker_3.npy")}]}
+    (tmp_path / "enc.json").write_text(json.dumps(config))
+    job = load_encode_config(str(tmp_path / "enc.json"))
+    with ray_pool(cache_dir=str(tmp_path / "c"), **SYNTH) as pool:
+        errors = pool.encode(job)
+    assert errors == {}
+    tokens = np.load(tmp_path / "npy" / "speaker_3.npy")
+    assert tokens.shape == (10, round(1.0 * 21.53))
+
+
 @pytest.mark.slow
 def test_tiny_fish_checkpoint_on_ray_matches_the_local_backend(tmp_path, make_wav, tiny_checkpoint, ray_pool) -> None:
     job = _job(tmp_path, make_wav, n=1)
