@@ -38,6 +38,7 @@ NEXT_WAIT_S = 1.0  # how long an actor holds a `next()` call open when it has no
 WAIT_CHUNK_S = 0.1  # ray.wait slices, so a stop request (signal handler) is seen promptly
 PLACEMENT_TIMEOUT_S = 120.0  # an actor Ray cannot place by then is reported (capped by FISH_LOAD_TIMEOUT_S)
 PROBE_TIMEOUT_S = 60.0  # each GPU node's inventory probe
+MAX_BLOBS = 256  # references kept in the object store by one pool (an evicted one is put again when used)
 FORWARDED_ENV = re.compile(r"^FISH_SYNTHETIC_")  # engine knobs read from the environment (the test engine's)
 RAY_MISSING = "local, or ray once the ray package is installed (pip install 'fishmp[ray]')"
 
@@ -172,6 +173,8 @@ class RayWorkerPool(WorkerPool):
                 with open(path, "rb") as f:
                     data = f.read()
                 suffix = re.sub(r"[^A-Za-z0-9.]", "", os.path.splitext(path)[1])[:16]
+                if len(self._blobs) >= MAX_BLOBS:  # a long-lived pool sees many voices: drop the oldest ref
+                    self._blobs.pop(next(iter(self._blobs)))
                 self._blobs[key] = (hashlib.sha256(data).hexdigest(), suffix, self.ray.put(data), None)
             return self._blobs[key]
         except OSError as exc:
