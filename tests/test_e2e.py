@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,7 +168,8 @@ def test_library_pool_is_reused_across_jobs(tmp_path, make_wav, monkeypatch) -> 
         r1 = pool.generate(job, output_dir=str(tmp_path / "o1"), on_event=events.append)
         r2 = pool.generate(job, output_dir=str(tmp_path / "o2"), on_event=events.append)
     assert r1.ok and r2.ok and r1.exit_code == 0
-    assert sum(1 for e in events if e["event"] == "worker_ready") == 2  # loaded once, used by both jobs
+    ready = [e for e in events if e["event"] == "worker_ready"]  # each job hears of the workers that serve it
+    assert len({e["pid"] for e in ready}) == 2  # loaded once, used by both jobs
     assert len(os.listdir(tmp_path / "o2")) == 4  # 3 wavs + manifest
 
 
@@ -220,3 +223,64 @@ def test_simulated_gpus_get_pinned_workers_per_the_plan(tmp_path, synthetic_job,
     ready = [e for e in jsonl_events(out.stdout) if e["event"] == "worker_ready"]
     assert sorted(e["device"] for e in ready) == ["cuda:0"] * 3 + ["cuda:1"] * 3
     assert len({e["pid"] for e in ready}) == 6
+
+
+def _start(job: str, tmp_path, env: dict[str, str]) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    full.update(env)
+    return subprocess.Popen([sys.executable, "-m", "fishmp", "generate", job, "-o", "out", "--progress", "jsonl"],
+                            cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until(proc: subprocess.Popen, kind: str) -> None:
+    for line in proc.stdout:
+        if json.loads(line)["event"] == kind:
+            return
+    raise AssertionError(f"no {kind} event")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["false", "auto"])
+@pytest.mark.parametrize("when", ["load", "generation"])
+def test_sigterm_with_one_fish_worker_exits_143_cleanly(mode, when, tmp_path, tiny_checkpoint, synthetic_job) -> None:
+    """Issue 11 item 3: one worker (what `auto` used to run in this process) + SIGTERM during model load or
+    generation: exit 143 without "terminate called without an active exception" (SIGABRT, 134)."""
+    job = synthetic_job({"a": [f"A rather long sentence number {i} to synthesize." for i in range(6)]},
+                        params={"max_new_tokens": 400, "seed": 1})
+    proc = _start(job, tmp_path, fish_env(tmp_path, tiny_checkpoint, FISH_CPU_WORKERS="1",
+                                          FISH_MULTIPROCESS_MODE=mode, FISH_SHUTDOWN_GRACE_S="0.5"))
+    _read_until(proc, "plan" if when == "load" else "worker_ready")
+    time.sleep(0.3 if when == "load" else 1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminate called" not in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "pending" in {r["status"] for r in manifest["segments"].values()}
+
+
+def test_auto_with_one_worker_enforces_the_segment_timeout(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 11 item 5: `auto` runs even a lone worker as a child process, so a hung segment is killed and retried."""
+    job = synthetic_job({"a": ["Hangs once @@hang-once@@.", "Fine."]})
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_MULTIPROCESS_MODE="auto",
+                                   FISH_SEGMENT_TIMEOUT_S="1.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"), timeout=60)
+    assert out.returncode == 0, out.stderr
+    events = jsonl_events(out.stdout)
+    assert events[0]["pid"] not in {e["pid"] for e in events if e["event"] == "worker_ready"}  # a child process
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert len(died) == 1 and "deadline" in died[0]["reason"]
+
+
+def test_single_process_mode_gives_up_on_a_hung_segment(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """`false` keeps the model in this process, where a hung segment cannot be killed: past its deadline the job
+    stops with the segment failed (timeout), the manifest written and exit 1, instead of hanging forever."""
+    job = synthetic_job({"a": ["Hangs @@hang@@.", "Never reached."]})
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_MULTIPROCESS_MODE="false", FISH_SEGMENT_TIMEOUT_S="1",
+                                   FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"), timeout=60)
+    assert out.returncode == 1, out.stderr
+    segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
+    assert segs["a-000"]["error_kind"] == "timeout" and "FISH_MULTIPROCESS_MODE" in segs["a-000"]["error"]
+    assert segs["a-001"]["status"] == "failed"
+    assert "Traceback" not in out.stderr and "terminate called" not in out.stderr
