@@ -222,17 +222,18 @@ class FishBatchSession:
 
         finished: list[tuple[str, Audio]] = []
         with torch.inference_mode():
-            for index, row in enumerate(self._rows):
-                if row is not None and row.pending and row.chunk < len(row.chunks):
-                    self._start_chunk(index, row)
-            decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.pending]
+            starting = [i for i, r in enumerate(self._rows)
+                        if r is not None and r.pending and r.chunk < len(r.chunks)]
+            if starting:
+                self._start_chunks(starting)
+            decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.pending and r.max_new > 1]
             if decoding:
                 self._decode_step(decoding)
             for index, row in enumerate(self._rows):
                 if row is None:
                     continue
-                while row.pending is False and self._chunk_done(row):
-                    self._finish_chunk(index, row)
+                if not row.pending and self._chunk_done(row):
+                    self._finish_chunk(index, row)  # its next chunk, if any, is prefilled at the next step
                 if row.chunk >= len(row.chunks):
                     samples = np.concatenate(row.pieces) if row.pieces else np.zeros(0, np.float32)
                     finished.append((row.key, Audio(samples=samples, sample_rate=self._engine.sample_rate,
@@ -245,23 +246,44 @@ class FishBatchSession:
             return True
         return row.decoded > 0 and (row.decoded >= row.max_new - 1 or row.last_main == self._im_end)
 
-    def _start_chunk(self, index: int, row: _Row) -> None:
-        """Prefill the row's text after the shared prefix and sample its first frame (no penalty, as generate())."""
+    def _start_chunks(self, indices: list[int]) -> None:
+        """Prefill these rows' texts after the shared prefix in one forward and sample their first frames (no
+        penalty, as generate()). Texts are right-aligned in the input so every row's last token is the last column;
+        pad columns write a scratch slot and attend slot 0 only (finite, never read by a real row)."""
         import torch
 
-        encoded = encode_prompt(self._engine, row.chunks[row.chunk], self._prompt)
-        p = self._prefix.shape[1]
-        if not torch.equal(encoded[:, :p], self._prefix) or encoded.shape[1] <= p:
-            raise EngineError(f"segment {row.key}: its prompt does not start with the speaker prefix")
-        row.prompt_len = encoded.shape[1]
-        row.max_new = min(row.params.max_new_tokens, self._engine.max_frames)
-        row.max_new = min(row.max_new, self._engine.max_seq_len - row.prompt_len)
-        logits, hidden = self._prefill(slice(index, index + 1), encoded[None, :, p:].to(self._device), p)
-        first = self._sample_frame(logits, hidden, [row], None)
-        row.first = first[0]
-        self._current[index] = first[0]
-        self._history[index].zero_()
-        row.pending = False
+        dev, p = self._device, self._prefix.shape[1]
+        rows = [self._rows[i] for i in indices]
+        texts = []
+        for row in rows:
+            assert row is not None
+            encoded = encode_prompt(self._engine, row.chunks[row.chunk], self._prompt)
+            if not torch.equal(encoded[:, :p], self._prefix) or encoded.shape[1] <= p:
+                raise EngineError(f"segment {row.key}: its prompt does not start with the speaker prefix")
+            row.prompt_len = encoded.shape[1]
+            row.max_new = min(row.params.max_new_tokens, self._engine.max_frames)
+            row.max_new = min(row.max_new, self._engine.max_seq_len - row.prompt_len)
+            texts.append(encoded[:, p:])
+        width = max(t.shape[1] for t in texts)
+        inp = torch.zeros((len(rows), self._ncb + 1, width), dtype=torch.long)
+        for j, t in enumerate(texts):
+            inp[j, :, width - t.shape[1]:] = t
+        pad = torch.tensor([width - t.shape[1] for t in texts], device=dev)
+        col = torch.arange(width, device=dev)
+        real = col[None, :] >= pad[:, None]
+        positions = torch.where(real, p + col[None, :] - pad[:, None], 0)
+        write = torch.where(real, positions, self._engine.max_seq_len - 1)
+        k_len = max(r.prompt_len for r in rows if r is not None)
+        slots = torch.arange(k_len, device=dev)
+        mask = torch.where(real[:, :, None], slots[None, None, :] <= positions[:, :, None], slots[None, None, :] == 0)
+        row_ids = torch.tensor(indices, device=dev)
+        logits, hidden = self._forward(inp.to(dev), row_ids, positions, write, mask[:, None], k_len)
+        first = self._sample_frame(logits, hidden, rows, None)
+        self._current[row_ids] = first
+        self._history[row_ids] = 0
+        for j, row in enumerate(rows):
+            assert row is not None
+            row.first, row.pending = first[j], False
 
     def _finish_chunk(self, index: int, row: _Row) -> None:
         import torch
@@ -271,8 +293,6 @@ class FishBatchSession:
         row.frames += codes.shape[1]
         row.pieces.append(self._engine._decode(codes))
         self._next_chunk(row)
-        if row.chunk < len(row.chunks):
-            self._start_chunk(index, row)
 
     # -- model -----------------------------------------------------------------------------------------------------
 
@@ -298,7 +318,7 @@ class FishBatchSession:
         write = torch.where(active, slots, self._engine.max_seq_len - 1)
         inp = torch.where(active[:, None], self._current[:hi], 0)[:, :, None]
         mask = (torch.arange(k_len, device=self._device)[None, :] <= slots[:, None])[:, None, None, :]
-        logits, hidden = self._forward(inp, slice(0, hi), slots[:, None], write, mask, k_len)
+        logits, hidden = self._forward(inp, slice(0, hi), slots[:, None], write[:, None], mask, k_len)
         start = torch.clamp(decoded - WINDOW, min=0)
         cols = (start[:, None] + torch.arange(WINDOW, device=self._device))[:, None, :].expand(-1, self._ncb + 1, -1)
         window = torch.gather(self._history[:hi], 2, cols)
@@ -377,10 +397,10 @@ class FishBatchSession:
         mask = (slots[None, :] <= positions[0][:, None])[None, None]
         return self._forward(inp, rows, positions, slice(start, start + q), mask, start + q)
 
-    def _forward(self, inp: Any, rows: slice, positions: Any, write: Any, mask: Any, k_len: int) -> tuple[Any, Any]:
-        """forward_generate for rows of our cache: inp (b, 11, Q), positions (b, Q), write = slot slice (prefill,
-        b = 1 broadcast into every row of `rows`) or (b,) slots (decode), mask (b|1, 1, Q, K). Returns last-position
-        logits (b, 1, V) and fast-projected hidden states (b, 1, fast_dim)."""
+    def _forward(self, inp: Any, rows: Any, positions: Any, write: Any, mask: Any, k_len: int) -> tuple[Any, Any]:
+        """forward_generate for rows of our cache: inp (b, 11, Q), rows a slice or (b,) row ids, positions (b, Q),
+        write = a slot slice (the shared prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q)
+        slots, mask (b|1, 1, Q, K). Returns last-column logits (b, 1, V) and fast-projected hidden (b, 1, fast)."""
         import torch
         import torch.nn.functional as F
 
@@ -407,16 +427,18 @@ class FishBatchSession:
                 q, k = att.q_norm(q), att.k_norm(k)
             q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            kc, vc = self._k[index][rows], self._v[index][rows]
-            if isinstance(write, slice):
+            if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
+                kc, vc = self._k[index][rows], self._v[index][rows]
                 kc[:, :, write] = k
                 vc[:, :, write] = v
+                kc, vc = kc[:1, :, :k_len], vc[:1, :, :k_len]
             else:
-                ar = torch.arange(b, device=self._device)
-                kc[ar, :, write] = k[:, :, 0]
-                vc[ar, :, write] = v[:, :, 0]
-            # b < len(rows) only for the shared prefix: computed once, written into every row.
-            y = F.scaled_dot_product_attention(q, kc[:b, :, :k_len], vc[:b, :, :k_len], attn_mask=mask,
+                ids = torch.arange(rows.start, rows.stop, device=self._device) if isinstance(rows, slice) else rows
+                self._k[index][ids[:, None], :, write] = k.transpose(1, 2)
+                self._v[index][ids[:, None], :, write] = v.transpose(1, 2)
+                # decode (a slice of rows): a view of the filled slots; text prefill (row ids): a copy of them
+                kc, vc = self._k[index][rows, :, :k_len], self._v[index][rows, :, :k_len]
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
                                                enable_gqa=att.n_head != att.n_local_heads)
             y = y.transpose(1, 2).contiguous().view(b, s, q_size)
             h = x + att.wo(y)
