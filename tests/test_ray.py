@@ -204,6 +204,26 @@ def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, ma
     assert time.monotonic() - t0 < 30
 
 
+def test_gpu_actors_ask_ray_for_their_fraction_and_are_reported_when_it_has_none(ray_cluster) -> None:
+    """A (simulated) 24 GB GPU on this CPU-only node: two actors ask for 0.5 GPU each; Ray has none to give, so both
+    are reported as unplaceable at once (Ray knows this node can never fit them) instead of waiting forever."""
+    from fishmp.backends.ray_pool import RayWorkerPool
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    sim = NodeInventory(node["NodeID"], node["NodeManagerAddress"], 2, 1, (GPU(0, "Simulated", 24, 24, "GPU-sim-0"),))
+    pool = RayWorkerPool(None, Settings(engine="synthetic", model_memory_gb=8.0), nodes=[sim], placement_timeout_s=1.0)
+    try:
+        assert [s.num_gpus for s in pool.ray_slots] == [0.5, 0.5] and pool.plan.mode == "ray"
+        exits, t0 = [], time.monotonic()
+        while len(exits) < 2 and time.monotonic() - t0 < 20:
+            exits += [(h, code) for kind, h, code in pool.poll(1.0) if kind == "exit"]
+        assert len(exits) == 2 and time.monotonic() - t0 < 10
+        assert all("could not place it" in h.kill_reason and "asks for 0.5 GPU" in h.kill_reason for h, _ in exits), exits
+        assert pool.dropped == {0, 1} and pool.respawn(0) is None
+    finally:
+        pool.close()
+
+
 def test_references_travel_with_the_work(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
     """No shared disk assumed: the actor reads a node-local, content-named copy of the reference, not the main path."""
     import tempfile

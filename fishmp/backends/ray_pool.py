@@ -242,7 +242,10 @@ class RayWorkerPool(WorkerPool):
         try:
             items = self.ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - ActorDiedError, ActorUnavailableError, or a bug in the wrapper
-            self._gone(h, r, events, self._death_code(h, exc))
+            if type(exc).__name__ == "ActorUnschedulableError":  # Ray knows at once that the node can never fit it
+                self._unplaceable(h, r, events, "Ray says it can never fit there")
+            else:
+                self._gone(h, r, events, self._death_code(h, exc))
             return
         for kind, msg, data in items:
             if kind == "end":  # the worker returned (after LoadFailed or a deliberate exit): the actor goes too
@@ -278,10 +281,11 @@ class RayWorkerPool(WorkerPool):
                              "killer: see the Ray logs on that node")
         return None
 
-    def _unplaceable(self, h: WorkerHandle, r: _Remote, events: list) -> None:
+    def _unplaceable(self, h: WorkerHandle, r: _Remote, events: list, why: str | None = None) -> None:
         s = r.slot
-        h.kill_reason = (f"Ray could not place it on node {s.address} within {self.placement_timeout_s:g}s (it asks "
-                         f"for {s.num_gpus:g} GPU and {s.num_cpus:g} CPU there; see `ray status`); slot dropped")
+        why = why or f"not within {self.placement_timeout_s:g}s"
+        h.kill_reason = (f"Ray could not place it on node {s.address}: {why} (it asks for {s.num_gpus:g} GPU and "
+                         f"{s.num_cpus:g} CPU there; see `ray status`); slot dropped")
         log.error("[Worker %s] %s", h.id, h.kill_reason)
         self.dropped.add(h.slot)  # the same request would wait just as long again
         self._gone(h, r, events, None)
