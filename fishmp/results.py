@@ -145,13 +145,18 @@ def output_dir_problem(path: str) -> str | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """False for a pid that does not exist or is a zombie (a killed worker not yet reaped writes nothing more)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # EPERM: it exists, under another user
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_temp_files(directories: Iterable[str], pids: Iterable[int] = ()) -> int:

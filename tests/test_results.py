@@ -100,20 +100,24 @@ def test_temp_files_carry_the_pid_and_cleanup_spares_live_processes_and_foreign_
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(30)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exited, not reaped yet (as a just-killed worker)
+    while not os.path.exists(f"/proc/{zombie.pid}") or b") Z " not in open(f"/proc/{zombie.pid}/stat", "rb").read():
+        time.sleep(0.01)
     try:
         names = {
             "mine": f"{TMP_PREFIX}{host}-{os.getpid()}-{'a' * 16}",
             "dead": f"{TMP_PREFIX}{host}-{dead.pid}-{'b' * 16}.npy",
             "live": f"{TMP_PREFIX}{host}-{live.pid}-{'c' * 16}",
+            "zombie": f"{TMP_PREFIX}{host}-{zombie.pid}-{'e' * 16}",
             "other_host": f"{TMP_PREFIX}00000000-{dead.pid}-{'d' * 16}" if host != "00000000" else "x",
             "foreign": f"{TMP_PREFIX}cache",
             "unrelated": "take.wav",
         }
         for n in names.values():
             (tmp_path / n).write_bytes(b"x")
-        assert remove_temp_files({str(tmp_path)}) == 2
+        assert remove_temp_files({str(tmp_path)}) == 3
         left = set(os.listdir(tmp_path))
-        assert names["mine"] not in left and names["dead"] not in left
+        assert names["mine"] not in left and names["dead"] not in left and names["zombie"] not in left
         assert {names["live"], names["other_host"], names["foreign"], names["unrelated"]} <= left
         # a process this job started (a worker) is named explicitly: its files go even while it lives
         assert remove_temp_files({str(tmp_path)}, pids=[live.pid]) == 1
@@ -121,6 +125,7 @@ def test_temp_files_carry_the_pid_and_cleanup_spares_live_processes_and_foreign_
     finally:
         live.kill()
         live.wait(10)
+        zombie.wait(10)
 
 
 # ---------------------------------------------------------------------------------------------------------- umask
