@@ -51,6 +51,29 @@ def import_ray() -> Any:
     return ray
 
 
+def keep_stdout_clean() -> None:
+    """Ray prints cluster error notes ("A worker died or was killed...") to the driver's stdout, which carries
+    fishmp's machine output (jsonl events, the result line): send them to the log instead. This wraps a Ray internal
+    (ray._private.worker.print_to_stdstream, looked up at each call); if Ray renames it, nothing is changed."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "fishmp", False):
+        return
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("is_err"):
+            original(data, ignore_prefix)
+            return
+        for line in data.get("lines", ()):
+            log.info("[Ray %s] %s", data.get("pid", ""), line)
+
+    to_log.fishmp = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_log
+
+
 def _gpu_probe() -> list[Any]:
     """Runs on a node (a Ray task): its GPUs as NVML sees them there, honouring that node's CUDA_VISIBLE_DEVICES."""
     from fishmp.gpus import nvml_inventory
@@ -115,6 +138,7 @@ class RayWorkerPool(WorkerPool):
         if self._owns_ray:
             self.ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                           logging_level=logging.WARNING)
+        keep_stdout_clean()
         self._actor_cls = self.ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=8)(WorkerActor)
         self.nodes = nodes if nodes is not None else discover_nodes(self.ray)
         self.ray_slots, node_plans = cluster_slots(self.nodes, settings, n_segments)
