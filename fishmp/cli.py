@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--explain", action="store_true", help="estimate one worker's GPU memory from the checkpoint "
                     "(FISH_CHECKPOINT_DIR) component by component, what each GPU then holds, workers x rows "
                     "alternatives and suggestions (with --json: under 'explain')")
+    sp.add_argument("--reference-seconds", type=float, default=30.0, metavar="S", help="--explain: the longest "
+                    "reference audio a worker encodes (default 30)")
+    sp.add_argument("--max-new-tokens", type=int, default=1024, metavar="N", help="--explain: the longest output a "
+                    "segment may generate, in frames of 1/21.5 s (default 1024, fishmp's max_new_tokens default)")
     sp.add_argument("--measure", action="store_true", help="start one real worker per GPU model present, run a "
                     "warm-up segment and print its real memory (NVML) next to the estimate; no GPU: says so, exit 0")
 
@@ -148,10 +152,18 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         else:
             from .explain import estimate_for, explain, explain_lines
 
-            est = estimate_for(settings)
+            if not (args.reference_seconds > 0 and args.max_new_tokens > 0):
+                raise _UsageError("--reference-seconds and --max-new-tokens must be greater than 0")
+            work = {"reference_s": args.reference_seconds, "new_tokens": args.max_new_tokens}
+
+            def variant(**kw: Any) -> Any:
+                w = {**work, **{k: kw.pop(k) for k in list(kw) if k in work}}
+                return estimate_for(settings.replace(**kw), **w)
+
+            est = variant()
             inventory = select_devices(nvml_inventory() if gpus is None else gpus, settings.devices)
             plan = make_plan(inventory, settings, args.segments, row_gib=est.kv_row_bytes / GIB)
-            details = explain(plan, est, settings, lambda **kw: estimate_for(settings.replace(**kw)))
+            details = explain(plan, est, settings, variant)
     except GpuSpecError as exc:
         raise _UsageError(str(exc)) from None
     except CheckpointReadError as exc:

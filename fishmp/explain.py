@@ -21,8 +21,8 @@ def _round_up(gib: float, step: float = 0.1) -> float:
 
 def explain(plan: Plan, est: Estimate, settings: Settings,
             variant: Callable[..., Estimate] | None = None) -> dict[str, Any]:
-    """Everything --explain shows, as JSON-ready data. `variant(precision=..., max_seq_len=...)` re-estimates with
-    other settings for the suggestions (None: no what-if suggestions)."""
+    """Everything --explain shows, as JSON-ready data. `variant(precision=..., max_seq_len=..., new_tokens=...)`
+    re-estimates with one thing changed, for the suggestions (None: no what-if suggestions)."""
     mem = settings.model_memory_gb
     rows = int(getattr(settings, "batch_size", 1) or 1)
     est_gib, row_gib = est.total_gib, est.kv_row_bytes / GIB
@@ -60,6 +60,11 @@ def explain(plan: Plan, est: Estimate, settings: Settings,
             shorter = variant(max_seq_len=4096)
             suggestions.append(f"FISH_MAX_SEQ_LEN=4096 (KV cache and mask for 4096 tokens instead of {est.max_seq_len}) "
                                f"needs {shorter.total_gib:.2f} GB per worker; the default 'auto' sizes it to each job")
+    frames = est.details.get("workload", {}).get("new_tokens", 0)
+    if variant is not None and (short or est_gib > mem) and frames > 512:
+        fewer = variant(new_tokens=512)
+        suggestions.append(f"segments of at most 512 frames (max_new_tokens=512, ~24 s of audio; the codec decodes a "
+                           f"segment in one piece) need {fewer.total_gib:.2f} GB per worker instead of {est_gib:.2f} GB")
     if settings.memory_reserve < MIN_RESERVE:
         suggestions.append(f"FISH_MEMORY_RESERVE={settings.memory_reserve:g} keeps less than 10 % of each GPU free: Fish "
                            "models have produced degenerate audio above ~90 % GPU memory; 0.10 or more is safer")
@@ -91,10 +96,12 @@ def explain_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def estimate_for(settings: Settings) -> Estimate:
-    """The estimate for these settings' checkpoint, precision, max_seq_len ('auto' without a job: the checkpoint's)
-    and batch rows. Raises fishmp.memory.CheckpointReadError naming what is missing."""
-    from .memory import estimate
+def estimate_for(settings: Settings, reference_s: float = 30.0, new_tokens: int = 1024) -> Estimate:
+    """The estimate for these settings' checkpoint, precision and max_seq_len ('auto' without a job: the checkpoint's),
+    for a worker whose longest reference is `reference_s` and longest output `new_tokens` frames (fishmp's
+    max_new_tokens default). Raises fishmp.memory.CheckpointReadError naming what is missing."""
+    from .memory import Workload, estimate
 
     seq = settings.max_seq_len if isinstance(settings.max_seq_len, int) else None
-    return estimate(settings.checkpoint_dir, settings.precision, seq)
+    return estimate(settings.checkpoint_dir, settings.precision, seq,
+                    workload=Workload(reference_s=reference_s, new_tokens=new_tokens))

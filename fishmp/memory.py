@@ -12,11 +12,15 @@ What one worker holds (fishmp.engines.fish loads it so):
                      plus the fast transformer's (num_codebooks positions)
   codec weights      every codec.pth tensor in float32 (the engine keeps the codec float32 under autocast)
   codec buffers      per codec transformer: block x block bool mask + block x head_dim float32 RoPE table
-  activations        the largest of: codec encode of the reference, LLM prefill, codec decode of the longest output
-  CUDA context       per process, fixed (driver + torch kernels); not seen by torch's own counters
-  allocator slack    the caching allocator's rounding and fragmentation, a fraction of what torch allocates
+  activations        codec encode of the longest reference + the larger of LLM prefill and codec decode of the
+                     longest output: torch's caching allocator keeps each phase's blocks, so the phases add up
+  CUDA context       per process, fixed (driver, torch, cuBLAS/cuDNN kernels); not seen by torch's own counters
+  allocator slack    rounding and fragmentation of the cached activation blocks
   safety margin      a fraction of all the above
-Activation, context and slack coefficients are calibrated by `python -m fishmp plan --measure` on a GPU (README).
+The first five are exact (the tests compare them with fish-speech's modules). Activation, context and slack
+coefficients were calibrated on an NVIDIA H200 (torch 2.11 + CUDA 13, S1-mini-sized random checkpoint, bf16): peak
+allocations of the engine's encode (10 s and 30 s references) and decode (64, 256 and 1024 frames) and the NVML drop
+of a whole worker; `python -m fishmp plan --measure` checks them on any GPU (README).
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ _STORAGE_DTYPES = {"FloatStorage": "float32", "HalfStorage": "float16", "BFloat1
                    "ComplexFloatStorage": "complex64"}
 GENERATION_RESERVE = 2048  # fish-speech refuses prompts of max_seq_len - 2048 tokens or more
 
-# Calibration (see the module docstring): bytes per output sample per channel of the codec's last decoder stage and
-# of its first encoder stage, held at once at the peak; CUDA context per process; allocator slack; safety margin.
-DECODE_LIVE_TENSORS = 6.0
-ENCODE_LIVE_TENSORS = 6.0
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)
-ALLOCATOR_SLACK = 0.05
+# Calibration (module docstring; H200 peaks in brackets): tensors of (samples x channels) alive at once at the peak,
+# for the decoder's last stage (96 channels at 44.1 kHz: 10.04 per 1024-frame slope, + 34 MiB fixed; 64 frames 288 MB,
+# 256 frames 1.05 GB, 1024 frames 4.08 GB) and the encoder's first (64 channels: 10 s 571 MB, 30 s 1.75 GB = 10.1-10.3);
+# the CUDA context after cuBLAS/cuDNN loaded (733 MB); the activations' allocator slack; the safety margin.
+DECODE_LIVE_TENSORS = 10.05
+DECODE_FIXED_BYTES = 34 * 1024**2
+ENCODE_LIVE_TENSORS = 10.3
+CUDA_CONTEXT_BYTES = 700 * 1024**2
+ALLOCATOR_SLACK = 0.10
 SAFETY_MARGIN = 0.10
 
 
@@ -280,9 +287,9 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
     max_frames = min((b for b, _ in transformers[-2:]), default=10**9) if ccfg.get("quantizer") else 10**9
     frames = min(work.new_tokens, max_frames)
     last_channels = int(ccfg.get("decoder_dim", 1536)) // 2 ** len(ccfg.get("decoder_rates", [8, 8, 4, 2]))
-    decode = int(DECODE_LIVE_TENSORS * frames * frame * last_channels * act_bytes)
+    decode = DECODE_FIXED_BYTES + round(DECODE_LIVE_TENSORS * frames * frame * last_channels * act_bytes)
     ref_samples = int(work.reference_s * sample_rate)
-    encode = int(ENCODE_LIVE_TENSORS * ref_samples * int(ccfg.get("encoder_dim", 64)) * act_bytes)
+    encode = round(ENCODE_LIVE_TENSORS * ref_samples * int(ccfg.get("encoder_dim", 64)) * act_bytes)
     prompt = max(1, min(work.prompt_tokens or seq, seq - GENERATION_RESERVE))
     inter = int(cfg.get("intermediate_size") or 4 * dim)
     vocab = int(cfg.get("vocab_size", 32000))
@@ -290,8 +297,7 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
                + prompt * cache_len * pb  # the boolean mask as an additive bias for the attention kernel
                + prompt * (4 * dim + 3 * inter) * pb  # hidden states, q/k/v, MLP
                + vocab * 4 * 2)  # last-position logits and probabilities in float32
-    phases = {"codec decode": decode, "codec encode": encode, "LLM prefill": prefill}
-    worst = max(phases, key=lambda k: phases[k])
+    later = max(decode, prefill)
 
     lines = [
         Line("LLM weights", llm_params * pb,
@@ -305,17 +311,16 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
              f"{_fmt(codec_float)} parameters in codec.pth x 4 bytes (float32, as the engine loads it)"),
         Line("codec buffers", codec_buffers,
              " + ".join(f"{b}x{b} mask + {b}x{hd} x 4 RoPE" for b, hd in transformers) or "none"),
-        Line("activations", phases[worst],
-             f"largest phase: {worst} (decode {frames} frames = {frames * frame / sample_rate:.1f} s: "
-             f"{_fmt(decode)}; encode {work.reference_s:g} s reference: {_fmt(encode)}; "
-             f"prefill {prompt} tokens: {_fmt(prefill)})"),
-        Line("CUDA context", CUDA_CONTEXT_BYTES, "per process: driver and torch kernels (measured by --measure)"),
+        Line("activations", encode + later,
+             f"codec encode of a {work.reference_s:g} s reference {_fmt(encode)} + the larger of codec decode of "
+             f"{frames} frames ({frames * frame / sample_rate:.1f} s of audio) {_fmt(decode)} and LLM prefill of "
+             f"{prompt} tokens {_fmt(prefill)}"),
+        Line("CUDA context", CUDA_CONTEXT_BYTES, "per process: driver, torch, cuBLAS/cuDNN (733 MB on an H200)"),
+        Line("allocator slack", round(ALLOCATOR_SLACK * (encode + later)),
+             f"{ALLOCATOR_SLACK:.0%} of the activations (cached blocks of different sizes)"),
     ]
-    allocated = sum(x.bytes for x in lines if x.name != "CUDA context")
-    lines.append(Line("allocator slack", int(ALLOCATOR_SLACK * allocated),
-                      f"{ALLOCATOR_SLACK:.0%} of the {allocated / GIB:.2f} GiB torch allocates"))
     subtotal = sum(x.bytes for x in lines)
-    lines.append(Line("safety margin", int(SAFETY_MARGIN * subtotal), f"{SAFETY_MARGIN:.0%} of {subtotal / GIB:.2f} GiB"))
+    lines.append(Line("safety margin", round(SAFETY_MARGIN * subtotal), f"{SAFETY_MARGIN:.0%} of {subtotal / GIB:.2f} GB"))
     details = {"llm_parameters": llm_params, "codec_parameters": codec_float, "rows": rows,
                "workload": {"reference_s": work.reference_s, "prompt_tokens": prompt, "new_tokens": frames}}
     return Estimate(tuple(lines), kv_row + fast_row, seq, precision, details)
