@@ -170,6 +170,18 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
     assert "raylet" not in capfd.readouterr().out
 
 
+def test_hung_segment_past_its_deadline_kills_the_actor_and_is_redone(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
+    monkeypatch.setenv("FISH_SYNTHETIC_STATE_DIR", str(tmp_path / "state"))
+    job = _job(tmp_path, make_wav, n=2, fault=" @@hang-once@@")
+    events: list[dict] = []
+    with ray_pool(cache_dir=str(tmp_path / "c"), segment_timeout_s=2.0, segment_timeout_per_char_s=0.0, **SYNTH) as pool:
+        result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
+    assert result.exit_code == 0 and result.count("done") == 4, result.error
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert died and all("deadline" in e["reason"] for e in died)
+
+
 def test_stop_request_interrupts_the_job_and_frees_the_cluster(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
     """SIGTERM's path (pool.request_stop): dispatch stops, the manifest is written, exit 143; close frees every CPU."""
     monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")

@@ -109,6 +109,18 @@ def discover_nodes(ray: Any, timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeInv
     return nodes
 
 
+class ActorProcess:
+    """Stands where a local worker's multiprocessing.Process stands (WorkerHandle.process): the loop reads a non-None
+    process as "this worker can be killed" (unlike the in-process worker) and kills it through the pool."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.exitcode: int | None = None  # set when the actor is gone
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+
 @dataclass
 class _Remote:
     """The Ray side of one WorkerHandle."""
@@ -169,7 +181,7 @@ class RayWorkerPool(WorkerPool):
             num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env={"env_vars": env},
             scheduling_strategy=NodeAffinitySchedulingStrategy(s.node_id, soft=False),
         ).remote(wid, "cuda:0" if s.pin is not None else "cpu", self.settings)
-        h = WorkerHandle(wid, slot, s.device, s.pin, task_conn=None, result_conn=None)
+        h = WorkerHandle(wid, slot, s.device, s.pin, task_conn=None, result_conn=None, process=ActorProcess(actor))
         self._remote[wid] = _Remote(actor, s, actor.info.remote())
         self.handles[wid] = h
         return h
@@ -318,6 +330,7 @@ class RayWorkerPool(WorkerPool):
         with contextlib.suppress(Exception):
             self.ray.kill(r.actor, no_restart=True)
         r.next_ref = r.info_ref = None
+        h.process.exitcode = code if code is not None else -1
         h.state = "dead"
         events.append(("exit", h, code))
 
