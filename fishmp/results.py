@@ -23,7 +23,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,13 +244,6 @@ class OutputDirLock:
         self.release()
 
 
-@contextlib.contextmanager
-def lock_output_dir(directory: str) -> Iterator[OutputDirLock]:
-    """`with lock_output_dir(d):` - hold the output directory for one job; raises OutputDirBusy if another has it."""
-    with OutputDirLock(directory) as lock:
-        yield lock
-
-
 def _same_file(fd: int, path: str) -> bool:
     try:
         a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
@@ -262,11 +255,12 @@ def _same_file(fd: int, path: str) -> bool:
 def _read_holder(fd: int) -> str:
     try:
         pid, started, host = os.pread(fd, 512, 0).decode().split(None, 2)
+        pid = str(int(pid))
         since = datetime.datetime.fromtimestamp(float(started)).strftime("%Y-%m-%d %H:%M:%S")
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, OverflowError, UnicodeDecodeError):
         return "a process that is starting up"  # it has the lock but has not written its pid yet
     where = "" if host.strip() == socket.gethostname() else f" on host {host.strip()}"
-    return f"pid {int(pid)}{where} since {since}"
+    return f"pid {pid}{where} since {since}"
 
 
 @dataclass

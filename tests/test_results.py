@@ -23,7 +23,6 @@ from fishmp.results import (
     OutputDirLock,
     SegmentRecord,
     atomic_write,
-    lock_output_dir,
     manifest_problem,
     output_dir_problem,
     remove_temp_files,
@@ -63,7 +62,7 @@ def test_second_process_is_refused_until_the_holder_is_sigkilled(tmp_path) -> No
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
     assert os.path.exists(os.path.join(out, LOCK_NAME))  # SIGKILL left the file, but not the lock
-    with lock_output_dir(out) as lock:
+    with OutputDirLock(out) as lock:
         assert lock.held
         with open(lock.path) as f:
             assert f.read().split()[0] == str(os.getpid())
@@ -76,6 +75,14 @@ def test_same_process_cannot_take_one_directory_twice(tmp_path) -> None:
             OutputDirLock(str(tmp_path)).acquire()
     with OutputDirLock(str(tmp_path)):  # released: free again
         pass
+
+
+def test_garbage_in_the_lock_file_still_gives_a_one_line_refusal(tmp_path) -> None:
+    with OutputDirLock(str(tmp_path)) as lock:
+        with open(lock.path, "w") as f:
+            f.write("x" * 40 + " nonsense\n")
+        with pytest.raises(OutputDirBusy, match="in use by a process that is starting up"):
+            OutputDirLock(str(tmp_path)).acquire()
 
 
 def test_lock_refuses_a_symlink_planted_as_lock_file(tmp_path) -> None:
