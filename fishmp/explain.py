@@ -105,3 +105,9 @@ def estimate_for(settings: Settings, reference_s: float = 30.0, new_tokens: int 
     seq = settings.max_seq_len if isinstance(settings.max_seq_len, int) else None
     return estimate(settings.checkpoint_dir, settings.precision, seq,
                     workload=Workload(reference_s=reference_s, new_tokens=new_tokens))
+
+
+def auto_model_memory_gb(settings: Settings, reference_s: float = 30.0, new_tokens: int = 1024) -> float:
+    """FISH_MODEL_MEMORY_GB from the estimate (rounded up to 0.1 GiB): what an 'auto' setting could plan with before
+    any worker is started (the measured variant needs the pool; see the README)."""
+    return round(_round_up(estimate_for(settings, reference_s, new_tokens).total_gib), 1)

@@ -11,6 +11,7 @@ No GPU: nothing to measure; the command says so and exits 0.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -60,7 +61,8 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
         gpu = GPU(-1, "cpu", 0.0, 0.0)
         plan = Plan(mode="cpu", gpus=(), cpu_workers=1)
     else:
-        plan = Plan(mode="multiprocess", gpus=(GpuPlan(gpu, gpu.total_gib, 1, 1),), cpu_workers=0)
+        available = gpu.total_gib * (1 - settings.memory_reserve)
+        plan = Plan(mode="multiprocess", gpus=(GpuPlan(gpu, available, 1, 1),), cpu_workers=0)
     free = (lambda: 0) if gpu.index < 0 else (lambda: nvml_free_bytes(gpu.index))
     with tempfile.TemporaryDirectory(prefix="fishmp-measure-") as tmp:
         run_settings = settings.replace(max_seq_len=max_seq_len, multiprocess_mode="true", max_restarts=0,
@@ -81,12 +83,17 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
     est = estimate(settings.checkpoint_dir, settings.precision, max_seq_len,
                    workload=Workload(reference_s=reference_s, prompt_tokens=prompt, new_tokens=max(tokens, 1)))
     measured = before - after
+    from .plan import gpu_capacity
+
+    per_worker = math.ceil(measured / GIB * 10) / 10  # GiB, rounded up to 0.1
     expected = est.total_bytes - est.component("safety margin")  # the margin is a planning buffer, not a prediction
     return {"index": gpu.index, "name": gpu.name, "total_gib": round(gpu.total_gib, 2),
             "measured_bytes": measured, "measured_gib": round(measured / GIB, 3),
             "estimate_bytes": est.total_bytes, "estimate_gib": round(est.total_gib, 3),
             "expected_bytes": expected, "expected_gib": round(expected / GIB, 3),
             "expected_over_measured": round(expected / measured, 3) if measured > 0 else None,
+            "model_memory_gb": per_worker if measured > 0 else None,
+            "workers_at_measured": gpu_capacity(gpu.total_gib, per_worker, settings.memory_reserve) if measured > 0 else None,
             "tokens": tokens, "synthesis_seconds": record.synthesis_seconds, "seconds": round(seconds, 1),
             "estimate": est.to_dict()}
 
@@ -114,6 +121,10 @@ def measure_lines(results: list[dict[str, Any]]) -> list[str]:
                      f"memory drop after a {r['tokens']}-frame warm-up, CUDA context included); the estimate for the "
                      f"same work is {r['expected_gib']:.2f} GB before its safety margin"
                      + (f" ({ratio:.2f}x the measurement)" if ratio else "") + f", {r['estimate_gib']:.2f} GB with it")
+        if r.get("model_memory_gb"):
+            lines.append(f"[Measure] GPU {r['index']}: for segments like the warm-up, FISH_MODEL_MEMORY_GB="
+                         f"{r['model_memory_gb']:.1f} runs {r['workers_at_measured']} workers on this GPU "
+                         f"({r['total_gib']:.2f} GB, FISH_MEMORY_RESERVE kept); longer outputs need more (plan --explain)")
         for c in r["estimate"]["components"]:
             lines.append(f"[Measure]   {c['name']:<16} {c['gib']:7.3f} GB")
     return lines

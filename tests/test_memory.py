@@ -177,6 +177,17 @@ def test_measure_runs_one_real_worker_and_estimates_the_same_work(tiny_checkpoin
     assert r["estimate"]["workload"]["new_tokens"] == r["tokens"]
     assert r["expected_bytes"] == r["estimate_bytes"] - r["estimate"]["components"][-1]["bytes"]
     assert "one worker takes 0.00 GB" in measure_lines([r])[0]
+    assert r["model_memory_gb"] is None  # nothing measured, nothing recommended
+
+
+def test_auto_model_memory_from_the_estimate(tiny_checkpoint: str) -> None:
+    from fishmp.config import Settings
+    from fishmp.explain import auto_model_memory_gb, estimate_for
+
+    settings = Settings(checkpoint_dir=tiny_checkpoint)
+    est = estimate_for(settings, 10.0, 300)
+    gb = auto_model_memory_gb(settings, 10.0, 300)
+    assert est.total_gib <= gb < est.total_gib + 0.1 and round(gb * 10) == gb * 10
 
 
 def _gpu_present() -> bool:
