@@ -1,6 +1,7 @@
 """FISH_BACKEND=ray: the same jobs through the same job loop, with each worker a Ray actor.
 
-One real local Ray instance (CPU, RAY_AUTH_MODE=disabled) serves every test of this module and is shut down after it.
+One real local Ray cluster of two nodes (two raylets on this machine, 1 CPU each, RAY_AUTH_MODE=disabled) serves every
+test of this module and is shut down after it; FISH_CPU_WORKERS=1 is then one worker per node.
 Jobs run through fishmp.Pool, whose worker pool is a RayWorkerPool (FISH_BACKEND=ray once wired into the api; until
 then the api's pool class is swapped for the Ray one), against the local backend on the same job.
 """
@@ -26,7 +27,8 @@ from fishmp.plan import make_plan
 
 ray = pytest.importorskip("ray", reason="the Ray backend's tests need `pip install 'fishmp[ray]'`")
 
-SYNTH = {"engine": "synthetic", "cpu_workers": 2, "multiprocess_mode": "true", "devices": "cpu"}
+SYNTH = {"engine": "synthetic", "cpu_workers": 1, "multiprocess_mode": "true", "devices": "cpu"}  # per Ray node
+LOCAL = {**SYNTH, "cpu_workers": 2}  # the same 2 workers on the local backend
 
 
 # ---- placement: pure, no Ray ------------------------------------------------------------------------------------
@@ -70,16 +72,22 @@ def test_unknown_backend_is_a_one_line_config_error() -> None:
         make_worker_pool(make_plan([], settings), settings)
 
 
-# ---- one Ray instance for this module ------------------------------------------------------------------------------
+# ---- one Ray cluster for this module ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
+    from ray.cluster_utils import Cluster
+
     os.environ["RAY_AUTH_MODE"] = "disabled"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
     for s, h in handlers.items():  # ray.init installs its own: keep pytest's
         signal.signal(s, h)
     yield ray
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture
@@ -121,7 +129,7 @@ def _audio(directory, sid: str) -> np.ndarray:
 def test_synthetic_job_on_ray_matches_the_local_backend(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
     monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
     job = _job(tmp_path, make_wav)
-    with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **SYNTH) as pool:
+    with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **LOCAL) as pool:
         local = pool.generate(job, output_dir=str(tmp_path / "local"))
     events: list[dict] = []
     with ray_pool(cache_dir=str(tmp_path / "c2"), **SYNTH) as pool:
@@ -133,6 +141,8 @@ def test_synthetic_job_on_ray_matches_the_local_backend(tmp_path, make_wav, ray_
     assert {s["status"] for s in manifest["segments"].values()} == {"done"}
     ready = [e for e in events if e["event"] == "worker_ready"]
     assert len(ready) == 2 and all(e["device"].endswith("/cpu") for e in ready)
+    assert len({e["device"] for e in ready}) == 2  # one worker on each node ("IP#node-id/cpu": both are this host)
+    assert {e["worker"] for e in events if e["event"] == "segment_done"} == {"w0", "w1"}
     assert os.getpid() not in {e["pid"] for e in ready}  # actors, not this process
     assert [e for e in events if e["event"] == "plan"][0]["mode"] == "ray"
     assert not [p for p in os.listdir(tmp_path / "ray") if p.startswith(".fishmp-tmp")]
@@ -203,18 +213,18 @@ def test_stop_request_interrupts_the_job_and_frees_the_cluster(tmp_path, make_wa
 
 
 def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, make_wav, ray_pool, monkeypatch) -> None:
-    """Three CPU workers on a 2-CPU cluster: the third never gets its CPU; it is reported after the placement
-    timeout, its slot is not retried, and the job goes on with two."""
+    """Two CPU workers per node on 1-CPU nodes: the second on each never gets its CPU; both are reported after the
+    placement timeout, their slots are not retried, and the job goes on with one worker per node."""
     monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
     job = _job(tmp_path, make_wav, n=2, fault=" @@slow=7@@")  # one 7 s segment: the job outlasts the timeout
     events: list[dict] = []
     t0 = time.monotonic()
-    with ray_pool(placement_timeout_s=5.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 3}) as pool:
+    with ray_pool(placement_timeout_s=5.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 2}) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 4
     died = [e for e in events if e["event"] == "worker_died"]
-    assert len(died) == 1 and died[0]["worker"] == "w2", died
-    assert "could not place it" in died[0]["reason"] and "ray status" in died[0]["reason"]
+    assert sorted(e["worker"] for e in died) == ["w2", "w3"], died  # slots interleave nodes: w0 a, w1 b, w2 a, w3 b
+    assert all("could not place it" in e["reason"] and "ray status" in e["reason"] for e in died)
     assert {e["worker"] for e in events if e["event"] == "worker_ready"} == {"w0", "w1"}  # not retried
     assert time.monotonic() - t0 < 30
 
@@ -277,7 +287,7 @@ def test_legacy_encode_on_ray_writes_the_npy_here(tmp_path, make_wav, ray_pool, 
 @pytest.mark.slow
 def test_tiny_fish_checkpoint_on_ray_matches_the_local_backend(tmp_path, make_wav, tiny_checkpoint, ray_pool) -> None:
     job = _job(tmp_path, make_wav, n=1)
-    fish = {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "devices": "cpu", "cpu_workers": 1,
+    fish = {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "devices": "cpu", "cpu_workers": 1, "max_workers": 1,
             "multiprocess_mode": "true", "precision": "float32"}
     with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **{**fish, "multiprocess_mode": "false"}) as pool:  # in-process
         local = pool.generate(job, output_dir=str(tmp_path / "local"))

@@ -21,7 +21,7 @@ from ..plan import GpuPlan, Plan, make_plan
 @dataclass(frozen=True)
 class NodeInventory:
     node_id: str
-    address: str  # the node's IP, used in worker device labels ("10.0.0.2/cuda:0")
+    address: str  # the node's IP, used in worker device labels ("10.0.0.2/cuda:0"); IP#node-id when IPs repeat
     cpus: float  # Ray's CPU resource there
     ray_gpus: float  # Ray's GPU resource there: a GPU Ray does not manage gets no worker
     gpus: tuple[GPU, ...] = ()  # what NVML sees there (filtered by that node's CUDA_VISIBLE_DEVICES)

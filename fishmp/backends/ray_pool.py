@@ -104,7 +104,9 @@ def discover_nodes(ray: Any, timeout_s: float = PROBE_TIMEOUT_S) -> list[NodeInv
                             type(exc).__name__)
                 ray.cancel(refs[n["NodeID"]], force=True)
         res = n["Resources"]
-        nodes.append(NodeInventory(n["NodeID"], n["NodeManagerAddress"], float(res.get("CPU", 0)),
+        ip = n["NodeManagerAddress"]
+        label = ip if sum(m["NodeManagerAddress"] == ip for m in alive) == 1 else f"{ip}#{n['NodeID'][:6]}"
+        nodes.append(NodeInventory(n["NodeID"], label, float(res.get("CPU", 0)),
                                    float(res.get("GPU", 0)), tuple(gpus)))
     return nodes
 
