@@ -92,14 +92,22 @@ def ray_cluster():
 
 @pytest.fixture
 def ray_pool(ray_cluster, monkeypatch):
-    """ray_pool(placement_timeout_s=None, **settings) -> fishmp.Pool whose workers are Ray actors."""
+    """ray_pool(placement_timeout_s=None, **settings) -> fishmp.Pool whose workers are Ray actors.
+
+    Through FISH_BACKEND=ray once config.py and the api have it; otherwise (and for a test's own placement timeout)
+    the api's pool factory is swapped for the Ray pool, so the api and its loop are the real ones either way."""
     from fishmp.backends.ray_pool import RayWorkerPool
 
     def make(placement_timeout_s: float | None = None, **settings: object) -> fishmp.Pool:
-        if "backend" in Settings.variables() and placement_timeout_s is None:
+        wired = "backend" in Settings.variables() and hasattr(fishmp.api, "make_worker_pool")
+        if wired and placement_timeout_s is None:
             return fishmp.Pool(backend="ray", **settings)
-        monkeypatch.setattr(fishmp.api, "WorkerPool", lambda plan, s: RayWorkerPool(
-            plan, s, placement_timeout_s=placement_timeout_s))
+        if hasattr(fishmp.api, "make_worker_pool"):
+            monkeypatch.setattr(fishmp.api, "make_worker_pool", lambda plan, s, n_segments=None: RayWorkerPool(
+                plan, s, n_segments=n_segments, placement_timeout_s=placement_timeout_s))
+        else:
+            monkeypatch.setattr(fishmp.api, "WorkerPool", lambda plan, s: RayWorkerPool(
+                plan, s, placement_timeout_s=placement_timeout_s))
         return fishmp.Pool(**settings)
 
     return make
