@@ -31,8 +31,10 @@ def _use_ray() -> None:
     from fishmp.backends.ray_pool import RayWorkerPool
     from fishmp.config import Settings
 
-    if "backend" in Settings.variables():
+    if "backend" in Settings.variables() and hasattr(fishmp.api, "make_worker_pool"):
         os.environ["FISH_BACKEND"] = "ray"
+    elif hasattr(fishmp.api, "make_worker_pool"):
+        fishmp.api.make_worker_pool = lambda plan, settings, n_segments=None: RayWorkerPool(plan, settings)
     else:
         fishmp.api.WorkerPool = lambda plan, settings: RayWorkerPool(plan, settings)  # type: ignore[attr-defined]
 
