@@ -186,6 +186,12 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
         assert sf.info(str(tmp_path / "out" / f"{sid}.wav")).frames > 0
     time.sleep(1.0)  # Ray's error listener is a background thread
     assert "raylet" not in capfd.readouterr().out
+    import glob
+    import tempfile
+
+    pids = {e["pid"] for e in events if e["event"] == "worker_ready"}
+    # The killed actor's temp dir was swept by its replacement; the others removed theirs when the pool closed.
+    assert not [p for pid in pids for p in glob.glob(os.path.join(tempfile.gettempdir(), f"fishmp-ray-out-{pid}-*"))]
 
 
 def test_hung_segment_past_its_deadline_kills_the_actor_and_is_redone(tmp_path, make_wav, ray_pool, monkeypatch) -> None:

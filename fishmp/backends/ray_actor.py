@@ -40,12 +40,31 @@ def _node_local_dir(preferred: str, name: str) -> str:
     return tempfile.mkdtemp(prefix=f"{name}-")
 
 
+def _sweep_dead_out_dirs() -> None:
+    """Remove the output temp dirs of actors on this node whose process is gone (killed actors leave them)."""
+    import glob
+    import re
+    import shutil
+
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "fishmp-ray-out-*")):
+        m = re.match(r"fishmp-ray-out-(\d+)-", os.path.basename(path))
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
+
+
 class WorkerActor:
     """One worker. Plain class; fishmp.backends.ray_pool wraps it with ray.remote (max_restarts=0)."""
 
     def __init__(self, worker_id: str, device: str, settings: Settings) -> None:
         self.worker_id = worker_id
-        self.out_dir = tempfile.mkdtemp(prefix=f"fishmp-ray-{worker_id}-")
+        _sweep_dead_out_dirs()
+        self.out_dir = tempfile.mkdtemp(prefix=f"fishmp-ray-out-{os.getpid()}-")
         self.ref_dir = _node_local_dir(os.path.join(tempfile.gettempdir(), "fishmp-ray-refs"), "fishmp-ray-refs")
         settings = settings.replace(cache_dir=_node_local_dir(settings.cache_dir, "fishmp-cache"))
         task_r, self.task_w = mp.Pipe(duplex=False)
