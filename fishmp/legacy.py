@@ -64,10 +64,14 @@ def install_scripts(directory: str, output_root: str | None = None, python: str 
             os.replace(path, backup)
             done.append(f"kept the original {name} as {backup}")
         tmp = f"{path}.fishmp-tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(shim_text(command, python, os.path.abspath(output_root) if output_root else None))
-        os.chmod(tmp, 0o755 & ~umask)  # readable by the backend's user, as the umask allows
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(shim_text(command, python, os.path.abspath(output_root) if output_root else None))
+            os.chmod(tmp, 0o755 & ~umask)  # readable by the backend's user, as the umask allows
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         done.append(f"wrote {path} -> python -m fishmp {command}")
     return done
 
