@@ -72,6 +72,17 @@ def test_unknown_backend_is_a_one_line_config_error() -> None:
         make_worker_pool(make_plan([], settings), settings)
 
 
+def test_a_bad_ray_address_is_a_one_line_config_error() -> None:
+    """Runs before the module's cluster starts (this pool would otherwise join that cluster and not connect)."""
+    from fishmp.backends.ray_pool import RayWorkerPool
+
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"^FISH_RAY_ADDRESS='nonsense' is not valid: a running Ray cluster.*"
+                                          r"\(Invalid address format: nonsense\)$"):
+        RayWorkerPool(None, Settings(), address="nonsense")
+    assert not ray.is_initialized()
+
+
 # ---- one Ray cluster for this module ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -40,6 +40,8 @@ PLACEMENT_TIMEOUT_S = 120.0  # an actor Ray cannot place by then is reported (ca
 PROBE_TIMEOUT_S = 60.0  # each GPU node's inventory probe
 MAX_BLOBS = 256  # references kept in the object store by one pool (an evicted one is put again when used)
 FORWARDED_ENV = re.compile(r"^FISH_SYNTHETIC_")  # engine knobs read from the environment (the test engine's)
+RAY_ADDRESS_ALLOWED = ("a running Ray cluster: auto, the head's HOST:6379 or ray://HOST:10001; empty starts a local "
+                       "Ray instance")
 RAY_MISSING = "local, or ray once the ray package is installed (pip install 'fishmp[ray]')"
 
 
@@ -150,8 +152,12 @@ class RayWorkerPool(WorkerPool):
         address = address if address is not None else getattr(settings, "ray_address", None)
         self._owns_ray = not self.ray.is_initialized()
         if self._owns_ray:
-            self.ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                          logging_level=logging.WARNING)
+            try:
+                self.ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                              logging_level=logging.WARNING)
+            except (ValueError, ConnectionError, RuntimeError) as exc:  # a bad or unreachable address
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigError("FISH_RAY_ADDRESS", address, f"{RAY_ADDRESS_ALLOWED} ({first})") from exc
         keep_stdout_clean()
         self._actor_cls = self.ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=8)(WorkerActor)
         self.nodes = nodes if nodes is not None else discover_nodes(self.ray)
