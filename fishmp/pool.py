@@ -80,6 +80,8 @@ class WorkerHandle:
     batch_size: int = 1  # tasks it runs at once (its Ready says; lanes)
     job: Any = None  # the job it last took work from (fair sharing between jobs)
     load_seconds: float = 0.0
+    solo: set[str] = field(default_factory=set)  # outstanding tasks sent to run alone (suspects of a death)
+    leave_blame: Any = None  # service.Blame: it is leaving because of the segments it reported Failed
     kill_reason: str | None = None
     ever_ready: bool = False
     leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +96,7 @@ class JobRun:
         self.stopping_since: float | None = None
         self.error: str | None = None
         self.manifest_error: str | None = None
-        self.suspect_slots: dict[str, list[int]] = {}  # segment -> slots whose deaths are blamed on it
-        self.resolve_suspect: Callable[[int, bool], None] = lambda slot, refund: None  # WorkerPool.resolve
+        self.suspect_slots: dict[str, list[Any]] = {}  # segment -> the deaths blamed on it (service.Blame)
         self.lock: Any = None
         self.t0 = time.monotonic()
         self.skipped = 0
@@ -177,11 +175,13 @@ class JobRun:
     # -- outcomes ---------------------------------------------------------------------------------------------------
     def _resolve(self, sid: str, poison: bool) -> None:
         """Its fate is known: deaths blamed on a poison segment are refunded to their slots; otherwise they stay."""
-        for slot in self.suspect_slots.pop(sid, []):
-            self.resolve_suspect(slot, poison)
+        for blame in self.suspect_slots.pop(sid, []):
+            blame.settle((self.number, sid), poison)
 
-    def blame(self, sid: str, slot: int) -> None:
-        self.suspect_slots.setdefault(sid, []).append(slot)
+    def blame(self, sid: str, blame: Any) -> None:
+        """A death is (partly) blamed on this segment: it runs solo from now on (see service.py)."""
+        blame.add((self.number, sid))
+        self.suspect_slots.setdefault(sid, []).append(blame)
 
     def on_done(self, h: WorkerHandle, sid: str, msg: Done) -> None:
         self.sched.done(sid)

@@ -32,6 +32,28 @@ LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CU
 SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
 
 
+class Blame:
+    """One death blamed on the segments its worker had begun. It is refunded to the slot as soon as one of them ends
+    as poison; once all of them ended otherwise, the death stays the slot's own."""
+
+    def __init__(self, slot: int, resolve: Callable[[int, bool], None]) -> None:
+        self.slot, self._resolve = slot, resolve
+        self.members: set[tuple[int, str]] = set()
+        self.closed = False
+
+    def add(self, member: tuple[int, str]) -> None:
+        if not self.closed:
+            self.members.add(member)
+
+    def settle(self, member: tuple[int, str], poison: bool) -> None:
+        if self.closed or member not in self.members:
+            return
+        self.members.discard(member)
+        if poison or not self.members:
+            self.closed = True
+            self._resolve(self.slot, poison)
+
+
 class JobHandle:
     """A submitted job: `result()` waits for its JobResult, `cancel()` stops only this job."""
 
@@ -152,7 +174,6 @@ class Service:
         except BaseException as exc:  # noqa: BLE001 - invalid job, locked directory: raised to the caller
             handle._set(None, exc)
             return
-        run.resolve_suspect = self.workers.resolve
         self.active.append(handle)
         for h in self.workers.handles.values():  # workers that were ready before this job came
             if h.state == "ready":
@@ -263,8 +284,8 @@ class Service:
             for h in ready:
                 lanes = h.batch_size + (1 if target > h.batch_size else 0)
                 unstarted = sum(1 for t in h.outstanding if t not in h.running)
-                if target > lanes or unstarted + len(h.running) >= target:
-                    continue
+                if target > lanes or unstarted + len(h.running) >= target or h.solo & set(h.outstanding):
+                    continue  # full, or running a suspect alone (nothing may share its death)
                 jobs = self._jobs_with_work()
                 if not jobs:
                     return
@@ -279,15 +300,17 @@ class Service:
                 task = run.sched.next_for(h.id, max_cost)
                 if task is None:
                     continue
-                solo = run.sched.tasks[task.id].attempts > 0 or task.id in run.suspect_slots or \
-                    getattr(task, "solo", False)
+                solo = run.sched.tasks[task.id].attempts > 0 or task.id in run.suspect_slots
+                if solo and h.outstanding:  # a suspect runs on an empty worker, so a death can only be its own
+                    run.sched.requeue(task.id, count_attempt=False)
+                    continue
                 msg = run.message_for(task, solo)
                 if not self.workers.send(h, msg):
                     run.sched.requeue(task.id, count_attempt=False)
                     continue
                 self._owner[msg.id] = (handle, task.id)
-                if len(h.running) < h.batch_size and not unstarted:
-                    h.running[msg.id] = time.monotonic()  # its deadline starts now: nothing is ahead of it
+                if solo:
+                    h.solo.add(msg.id)
 
     def _next_timeout(self) -> float:
         """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
@@ -323,7 +346,7 @@ class Service:
             self.last_load_error = msg.message
             log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
         elif isinstance(msg, Started):
-            h.running[msg.task] = time.monotonic()
+            h.running[msg.task] = time.monotonic()  # its deadline starts now
         elif isinstance(msg, Done | Failed):
             self._finish_task(h, msg.task)
             if isinstance(msg, Failed) and (msg.kind == "out_of_memory" or not msg.input_error):
@@ -335,20 +358,22 @@ class Service:
             if owner is None:
                 return
             handle, sid = owner
+            if isinstance(msg, Failed) and not msg.input_error:  # it leaves because of this segment: blame it
+                if h.leave_blame is None:
+                    h.leave_blame = Blame(h.slot, self.workers.resolve)
+                    self.workers.charge(h.slot, suspect=True)
+                handle._run.blame(sid, h.leave_blame)
             if isinstance(msg, Done):
                 handle._run.on_done(h, sid, msg)
             else:
                 handle._run.on_failed(h, sid, msg)
 
-    def _finish_task(self, h: WorkerHandle, tid: str) -> None:
+    @staticmethod
+    def _finish_task(h: WorkerHandle, tid: str) -> None:
         h.running.pop(tid, None)
+        h.solo.discard(tid)
         with contextlib.suppress(ValueError):
             h.outstanding.remove(tid)
-        if len(h.running) < h.batch_size:  # the first queued task starts now (its Started may lag behind)
-            for t in h.outstanding:
-                if t not in h.running:
-                    h.running[t] = time.monotonic()
-                    break
 
     @staticmethod
     def _ready_event(handle: JobHandle, h: WorkerHandle) -> None:
@@ -367,23 +392,20 @@ class Service:
             self.workers.broken = MISSING_GUARD
         elif not h.ever_ready and not deliberate:
             self.last_load_error = f"the worker stopped while loading the model: {reason}"
-        running = [t for t in h.running if t in self._owner]
-        blamed = running[0] if len(running) == 1 and not deliberate else None
-        self.workers.charge(h.slot, suspect=blamed is not None)
+        # The segments it had begun (Started seen) share the blame; one alone is the culprit (attempts + 1).
+        running = [] if deliberate else [t for t in h.running if t in self._owner]
+        blame = Blame(h.slot, self.workers.resolve) if running else None
+        if h.leave_blame is None:  # a worker leaving because of a segment was charged when it said so
+            self.workers.charge(h.slot, suspect=blame is not None)
         for tid in list(h.outstanding):
             owner = self._owner.pop(tid, None)
             self._abandoned.discard(tid)
             if owner is None:
                 continue
             handle, sid = owner
-            # Only a segment it was running alone can have caused the death; the others are innocent.
-            if tid == blamed:
-                handle._run.blame(sid, h.slot)
-                handle._run.requeue(sid, reason, h, counted=True)
-            else:
-                handle._run.requeue(sid, reason, h, counted=False)
-                if tid in running:  # it shared the worker with others when it died: next time it runs alone
-                    handle._run.suspect_slots.setdefault(sid, [])
+            if blame is not None and tid in running:
+                handle._run.blame(sid, blame)  # before requeue: a segment that turns poison now refunds at once
+            handle._run.requeue(sid, reason, h, counted=len(running) == 1 and tid in running)
         h.outstanding.clear()
         h.running.clear()
         if h.job is not None:

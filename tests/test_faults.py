@@ -107,6 +107,21 @@ def test_poison_segments_do_not_use_up_the_restart_budget(workers, tmp_path, syn
     assert "no_workers" not in out.stdout
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_killer_in_a_batch_dies_alone_and_spares_its_batchmates(workers, tmp_path, synthetic_job,
+                                                                  fishmp_cli) -> None:
+    """Lanes: a death with several segments running blames none; they come back solo, so only the killer is poison
+    and its batchmates keep attempts == 1 (a death while running alone is the only one that counts)."""
+    job = synthetic_job({"a": [f"Line number {i} of a @@slow=0.2@@." for i in range(7)] + ["Killer @@kill@@ here."]})
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_CPU_WORKERS=workers, FISH_BATCH_SIZE="4")
+    assert out.returncode == 1, out.stderr
+    assert segs["a-007"]["error_kind"] == "poison" and "3 times" in segs["a-007"]["error"]
+    innocent = {s: r for s, r in segs.items() if s != "a-007"}
+    assert {r["status"] for r in innocent.values()} == {"done"}
+    assert {r["attempts"] for r in innocent.values()} == {1}
+    assert max(e["batch_size"] for e in events if e["event"] == "worker_ready") == 4
+
+
 def test_restart_budget_drops_the_slot_and_the_job_goes_on(tmp_path, synthetic_job, fishmp_cli) -> None:
     job = synthetic_job({"a": [f"Line {i}." for i in range(6)] + ["Boom @@kill-once@@."]})
     out, events, segs = run(fishmp_cli, job, tmp_path, FISH_MAX_RESTARTS="0")
