@@ -147,6 +147,12 @@ def test_reading_shapes_never_imports_torch_or_runs_code(tiny_checkpoint: str, t
             "print(e.total_bytes > 0, 'torch' in sys.modules, 'fish_speech' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, tiny_checkpoint], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["True", "False", "False"], out.stderr
+    explain = ("import sys; from fishmp.cli import main; rc = main(['plan', '--explain', '--gpus', '24']); "
+               "print(rc, 'torch' in sys.modules, 'fish_speech' in sys.modules)")
+    env = {**os.environ, "FISH_CHECKPOINT_DIR": tiny_checkpoint}
+    out = subprocess.run([sys.executable, "-c", explain], capture_output=True, text=True, timeout=60, env=env,
+                         cwd=str(tmp_path))
+    assert out.stdout.split() == ["0", "False", "False"], out.stderr
     # A pickle that would call anything else is refused with the file's name, not executed.
     evil = tmp_path / "evil.pth"
     with zipfile.ZipFile(evil, "w") as zf:
