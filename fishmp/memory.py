@@ -252,7 +252,10 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
     except (OSError, ValueError) as exc:
         raise CheckpointReadError(f"{cfg_path}: not readable JSON ({exc})") from None
     pb = DTYPE_BYTES[precision]
-    n_layer, n_head, dim = int(cfg["n_layer"]), int(cfg["n_head"]), int(cfg["dim"])
+    missing = [k for k in ("n_layer", "n_head", "dim") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise CheckpointReadError(f"{cfg_path}: no whole-number {', '.join(missing)} (not a Fish Speech config)")
+    n_layer, n_head, dim = cfg["n_layer"], cfg["n_head"], cfg["dim"]
     kv_heads = int(cfg.get("n_local_heads", -1))
     kv_heads = n_head if kv_heads == -1 else kv_heads
     head_dim = int(cfg.get("head_dim") or dim // n_head)
@@ -268,7 +271,7 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
     llm = {k.removeprefix("state_dict.").removeprefix("model."): v for k, v in llm.items()}
     llm_params = _unique_numel(llm)
     codec = _codec_tensors(os.path.join(checkpoint_dir, "codec.pth"))
-    codec_float, codec_other = _unique_numel(codec, True), 0
+    codec_float = _unique_numel(codec, True)
     codec_other = sum({t.storage: t.numel * DTYPE_BYTES.get(t.dtype, 4) for t in codec.values()
                        if not t.dtype.startswith(("float", "bfloat"))}.values())
     ccfg = codec_config(checkpoint_dir)
@@ -279,7 +282,8 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
     llm_buffers = seq * seq + seq * head_dim * pb + codebooks * fast_hd * pb
     codec_buffers = sum(b * b + b * hd * 4 for b, hd in transformers)
 
-    # Activations: the three phases run one after another, so the largest one counts.
+    # Activations: encode, prefill and decode run one after another, but the caching allocator keeps what the encode
+    # reserved when decoding starts (blocks of other sizes): encode + the larger of the two others (H200-calibrated).
     act_bytes = pb  # codec convolutions run in the autocast dtype (float32 stays float32)
     sample_rate = int(ccfg.get("sample_rate", 44100))
     hop = math.prod(ccfg.get("encoder_rates", [2, 4, 8, 8]))

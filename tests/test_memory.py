@@ -161,12 +161,18 @@ def test_reading_shapes_never_imports_torch_or_runs_code(tiny_checkpoint: str, t
         read_tensor_shapes(str(evil))
 
 
-@pytest.mark.parametrize("content,message", [(None, "lacks model.pth"), (b"not a zip", "cannot read as a torch zip")])
-def test_bad_checkpoint_files_are_named(tiny_checkpoint: str, tmp_path, content, message) -> None:
-    for name in ("config.json", "codec.pth", "codec_overrides.json"):
-        (tmp_path / name).write_bytes(open(os.path.join(tiny_checkpoint, name), "rb").read())
+@pytest.mark.parametrize("name,content,message", [
+    ("model.pth", None, "lacks model.pth"),
+    ("model.pth", b"not a zip", r"model\.pth: cannot read as a torch zip"),
+    ("config.json", b"{", r"config\.json: not readable JSON"),
+    ("config.json", b'{"n_layer": 2}', r"config\.json: no whole-number n_head, dim \(not a Fish Speech config\)"),
+])
+def test_bad_checkpoint_files_are_named(tiny_checkpoint: str, tmp_path, name, content, message) -> None:
+    for f in ("config.json", "codec.pth", "codec_overrides.json", "model.pth"):
+        if f != name or content is not None:
+            (tmp_path / f).write_bytes(open(os.path.join(tiny_checkpoint, f), "rb").read())
     if content is not None:
-        (tmp_path / "model.pth").write_bytes(content)
+        (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointReadError, match=message):
         estimate(str(tmp_path))
 
