@@ -22,12 +22,13 @@ import threading
 from collections import deque
 from typing import Any
 
+from .backends import make_worker_pool
 from .config import Settings
 from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
 from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
 from .plan import Plan, make_plan, plan_log_lines
-from .pool import PoolError, WorkerPool, describe_exit, refuse_in_bootstrap
+from .pool import PoolError, describe_exit, refuse_in_bootstrap
 from .progress import EventCallback, make_event
 from .run import JobResult, JobRun, remaining_segments
 from .service import JobHandle, Service
@@ -106,7 +107,7 @@ class Pool:
         for line in plan_log_lines(self.plan):
             log.info(line)
         self.engine_fingerprint = engine_fingerprint(self.settings)
-        self._workers = WorkerPool(self.plan, self.settings)
+        self._workers = make_worker_pool(self.plan, self.settings, n_segments)  # local processes, or Ray actors
         self._service: Service | None = None  # started by the first job (encode drives the workers itself)
         self._lock = threading.Lock()
         self._closed = False

@@ -345,6 +345,8 @@ class Service:
             h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()
             self.last_load_error = msg.message
             log.error("[Worker %s] could not load the model on %s: %s", h.id, h.device, msg.message)
+        elif type(msg).__name__ == "Resized":  # out of memory halved its batch: fewer lanes from now on
+            h.batch_size = max(1, int(msg.batch_size))
         elif isinstance(msg, Started):
             h.running[msg.task] = time.monotonic()  # its deadline starts now
         elif isinstance(msg, Done | Failed):
