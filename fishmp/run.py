@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,3 +264,60 @@ class JobRun:
                              interrupted=signal.Signals(result.interrupted).name if result.interrupted else None,
                              cancelled=self.cancelled, manifest=self.manifest.path))
         return result
+
+
+class Blame:
+    """One death blamed on the segments its worker had begun. It is refunded to the slot as soon as one of them ends
+    as poison; once all of them ended otherwise, the death stays the slot's own."""
+
+    def __init__(self, slot: int, resolve: Callable[[int, bool], None]) -> None:
+        self.slot, self._resolve = slot, resolve
+        self.members: set[tuple[int, str]] = set()
+        self.closed = False
+
+    def add(self, member: tuple[int, str]) -> None:
+        if not self.closed:
+            self.members.add(member)
+
+    def settle(self, member: tuple[int, str], poison: bool) -> None:
+        if self.closed or member not in self.members:
+            return
+        self.members.discard(member)
+        if poison or not self.members:
+            self.closed = True
+            self._resolve(self.slot, poison)
+
+
+class JobHandle:
+    """A submitted job: `result()` waits for its JobResult, `cancel()` stops only this job."""
+
+    def __init__(self, run: JobRun, service: Any) -> None:
+        self._run, self._service = run, service
+        self._done = threading.Event()
+        self._result: JobResult | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def job(self) -> Any:
+        return self._run.job
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop this job: its running segments get FISH_SHUTDOWN_GRACE_S, then it ends (pending ones stay pending)."""
+        self._service.cancel(self)
+
+    def result(self, timeout: float | None = None) -> JobResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(0.2):  # short waits: the main thread stays responsive to signals
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the job is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _set(self, result: JobResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()

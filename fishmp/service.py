@@ -19,74 +19,16 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from .pool import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPool, describe_exit
 from .progress import make_event
-from .run import JobResult, JobRun
+from .run import Blame, JobHandle, JobRun
 from .worker import Done, Failed, LoadFailed, Ready, Started
 
 log = logging.getLogger("fishmp")
 LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
 SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
-
-
-class Blame:
-    """One death blamed on the segments its worker had begun. It is refunded to the slot as soon as one of them ends
-    as poison; once all of them ended otherwise, the death stays the slot's own."""
-
-    def __init__(self, slot: int, resolve: Callable[[int, bool], None]) -> None:
-        self.slot, self._resolve = slot, resolve
-        self.members: set[tuple[int, str]] = set()
-        self.closed = False
-
-    def add(self, member: tuple[int, str]) -> None:
-        if not self.closed:
-            self.members.add(member)
-
-    def settle(self, member: tuple[int, str], poison: bool) -> None:
-        if self.closed or member not in self.members:
-            return
-        self.members.discard(member)
-        if poison or not self.members:
-            self.closed = True
-            self._resolve(self.slot, poison)
-
-
-class JobHandle:
-    """A submitted job: `result()` waits for its JobResult, `cancel()` stops only this job."""
-
-    def __init__(self, run: JobRun, service: Service) -> None:
-        self._run, self._service = run, service
-        self._done = threading.Event()
-        self._result: JobResult | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def job(self) -> Any:
-        return self._run.job
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """Stop this job: its running segments get FISH_SHUTDOWN_GRACE_S, then it ends (pending ones stay pending)."""
-        self._service.cancel(self)
-
-    def result(self, timeout: float | None = None) -> JobResult:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.wait(0.2):  # short waits: the main thread stays responsive to signals
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the job is still running")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def _set(self, result: JobResult | None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-        self._done.set()
 
 
 class Service:
@@ -95,7 +37,7 @@ class Service:
     def __init__(self, workers: WorkerPool) -> None:
         self.workers, self.settings = workers, workers.settings
         self._lock = threading.Lock()
-        self._incoming: list[tuple[JobHandle, Callable[[], None]]] = []
+        self._incoming: list[JobHandle] = []
         self._cancels: list[JobHandle] = []
         self.active: list[JobHandle] = []
         self._owner: dict[str, tuple[JobHandle, str]] = {}  # task id on the wire -> (job, segment id)
@@ -121,7 +63,7 @@ class Service:
                 raise PoolError("this fishmp.Pool is closed: create a new Pool (or use it inside its `with` block)")
             if self.workers.broken:
                 raise PoolError(self.workers.broken)
-            self._incoming.append((handle, lambda: None))
+            self._incoming.append(handle)
         self.workers.wake()
         return handle
 
@@ -145,7 +87,7 @@ class Service:
                     incoming, self._incoming = self._incoming, []
                     cancels, self._cancels = self._cancels, []
                     closing = self._closing
-                for handle, _ in incoming:
+                for handle in incoming:
                     self._start(handle)
                 for handle in cancels:
                     if handle in self.active:
@@ -163,7 +105,7 @@ class Service:
                 handle._set(None, exc)
             with self._lock:
                 self._closing = True
-                for handle, _ in self._incoming:
+                for handle in self._incoming:
                     handle._set(None, exc)
 
     def _start(self, handle: JobHandle) -> None:
