@@ -238,10 +238,9 @@ class JobRun:
     def stop(self, signum: int, cancelled: bool = False) -> None:
         if self.stop_signal is None:
             self.stop_signal, self.cancelled, self.stopping_since = signum, cancelled, time.monotonic()
-            what = "cancelled" if cancelled else signal.Signals(signum).name
-            log.warning("[Main] job %s %s: finishing running segments (up to %gs, FISH_SHUTDOWN_GRACE_S)",
-                        os.path.basename(self.job.source or self.job.output_dir), what,
-                        self.settings.shutdown_grace_s)
+            what = "cancelled" if cancelled else f"{signal.Signals(signum).name} (again to stop now)"
+            log.warning("[Main] %s %s: finishing running segments (up to %gs, FISH_SHUTDOWN_GRACE_S)",
+                        self.job.output_dir, what, self.settings.shutdown_grace_s)
 
     def finish(self, worker_pids: set[int]) -> JobResult:
         """Write the manifest, remove the temp files this process and `worker_pids` (its idle or dead workers) left,
