@@ -98,6 +98,21 @@ def test_a_short_job_behind_a_long_one_finishes_first(tmp_path, voice, clean_env
     assert shared < alone + 2.0  # it waited for one running segment at most, not for the long job
 
 
+def test_priority_weighs_the_share_of_workers(tmp_path, voice, clean_env) -> None:
+    """4 workers, priority 2 vs 1: the first job gets three (2/2 < 1/1 ties go to it), the second one, so when the
+    first finishes the second has done about a third as many segments (equal priorities: 2 + 2, both finish together)."""
+    with synthetic_pool(tmp_path, workers=4) as pool:
+        hi = pool.submit(job_dict(voice, "hi-", 12, slow=0.3), output_dir=str(tmp_path / "hi"), priority=2.0)
+        lo = pool.submit(job_dict(voice, "lo-", 12, slow=0.3), output_dir=str(tmp_path / "lo"), priority=1.0)
+        hi_result = hi.result(timeout=60)
+        assert lo.result(timeout=60).exit_code == 0 and hi_result.exit_code == 0
+    hi_end = max(r["finished_at"] for r in manifest(str(tmp_path / "hi")).values())
+    lo_by_then = sum(1 for r in manifest(str(tmp_path / "lo")).values() if r["finished_at"] <= hi_end)
+    assert lo_by_then <= 8, lo_by_then  # about 4 expected; 12 if the shares were equal
+    with pytest.raises(ValueError, match="priority"):
+        fishmp.Pool.submit(pool, {}, priority=0)
+
+
 def test_cancel_one_of_two_jobs_leaves_the_other_and_the_pool(tmp_path, voice, clean_env) -> None:
     with synthetic_pool(tmp_path, shutdown_grace_s=1.0) as pool:
         doomed = pool.submit(job_dict(voice, "a-", 20, slow=0.3), output_dir=str(tmp_path / "a"))
