@@ -121,23 +121,71 @@ def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: fl
 
 def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: int, out: Any) -> None:
     """n segments through synthesize and through one batched session of `size` rows (refill on): how many give the
-    same audio (= the same codes; exact on CPU float32, on GPU bf16 kernels differ with the batch shape)."""
+    same codes (exact on CPU float32; on GPU bf16 kernels differ with the batch shape), and for the others the frame
+    where the codes first differ and the share of equal codes."""
+    import torch
+
+    codes: list[Any] = []
+    decode = engine._decode
+    engine._decode = lambda c: (codes.append(c.cpu()), decode(c))[1]
     gen = Segments(48, seed=7)
     segs = [gen.next() for _ in range(n)]
-    ref = {key: engine.synthesize(text, speaker, params) for key, text, params in segs}
+    ref: dict[str, Any] = {}
+    try:
+        for key, text, params in segs:
+            codes.clear()
+            engine.synthesize(text, speaker, params)
+            ref[key] = torch.cat(codes, dim=1)
+    finally:
+        engine._decode = decode
     got: dict[str, Any] = {}
     session = engine.open_batch(speaker, size)
     pending = list(segs)
     while pending or session.active():
         while pending and session.free_rows():
             session.add(*pending.pop(0))
-        got.update(session.step())
+        session.step()
+        got.update({k: torch.cat(v, dim=1).cpu() for k, v in session.finished_codes.items()})
     session.close()
-    same = sum(np.array_equal(ref[k].samples, got[k].samples) for k in ref)
-    same_len = sum(ref[k].tokens == got[k].tokens for k in ref)
-    emit(dict(event="match", checkpoint=name, device=engine.device, batch=size, segments=n, identical=same,
-              same_length=same_len, frames_ref=sum(a.tokens for a in ref.values()),
-              frames_batched=sum(a.tokens for a in got.values())), out)
+    first_diff, equal, total = [], 0, 0
+    for key, a in ref.items():
+        b = got[key]
+        m = min(a.shape[1], b.shape[1])
+        same = (a[:, :m] == b[:, :m]).all(dim=0)
+        equal += int((a[:, :m] == b[:, :m]).sum())
+        total += a.numel()
+        if a.shape != b.shape or not bool(same.all()):
+            first_diff.append(int((~same).nonzero()[0]) if not bool(same.all()) else m)
+    emit(dict(event="match", checkpoint=name, device=engine.device, batch=size, segments=n,
+              identical=n - len(first_diff), first_differing_frame=first_diff,
+              equal_code_share=round(equal / max(total, 1), 4), frames_ref=sum(a.shape[1] for a in ref.values()),
+              frames_batched=sum(b.shape[1] for b in got.values())), out)
+
+
+def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out: Any) -> None:
+    """Time single decode steps of a full session of `size` rows, then a torch.profiler table of 3 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    segs = Segments(400, seed=5)
+    session = engine.open_batch(speaker, size)
+    while session.free_rows():
+        session.add(*segs.next())
+    times = []
+    for _ in range(8):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        session.step()
+        sync(engine.device)
+        times.append(round((time.perf_counter() - t0) * 1000, 1))
+    emit(dict(event="profile", checkpoint=name, device=engine.device, batch=size, step_ms=times), out)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            session.step()
+        sync(engine.device)
+    key = "self_cuda_time_total" if engine.device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50), flush=True)
+    session.close()
 
 
 def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
@@ -161,6 +209,8 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     run_batched(engine, speaker, warm, 0.0, min(2, max(args.sizes)), True)
     if args.match:
         match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out)
+    for size in args.profile:
+        profile_steps(engine, speaker, name, size, out)
 
     configs: list[tuple[str, int, bool]] = [] if args.no_baseline else [("baseline", 1, False)]
     for size in args.sizes:
@@ -245,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="FISH_COMPILE for the baseline (batched runs eager)")
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
+    ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")
     ap.add_argument("--no-baseline", action="store_true", help="skip engine.synthesize")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cache-dir", default="/tmp", help="where random checkpoints are cached")
@@ -252,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+        args.profile = [int(s) for s in args.profile.split(",") if s.strip()]
         args.refill = [{"on": True, "off": False}[s.strip()] for s in args.refill.split(",") if s.strip()]
         if not args.sizes or min(args.sizes) < 1 or not args.refill or args.rounds < 1:
             raise ValueError

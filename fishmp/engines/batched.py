@@ -111,6 +111,7 @@ class _Row:
     max_new: int = 0
     first: Any = None  # (11,) the prefill's frame
     pieces: list[np.ndarray] = field(default_factory=list)
+    codes: list[Any] = field(default_factory=list)  # each chunk's codes (10, n), for `finished_codes`
     frames: int = 0
     pending: bool = True  # the current chunk still needs its prefill
     last_main: int = -1  # main token of the last decoded frame
@@ -140,6 +141,7 @@ class FishBatchSession:
         self._im_end = model.tokenizer.get_token_id(import_fish_speech()["inference"].IM_END_TOKEN)
         self._rows: list[_Row | None] = [None] * capacity
         self._broken: str | None = None
+        self.finished_codes: dict[str, list[Any]] = {}  # the codes of the rows the last step finished (diagnostics)
         # The shared prefix: the tokens every chunk's prompt starts with (two different texts agree up to it).
         a, b = encode_prompt(engine, "a", prompt), encode_prompt(engine, "b", prompt)
         n = min(a.shape[1], b.shape[1])
@@ -221,6 +223,7 @@ class FishBatchSession:
         import torch
 
         finished: list[tuple[str, Audio]] = []
+        self.finished_codes = {}
         with torch.inference_mode():
             starting = [i for i, r in enumerate(self._rows)
                         if r is not None and r.pending and r.chunk < len(r.chunks)]
@@ -236,6 +239,7 @@ class FishBatchSession:
                     self._finish_chunk(index, row)  # its next chunk, if any, is prefilled at the next step
                 if row.chunk >= len(row.chunks):
                     samples = np.concatenate(row.pieces) if row.pieces else np.zeros(0, np.float32)
+                    self.finished_codes[row.key] = row.codes
                     finished.append((row.key, Audio(samples=samples, sample_rate=self._engine.sample_rate,
                                                     tokens=row.frames)))
                     self._rows[index] = None
@@ -292,6 +296,7 @@ class FishBatchSession:
         codes = frames[1:, :-1]  # generate_long: drop the final im_end (or last frame when tokens ran out)
         row.frames += codes.shape[1]
         row.pieces.append(self._engine._decode(codes))
+        row.codes.append(codes)
         self._next_chunk(row)
 
     # -- model -----------------------------------------------------------------------------------------------------
@@ -414,6 +419,12 @@ class FishBatchSession:
         if cfg.scale_codebook_embeddings:
             x = torch.where(vq_masks.unsqueeze(-1).expand_as(x), x / math.sqrt(cfg.num_codebooks + 1), x)
         freqs = model.freqs_cis[positions]  # (b, Q, D/2, 2), the bf16 table as upstream
+        if not isinstance(write, slice):
+            # Cache rows x heads flattened, so the write is one index_put with two adjacent leading indices.
+            ids = torch.arange(rows.start, rows.stop, device=self._device) if isinstance(rows, slice) else rows
+            n_kv = cfg.n_local_heads
+            heads = (ids[:, None] * n_kv + torch.arange(n_kv, device=self._device)[None, :])[:, :, None]
+            write = write[:, None, :]  # (b, 1, Q) against heads (b, H, 1)
         for index, layer in enumerate(model.layers):
             att = layer.attention
             h_in = layer.attention_norm(x)
@@ -433,9 +444,9 @@ class FishBatchSession:
                 vc[:, :, write] = v
                 kc, vc = kc[:1, :, :k_len], vc[:1, :, :k_len]
             else:
-                ids = torch.arange(rows.start, rows.stop, device=self._device) if isinstance(rows, slice) else rows
-                self._k[index][ids[:, None], :, write] = k.transpose(1, 2)
-                self._v[index][ids[:, None], :, write] = v.transpose(1, 2)
+                shape = (-1, *self._k[index].shape[2:])
+                self._k[index].view(shape)[heads, write] = k
+                self._v[index].view(shape)[heads, write] = v
                 # decode (a slice of rows): a view of the filled slots; text prefill (row ids): a copy of them
                 kc, vc = self._k[index][rows, :, :k_len], self._v[index][rows, :, :k_len]
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,

@@ -1,0 +1,165 @@
+"""Batched decoding (fishmp.engines.batched) against fish-speech's own batch-1 path, on the tiny checkpoint, CPU fp32.
+
+The reference is `FishSpeechEngine.synthesize` (fish-speech's generate_long, one segment at a time). Equal audio
+samples mean equal codes: the codec is deterministic on CPU, and any differing code changes the samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from fishmp.config import Settings
+from fishmp.engines.base import Audio, SpeakerPrompt, SynthesisParams, TextTooLongError
+from fishmp.engines.fish import FishSpeechEngine
+
+TEXTS = [
+    "Hello there.",
+    "A much longer sentence that goes on for a while, with commas, clauses and quite a few more words in it.",
+    "Hi!",
+    "Number four is here to stay, or so it says.",
+    "Five.",
+    "The sixth line of the job is of middling length.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: str) -> Iterator[FishSpeechEngine]:
+    import torch
+
+    # One thread: the tiny model's matrices are too small to gain from more, and a busy CI machine makes spinning
+    # OpenMP threads slow. Both paths under test run with the same setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    eng = FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint), "cpu")
+    eng.load()
+    yield eng
+    torch.set_num_threads(threads)
+
+
+def speaker(key: str, seed: int, frames: int = 60) -> SpeakerPrompt:
+    tokens = np.random.default_rng(seed).integers(0, 1024, (10, frames))
+    return SpeakerPrompt(key=key, tokens=tokens, text=f"This is the voice of {key}, speaking.")
+
+
+def run_session(engine: FishSpeechEngine, voice: SpeakerPrompt | None, items: list[tuple[str, str, SynthesisParams]],
+                capacity: int, refill: bool = True) -> dict[str, Audio]:
+    """Decode items through one session; refill=False waits for the whole batch before adding more."""
+    session = engine.open_batch(voice, capacity)
+    pending, out = list(items), {}
+    while pending or session.active():
+        if refill or session.active() == 0:
+            while pending and session.free_rows():
+                session.add(*pending.pop(0))
+        out.update(session.step())
+    session.close()
+    return out
+
+
+def assert_same(ref: dict[str, Audio], got: dict[str, Audio]) -> None:
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        assert got[key].tokens == ref[key].tokens, key
+        assert np.array_equal(got[key].samples, ref[key].samples), key
+        assert got[key].sample_rate == ref[key].sample_rate
+
+
+def references(engine: FishSpeechEngine, voice: SpeakerPrompt | None,
+               items: list[tuple[str, str, SynthesisParams]]) -> dict[str, Audio]:
+    return {key: engine.synthesize(text, voice, params) for key, text, params in items}
+
+
+def test_seeded_sampling_matches_batch_one_whatever_the_batch(engine: FishSpeechEngine) -> None:
+    voice = speaker("alice", 1)
+    items = [(f"s{i}", t, SynthesisParams(seed=10 + i, max_new_tokens=10 + 5 * i, temperature=0.9, top_p=0.85,
+                                          repetition_penalty=1.2 if i % 2 else 1.1))
+             for i, t in enumerate(TEXTS)]
+    ref = references(engine, voice, items)
+    assert len({a.tokens for a in ref.values()}) > 2  # mixed lengths, so rows finish at different steps
+    assert_same(ref, run_session(engine, voice, items, capacity=1))
+    assert_same(ref, run_session(engine, voice, items, capacity=6))  # all at once, mixed text lengths
+    assert_same(ref, run_session(engine, voice, items, capacity=3))  # rows added mid-flight by refill
+    assert_same(ref, run_session(engine, voice, items, capacity=3, refill=False))
+    # Other batchmates: the same segment among different ones, in another order.
+    again = run_session(engine, voice, [items[3], items[0], ("x", "Another text entirely.", SynthesisParams(seed=5))],
+                        capacity=3)
+    assert_same({k: ref[k] for k in ("s3", "s0")}, {k: again[k] for k in ("s3", "s0")})
+
+
+def test_greedy_matches_batch_one(engine: FishSpeechEngine) -> None:
+    # fish-speech always samples; a top_p below 1 / vocabulary (<= the best token's probability) keeps only the best
+    # token, so the draw is an argmax and no RNG is involved (seed None). (0.01 is not greedy on a random model.)
+    voice = speaker("bob", 2)
+    assert 1e-4 < 1 / 4096 and 1e-4 < 1 / len(engine._model.tokenizer.semantic_id_to_token_id)
+    items = [(f"g{i}", t, SynthesisParams(top_p=1e-4, temperature=0.5, max_new_tokens=12 + 5 * i))
+             for i, t in enumerate(TEXTS[:4])]
+    assert_same(references(engine, voice, items), run_session(engine, voice, items, capacity=3))
+
+
+def test_two_speakers_are_two_sessions(engine: FishSpeechEngine) -> None:
+    a, b = speaker("carol", 3, frames=40), speaker("dave", 4, frames=90)
+    items_a = [(f"a{i}", t, SynthesisParams(seed=i, max_new_tokens=12)) for i, t in enumerate(TEXTS[:3])]
+    items_b = [(f"b{i}", t, SynthesisParams(seed=i, max_new_tokens=12)) for i, t in enumerate(TEXTS[3:])]
+    ref_a, ref_b = references(engine, a, items_a), references(engine, b, items_b)
+    # Interleaved: both sessions open at once, stepping in turn (two lanes of one worker).
+    sa, sb = engine.open_batch(a, 2), engine.open_batch(b, 2)
+    pa, pb, got = list(items_a), list(items_b), {}
+    while pa or pb or sa.active() or sb.active():
+        for session, pending in ((sa, pa), (sb, pb)):
+            while pending and session.free_rows():
+                session.add(*pending.pop(0))
+            got.update(session.step())
+    assert_same({**ref_a, **ref_b}, got)
+    # No speaker prompt at all.
+    plain = [("n0", "Without a reference voice.", SynthesisParams(seed=3, max_new_tokens=12))]
+    assert_same(references(engine, None, plain), run_session(engine, None, plain, capacity=2))
+
+
+def test_long_text_chunks_follow_batch_one(engine: FishSpeechEngine) -> None:
+    voice = speaker("erin", 5)
+    limit = engine.max_seq_len - 2048
+    long = " ".join(f"Sentence number {i} carries a few words of its own to make the text long." for i in range(12))
+    assert engine.prompt_length(long, engine._speaker_prompt(voice)) > limit  # split into chunks, seeded seed + k
+    items = [("long", long, SynthesisParams(seed=9, max_new_tokens=8)),
+             ("short", "Short.", SynthesisParams(seed=1, max_new_tokens=20))]
+    ref = references(engine, voice, items)
+    assert ref["long"].tokens > 8  # more than one chunk's frames
+    assert_same(ref, run_session(engine, voice, items, capacity=2))
+
+
+def test_bad_input_on_add_leaves_other_rows_untouched(engine: FishSpeechEngine) -> None:
+    voice = speaker("fay", 6)
+    good = ("ok", TEXTS[1], SynthesisParams(seed=4, max_new_tokens=16))
+    ref = references(engine, voice, [good])
+    session = engine.open_batch(voice, 3)
+    session.add(*good)
+    out = dict(session.step())
+    with pytest.raises(ValueError, match="top_p"):
+        session.add("bad-params", "Fine text.", SynthesisParams(top_p=1.5))
+    with pytest.raises(TextTooLongError, match="segment too-long"):
+        session.add("too-long", "x" * 5000, SynthesisParams())
+    assert session.active() == 1 and session.free_rows() == 2
+    while session.active():
+        out.update(session.step())
+    assert_same(ref, out)
+    session.close()
+
+
+def test_capacity_accounting_and_empty_text(engine: FishSpeechEngine) -> None:
+    voice = speaker("gus", 7)
+    session = engine.open_batch(voice, 2)
+    assert (session.capacity, session.free_rows(), session.active()) == (2, 2, 0)
+    session.add("empty", "   ", SynthesisParams())
+    session.add("one", "One.", SynthesisParams(seed=1, max_new_tokens=5))
+    with pytest.raises(RuntimeError, match="full"):
+        session.add("three", "Three.", SynthesisParams())
+    out: dict[str, Audio] = {}
+    while session.active():
+        out.update(session.step())
+    assert out["empty"].tokens == 0 and len(out["empty"].samples) == 0
+    assert_same(references(engine, voice, [("one", "One.", SynthesisParams(seed=1, max_new_tokens=5))]),
+                {"one": out["one"]})
+    session.close()
+    assert session.step() == []
