@@ -27,7 +27,7 @@ from .engines import (
     SynthesisParams,
     TextTooLongError,
 )
-from .worker import EncodeTask, Failed, SegmentTask, Started
+from .worker import EncodeTask, Failed, Resized, SegmentTask, Started
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
@@ -197,7 +197,10 @@ class LaneRunner:
             raise Leave
         retry: list[SegmentTask] = []
         if oom and capacity > 1:
-            self.capacity = max(1, min(self.capacity, capacity // 2))
+            shrunk = max(1, min(self.capacity, capacity // 2))
+            if shrunk < self.capacity:
+                self.capacity = shrunk
+                self.send(Resized(self.worker_id, shrunk))
             retry = tasks
         elif len(tasks) > 1:  # who broke the batch is unknown: each row alone (not counted), so only the culprit fails
             self.solo.update(t.id for t in tasks)

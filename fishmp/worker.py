@@ -21,6 +21,8 @@ Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.
 - `SegmentTask.solo`: run it in a session of its own. The main process sets it for a segment whose earlier attempt
   died with its worker (or came back in a `Failed` with input_error False), so a poison segment cannot take its
   batchmates down again.
+- `Resized(batch_size)`: out of memory halved this worker's batch; tasks beyond the new lanes wait unstarted in the
+  worker (no Started), so the main process may dispatch fewer (ignoring the message is safe).
 - A worker that leaves on purpose sends `Failed(input_error=False)` for the tasks it blames first; the other tasks
   outstanding on it were innocent (requeue them without counting an attempt).
 
@@ -89,6 +91,14 @@ class Ready:
     device: str
     load_seconds: float
     batch_size: int = 1  # lanes: the main process may have batch_size running + 1 queued tasks outstanding here
+
+
+@dataclass(frozen=True)
+class Resized:
+    """The worker's batch shrank after running out of memory: it now offers `batch_size` lanes (for good)."""
+
+    worker: str
+    batch_size: int
 
 
 @dataclass(frozen=True)

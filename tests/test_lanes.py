@@ -19,7 +19,7 @@ import soundfile as sf
 from conftest import jsonl_events, synthetic_env
 
 from fishmp.config import Settings
-from fishmp.worker import Done, Failed, LoadFailed, Ready, SegmentTask, SpeakerRef, Started, worker_main
+from fishmp.worker import Done, Failed, LoadFailed, Ready, Resized, SegmentTask, SpeakerRef, Started, worker_main
 
 pytestmark = pytest.mark.timeout(180)
 FAST = {"FISH_SYNTHETIC_LOAD_S": "0.3", "FISH_SYNTHETIC_SECONDS_PER_CHAR": "0.002"}
@@ -212,6 +212,7 @@ def test_oom_shrinks_the_batch_and_keeps_the_audio(tmp_path, monkeypatch, voice)
     w.send(*tasks)
     run = w.collect({t.id for t in tasks})
     assert set(run.done()) == {t.id for t in tasks} and not run.failed()
+    assert [m.batch_size for _, m in run.messages if isinstance(m, Resized)] == [2]  # 4 -> 2, said once
     assert w.proc.is_alive() and w.stop() == 0
     ref = Worker(tmp_path, monkeypatch, 1, FISH_SYNTHETIC_MAX_ROWS="")
     alone = tasks_for(tmp_path, a, TEXTS, "alone-")
