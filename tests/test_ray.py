@@ -254,6 +254,18 @@ def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, ma
     assert time.monotonic() - t0 < 30
 
 
+def test_the_selector_gives_the_ray_pool_for_fish_backend_ray(ray_cluster) -> None:
+    from fishmp.backends.ray_pool import RayWorkerPool
+
+    settings = Settings(engine="synthetic", cpu_workers=2)
+    object.__setattr__(settings, "backend", "ray")  # what FISH_BACKEND=ray sets once config.py has the field
+    pool = make_worker_pool(make_plan([], settings), settings, n_segments=1)
+    try:
+        assert isinstance(pool, RayWorkerPool) and len(pool.ray_slots) == 1 and len(pool.handles) == 1  # job-sized
+    finally:
+        pool.close()
+
+
 def test_gpu_actors_ask_ray_for_their_fraction_and_are_reported_when_it_has_none(ray_cluster) -> None:
     """A (simulated) 24 GB GPU on this CPU-only node: two actors ask for 0.5 GPU each; Ray has none to give, so both
     are reported as unplaceable at once (Ray knows this node can never fit them) instead of waiting forever."""
