@@ -220,11 +220,10 @@ class Service:
         # all), then queue one task behind each worker so it never waits on this process. A queued task is committed
         # early, which is only worth it for short ones: near the end, or for a task longer than a fair share of what
         # is left (half the pending work per worker), it is left for whichever worker frees up first.
-        pending = sum(j._run.sched.pending_count for j in jobs)
-        top = max(h.batch_size for h in ready) + (1 if pending >= 2 * len(ready) else 0)
-        for target in range(1, top + 1):
+        ahead = sum(j._run.sched.pending_count for j in jobs) >= 2 * len(ready)  # else no queue-ahead (the end)
+        for target in range(1, max(h.batch_size for h in ready) + 2):
             for h in ready:
-                lanes = h.batch_size + (1 if target > h.batch_size else 0)
+                lanes = h.batch_size + int(ahead)  # B running + 1 queued behind them
                 unstarted = sum(1 for t in h.outstanding if t not in h.running)
                 if target > lanes or unstarted + len(h.running) >= target or h.solo & set(h.outstanding):
                     continue  # full, or running a suspect alone (nothing may share its death)
