@@ -219,3 +219,17 @@ def test_two_jobs_from_threads_with_the_fish_engine(tmp_path, voice, tiny_checkp
     assert {n: r.count("done") for n, r in results.items()} == {"x": 3, "y": 3}
     for name in ("x", "y"):
         assert sorted(manifest(str(tmp_path / name))) == [f"{name}-{i}" for i in range(3)]
+
+
+def test_remaining_segments_counts_what_a_resumed_run_would_do(tmp_path, voice, clean_env) -> None:
+    from fishmp.api import as_job, remaining_segments
+
+    job = as_job(job_dict(voice, "a-", 4), str(tmp_path / "out"))
+    assert remaining_segments(job, "synthetic") == 4
+    with synthetic_pool(tmp_path, workers=1) as pool:
+        assert pool.generate(job).exit_code == 0
+    assert remaining_segments(job, "synthetic") == 0
+    os.unlink(tmp_path / "out" / "a-2.wav")
+    assert remaining_segments(job, "synthetic") == 1
+    assert remaining_segments(job, "synthetic", resume=False) == 4
+    assert remaining_segments(job, "fish:other-checkpoint") == 4  # another engine: everything is redone
