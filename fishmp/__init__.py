@@ -5,6 +5,8 @@ Public surface (everything else is internal):
     Settings            configuration (config.py); ConfigError for bad values
     Job, load_job       the job format (job.py); JobError for invalid jobs
     JobResult           what a job produced (run.py)
+    OutputDirBusy, ManifestError, OutputDirError
+                        an output directory another job holds, or a manifest.json fishmp did not write (results.py)
 Importing fishmp is cheap: no torch, no NVML, no `.env`.
 """
 
@@ -13,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "Job", "JobError", "JobResult", "Pool", "Settings", "generate", "load_job"]
+__all__ = ["ConfigError", "Job", "JobError", "JobResult", "ManifestError", "OutputDirBusy", "OutputDirError", "Pool",
+           "Settings", "generate", "load_job"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import fishmp` stays light for a backend that only plans
@@ -29,6 +32,10 @@ def __getattr__(name: str) -> Any:  # lazy: `import fishmp` stays light for a ba
         from . import job
 
         return getattr(job, name)
+    if name in ("OutputDirError", "OutputDirBusy", "ManifestError"):
+        from . import results
+
+        return getattr(results, name)
     if name == "JobResult":
         from .run import JobResult
 

@@ -151,7 +151,13 @@ class Settings:
     output_root: str | None = _setting(
         None, "FISH_OUTPUT_ROOT", lambda s: os.path.expanduser(s.strip()) or None,
         lambda v: v is None or (isinstance(v, str) and bool(v)),
-        "a directory that job files' output_dir must lie inside (empty: no restriction)")
+        "a directory that job files' output_dir must lie inside (empty: the job file's own directory)")
+    backend: str = _setting(
+        "local", "FISH_BACKEND", lambda s: s.strip().lower(), lambda v: v in ("local", "ray"),
+        "local (worker processes on this machine) or ray (Ray actors on a cluster; pip install 'fishmp[ray]')")
+    ray_address: str | None = _setting(
+        None, "FISH_RAY_ADDRESS", _opt_str, lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+        "a running Ray cluster: auto, the head's HOST:6379 or ray://HOST:10001 (empty: start a local Ray instance)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
