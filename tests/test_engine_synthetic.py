@@ -255,6 +255,9 @@ def test_batch_faults_per_row(monkeypatch, tmp_path) -> None:
         session.add(key, "fine", PARAMS)
     with pytest.raises(EngineOutOfMemoryError, match="FISH_SYNTHETIC_MAX_ROWS=2"):
         session.step()
+    monkeypatch.setenv("FISH_SYNTHETIC_MAX_CAPACITY", "2")
+    with pytest.raises(EngineOutOfMemoryError, match="FISH_SYNTHETIC_MAX_CAPACITY=2"):  # preallocating 3 rows
+        SyntheticEngine(Settings(engine="synthetic"), "cpu").open_batch(VOICE, 3)
     session = eng.open_batch(VOICE, 2)
     session.add("a", "x @@oom-once@@", PARAMS)
     with pytest.raises(EngineOutOfMemoryError):

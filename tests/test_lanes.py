@@ -223,6 +223,18 @@ def test_oom_shrinks_the_batch_and_keeps_the_audio(tmp_path, monkeypatch, voice)
         assert np.array_equal(samples(t.output), samples(t1.output))
 
 
+def test_oom_opening_a_session_shrinks_the_batch(tmp_path, monkeypatch, voice) -> None:
+    a = voice()
+    w = Worker(tmp_path, monkeypatch, 8, FISH_SYNTHETIC_MAX_CAPACITY="2")  # 8 rows cannot be allocated, nor 4
+    tasks = tasks_for(tmp_path, a, TEXTS[:5])
+    w.send(*tasks)
+    run = w.collect({t.id for t in tasks})
+    assert set(run.done()) == {t.id for t in tasks} and not run.failed()
+    assert [m.batch_size for _, m in run.messages if isinstance(m, Resized)] == [4, 2]
+    assert run.started_order() == [t.id for t in tasks]  # each Started once, in order, despite the retries
+    assert w.proc.is_alive() and w.stop() == 0
+
+
 def test_oom_at_batch_1_fails_the_segment_and_recycles(tmp_path, monkeypatch, voice) -> None:
     a = voice()
     w = Worker(tmp_path, monkeypatch, 4)

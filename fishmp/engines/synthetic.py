@@ -9,6 +9,8 @@ characters needs L decode steps, and one step of R rows costs STEP_S + STEP_ROW_
   FISH_SYNTHETIC_STEP_S            fixed cost of one step (default 0.85 x SECONDS_PER_CHAR)
   FISH_SYNTHETIC_STEP_ROW_S        cost of each row in a step (default 0.15 x SECONDS_PER_CHAR)
   FISH_SYNTHETIC_MAX_ROWS          a step with more rows raises EngineOutOfMemoryError (default: no limit)
+  FISH_SYNTHETIC_MAX_CAPACITY      open_batch with a larger capacity raises EngineOutOfMemoryError, as a real engine
+                                   preallocating its KV rows would (default: no limit)
 So one row alone costs what synthesize() costs, and 8 rows together take 2.05/8 of the time of 8 alone (3.9x).
 `step()` advances every row by up to 8 steps at once (sleeping for all of them), so refill happens at that grain.
 A row's fault markers fire at its first step in a session (a kill in one row kills the whole process, as a real
@@ -91,6 +93,7 @@ class SyntheticEngine:
         self.step_s = _env_float("FISH_SYNTHETIC_STEP_S", 0.85 * self.seconds_per_char)
         self.step_row_s = _env_float("FISH_SYNTHETIC_STEP_ROW_S", 0.15 * self.seconds_per_char)
         self.max_rows = _env_rows("FISH_SYNTHETIC_MAX_ROWS")
+        self.max_capacity = _env_rows("FISH_SYNTHETIC_MAX_CAPACITY")
         self.state_dir = os.environ.get("FISH_SYNTHETIC_STATE_DIR") or None
         self.load_fault = os.environ.get("FISH_SYNTHETIC_LOAD_FAULT", "").strip().lower() or None
         if self.load_fault not in (None, *LOAD_FAULTS):
@@ -160,6 +163,9 @@ class SyntheticEngine:
         return self._audio(text, speaker)
 
     def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> SyntheticBatch:
+        if self.max_capacity is not None and capacity > self.max_capacity:
+            raise EngineOutOfMemoryError(f"synthetic out of memory: a session of {capacity} rows "
+                                         f"(FISH_SYNTHETIC_MAX_CAPACITY={self.max_capacity})")
         return SyntheticBatch(self, speaker, capacity)
 
     @staticmethod
