@@ -203,10 +203,18 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     rng = np.random.default_rng(1)
     speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
                             text="This is the reference transcript of the benchmark voice, a sentence or two long.")
-    # Warm-up (allocator, kernels): one short segment each way, not timed.
-    warm = Segments(4, seed=99)
+    # Warm-up, not timed: one short segment, then a few steps at every batch size (the first step at a new shape
+    # pays kernel selection: seconds at B=64 on an H200).
     engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
-    run_batched(engine, speaker, warm, 0.0, min(2, max(args.sizes)), True)
+    warm = Segments(8, seed=99)
+    for size in args.sizes:
+        session = engine.open_batch(speaker, size)
+        while session.free_rows():
+            session.add(*warm.next())
+        for _ in range(3):
+            session.step()
+        session.close()
+    sync(args.device)
     if args.match:
         match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out)
     for size in args.profile:
