@@ -78,7 +78,6 @@ def test_seeded_sampling_matches_batch_one_whatever_the_batch(engine: FishSpeech
              for i, t in enumerate(TEXTS)]
     ref = references(engine, voice, items)
     assert len({a.tokens for a in ref.values()}) > 2  # mixed lengths, so rows finish at different steps
-    assert_same(ref, run_session(engine, voice, items, capacity=1))
     assert_same(ref, run_session(engine, voice, items, capacity=6))  # all at once, mixed text lengths
     assert_same(ref, run_session(engine, voice, items, capacity=3))  # rows added mid-flight by refill
     assert_same(ref, run_session(engine, voice, items, capacity=3, refill=False))
@@ -114,7 +113,7 @@ def test_two_speakers_are_two_sessions(engine: FishSpeechEngine) -> None:
     assert_same({**ref_a, **ref_b}, got)
     # No speaker prompt at all.
     plain = [("n0", "Without a reference voice.", SynthesisParams(seed=3, max_new_tokens=12))]
-    assert_same(references(engine, None, plain), run_session(engine, None, plain, capacity=2))
+    assert_same(references(engine, None, plain), run_session(engine, None, plain, capacity=1))
 
 
 def test_long_text_chunks_follow_batch_one(engine: FishSpeechEngine) -> None:

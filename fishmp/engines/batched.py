@@ -125,14 +125,13 @@ class _Row:
 class FishBatchSession:
     """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine, for one speaker."""
 
-    def __init__(self, engine: FishSpeechEngine, prompt: tuple[Any, str] | None, capacity: int,
-                 speaker_name: str | None = None) -> None:
+    def __init__(self, engine: FishSpeechEngine, prompt: tuple[Any, str] | None, capacity: int) -> None:
         import torch
 
         if capacity < 1:
             raise ValueError(f"batch capacity must be >= 1, not {capacity}")
         self.capacity = capacity
-        self._engine, self._prompt, self._speaker = engine, prompt, speaker_name
+        self._engine, self._prompt = engine, prompt
         model = engine._model
         self._model, self._device, self._dtype = model, torch.device(engine.device), engine._dtype
         cfg = model.config
