@@ -1,7 +1,8 @@
 """fishmp: turn "these speakers, these lines" into cloned-voice wavs with Fish Speech on every GPU you have.
 
 Public surface (everything else is internal):
-    Pool, generate      run jobs with model-loaded workers (api.py)
+    Pool, generate      run jobs with model-loaded workers (api.py); Pool.submit -> JobHandle (.result, .cancel);
+                        PoolError for a closed or unusable pool
     Settings            configuration (config.py); ConfigError for bad values
     Job, load_job       the job format (job.py); JobError for invalid jobs
     JobResult           what a job produced (run.py)
@@ -15,12 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "Job", "JobError", "JobResult", "ManifestError", "OutputDirBusy", "OutputDirError", "Pool",
-           "Settings", "generate", "load_job"]
+__all__ = ["ConfigError", "Job", "JobError", "JobHandle", "JobResult", "ManifestError", "OutputDirBusy", "OutputDirError",
+           "Pool", "PoolError", "Settings", "generate", "load_job"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import fishmp` stays light for a backend that only plans
-    if name in ("Pool", "generate"):
+    if name in ("Pool", "generate", "PoolError", "JobHandle"):
         from . import api
 
         return getattr(api, name)

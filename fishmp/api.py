@@ -27,7 +27,7 @@ from .config import Settings
 from .engines.checkpoint import engine_fingerprint
 from .gpus import GPU, nvml_inventory, select_devices
 from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
-from .plan import Plan, make_plan, plan_log_lines
+from .plan import Plan, make_plan, memory_check, plan_log_lines
 from .pool import PoolError, describe_exit, refuse_in_bootstrap
 from .progress import EventCallback, make_event
 from .run import JobResult, JobRun, remaining_segments
@@ -39,7 +39,28 @@ log = logging.getLogger("fishmp")
 
 def plan_for(settings: Settings, gpus: list[GPU] | None = None, n_segments: int | None = None) -> Plan:
     inventory = nvml_inventory() if gpus is None else gpus
-    return make_plan(select_devices(inventory, settings.devices), settings, n_segments)
+    selected = select_devices(inventory, settings.devices)
+    estimate = _estimate_if_readable(settings) if selected else None
+    row_gib = estimate.kv_row_bytes / 1024**3 if estimate else None  # exact per-row KV of this checkpoint
+    plan = make_plan(selected, settings, n_segments, row_gib=row_gib)
+    if estimate:  # say before loading anything when a GPU cannot hold even one worker
+        for line in memory_check(plan, estimate.total_gib, row_gib or 0.0):
+            log.warning(line)
+    return plan
+
+
+def _estimate_if_readable(settings: Settings) -> Any:
+    """The torch-free memory estimate of the Fish checkpoint, or None (synthetic engine, checkpoint not readable:
+    the plan then uses FISH_MODEL_MEMORY_GB and S1-mini's row size alone)."""
+    if settings.engine != "fish":
+        return None
+    from .explain import estimate_for
+    from .memory import CheckpointReadError
+
+    try:
+        return estimate_for(settings)
+    except (CheckpointReadError, OSError):
+        return None
 
 
 FRAMES_PER_SECOND = 44100 / 2048  # S1 codec: one semantic frame per 2048 samples at 44.1 kHz

@@ -119,7 +119,7 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
 
     if not gpus:
         n = min(settings.cpu_workers, cap_total or settings.cpu_workers)
-        mode = "single" if single or (n == 1 and settings.multiprocess_mode == "auto") else "cpu"
+        mode = "single" if single else "cpu"
         return Plan(mode=mode, gpus=(), cpu_workers=n, warnings=tuple(warnings))
 
     limits, plans_pre = [], []
@@ -151,7 +151,7 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
     dealt = _deal(limits, total)
     gpu_plans = tuple(GpuPlan(g, available, capacity, w, rows, mem)
                       for (g, available, capacity), w in zip(plans_pre, dealt, strict=True))
-    mode = "single" if single or (total == 1 and settings.multiprocess_mode == "auto") else "multiprocess"
+    mode = "single" if single else "multiprocess"
     return Plan(mode=mode, gpus=gpu_plans, cpu_workers=0, warnings=tuple(warnings))
 
 

@@ -61,7 +61,8 @@ def test_log_lines_match_the_guide() -> None:
 
 def test_at_least_one_worker_with_warning() -> None:
     plan = make_plan(parse_gpu_spec("small:6"), Settings(model_memory_gb=8.0))
-    assert plan.workers == 1 and plan.mode == "single"
+    # auto runs even a lone worker as a child process (deadlines, SIGTERM and crashes work as with many)
+    assert plan.workers == 1 and plan.mode == "multiprocess"
     assert any("less than FISH_MODEL_MEMORY_GB" in w for w in plan.warnings)
 
 
@@ -98,7 +99,8 @@ def test_single_mode_is_one_in_process_worker() -> None:
 def test_no_gpu_uses_cpu_workers() -> None:
     plan = make_plan([], Settings(cpu_workers=2))
     assert plan.mode == "cpu" and plan.workers == 2 and plan.slots() == [("cpu", None)] * 2
-    assert make_plan([], Settings()).mode == "single"
+    assert make_plan([], Settings()).mode == "cpu"
+    assert make_plan([], Settings(multiprocess_mode="false")).mode == "single"
 
 
 def test_slots_interleave_gpus() -> None:
