@@ -90,8 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                         "fish_simple_encode.py into DIR (the backend's script directory), each exec'ing this Python "
                         "with -m fishmp generate|encode. Scripts there that are not shims are kept as NAME.orig.")
     si.add_argument("dir", metavar="DIR")
-    si.add_argument("--output-root", metavar="PATH", help="FISH_OUTPUT_ROOT for the shims (unless the environment "
-                    "sets one): the directory the backend's output_dirs lie under, since its configs are temp files")
+    # Required: the backend's configs are temp files naming output_dirs elsewhere, which fishmp refuses unless they lie
+    # under FISH_OUTPUT_ROOT; without it every job would fail after the switch.
+    si.add_argument("--output-root", metavar="PATH", required=True, help="FISH_OUTPUT_ROOT for the shims (unless the "
+                    "environment sets one): the directory the backend's output_dirs lie under, since its configs are "
+                    "temp files (a config whose output_dir is elsewhere is refused)")
     sub.add_parser("schema", help="print the JSON Schema of fishmp's job format",
                    description="Print the JSON Schema (draft 2020-12) of fishmp's job format on stdout, for apps "
                    "that build job files. Loading a job checks more (files exist, unique ids, outputs inside).")

@@ -61,9 +61,14 @@ def test_resume_plans_workers_for_the_segments_left(tmp_path: Path, synthetic_jo
 
 def test_install_legacy_scripts_into_a_file_is_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
-    out = run_fishmp(["install-legacy-scripts", "afile"], str(tmp_path), timeout=60)
+    out = run_fishmp(["install-legacy-scripts", "afile", "--output-root", "out"], str(tmp_path), timeout=60)
     assert out.returncode == 2 and out.stderr.startswith("fishmp: cannot install the legacy scripts in afile")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_install_legacy_scripts_needs_the_output_root(tmp_path: Path) -> None:
+    out = run_fishmp(["install-legacy-scripts", "scripts"], str(tmp_path), timeout=60)
+    assert out.returncode == 2 and "--output-root" in out.stderr and not (tmp_path / "scripts").exists()
 
 
 def test_a_second_job_on_a_busy_output_directory_is_one_line_and_exit_3(tmp_path: Path, synthetic_job) -> None:
