@@ -26,7 +26,8 @@ log = logging.getLogger("fishmp")
 EPILOG = """environment (also read from ./.env; the real environment wins): FISH_MULTIPROCESS_MODE, FISH_MODEL_MEMORY_GB,
 FISH_CHECKPOINT_DIR, FISH_PRECISION, FISH_COMPILE, FISH_DEVICES, FISH_MAX_WORKERS, FISH_MEMORY_RESERVE,
 FISH_CPU_WORKERS, FISH_ENGINE ... see .env.example. Exit codes: 0 ok, 1 some segments failed, 2 invalid job or
-configuration, 130/143 interrupted."""
+configuration, 3 output directory in use by another job, 130/143 interrupted (legacy configs: 0 when anything was
+done). FISH_BATCH_SIZE, FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
 
 
 def _parser() -> argparse.ArgumentParser:
