@@ -103,22 +103,16 @@ def ray_cluster():
 
 @pytest.fixture
 def ray_pool(ray_cluster, monkeypatch):
-    """ray_pool(placement_timeout_s=None, **settings) -> fishmp.Pool whose workers are Ray actors.
-
-    Through FISH_BACKEND=ray once config.py and the api have it; otherwise (and for a test's own placement timeout)
-    the api's pool factory is swapped for the Ray pool, so the api and its loop are the real ones either way."""
-    from fishmp.backends.ray_pool import RayWorkerPool
+    """ray_pool(placement_timeout_s=None, **settings) -> fishmp.Pool whose workers are Ray actors, through
+    FISH_BACKEND=ray; a test's own placement timeout goes through the api's pool factory (the loop is the real one)."""
 
     def make(placement_timeout_s: float | None = None, **settings: object) -> fishmp.Pool:
-        wired = "backend" in Settings.variables() and hasattr(fishmp.api, "make_worker_pool")
-        if wired and placement_timeout_s is None:
+        from fishmp.backends.ray_pool import RayWorkerPool
+
+        if placement_timeout_s is None:
             return fishmp.Pool(backend="ray", **settings)
-        if hasattr(fishmp.api, "make_worker_pool"):
-            monkeypatch.setattr(fishmp.api, "make_worker_pool", lambda plan, s, n_segments=None: RayWorkerPool(
-                plan, s, n_segments=n_segments, placement_timeout_s=placement_timeout_s))
-        else:
-            monkeypatch.setattr(fishmp.api, "WorkerPool", lambda plan, s: RayWorkerPool(
-                plan, s, placement_timeout_s=placement_timeout_s))
+        monkeypatch.setattr(fishmp.api, "make_worker_pool", lambda plan, s, n_segments=None: RayWorkerPool(
+            plan, s, n_segments=n_segments, placement_timeout_s=placement_timeout_s))
         return fishmp.Pool(**settings)
 
     return make
@@ -184,12 +178,16 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
 
     with ray_pool(cache_dir=str(tmp_path / "c"), **SYNTH) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=on_event)
+        restarts = list(pool._workers.restarts)
     assert result.exit_code == 0 and result.count("done") == 10
     died = [e for e in events if e["event"] == "worker_died"]
     assert len(died) == 1 and died[0]["worker"] == "w0" and died[0]["pid"] == killed[0]
     assert "its Ray actor on" in died[0]["reason"] and "died" in died[0]["reason"], died
+    # One replacement was started for w0's slot; under load the job can end (w1 doing the requeued work) before
+    # the replacement actor is ready, so count the restart, not a worker_ready event.
+    assert restarts == [1, 0]
     replacements = {e["worker"] for e in events if e["event"] == "worker_ready"} - {"w0", "w1"}
-    assert len(replacements) == 1  # one restart
+    assert len(replacements) <= 1
     assert [e for e in events if e["event"] == "segment_requeued"]
     done_ids = [e["id"] for e in events if e["event"] == "segment_done"]
     assert sorted(done_ids) == sorted(result.records)  # each exactly once
@@ -201,6 +199,8 @@ def test_killed_actor_mid_job_loses_nothing(tmp_path, make_wav, ray_pool, monkey
     import tempfile
 
     pids = {e["pid"] for e in events if e["event"] == "worker_ready"}
+    if not replacements:  # the job ended before the replacement was ready: nobody on that node has swept yet
+        pids.discard(killed[0])
     # The killed actor's temp dir was swept by its replacement; the others removed theirs when the pool closed.
     assert not [p for pid in pids for p in glob.glob(os.path.join(tempfile.gettempdir(), f"fishmp-ray-out-{pid}-*"))]
 
@@ -241,17 +241,19 @@ def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, ma
     """Two CPU workers per node on 1-CPU nodes: the second on each never gets its CPU; both are reported after the
     placement timeout, their slots are not retried, and the job goes on with one worker per node."""
     monkeypatch.setenv("FISH_SYNTHETIC_LOAD_S", "0.1")
-    job = _job(tmp_path, make_wav, n=2, fault=" @@slow=7@@")  # one 7 s segment: the job outlasts the timeout
+    # One 14 s segment: the job outlasts the placement timeout, which leaves the placeable actors time to start even
+    # on a loaded machine (an actor counts as placed once its process has started and imported fishmp).
+    job = _job(tmp_path, make_wav, n=2, fault=" @@slow=14@@")
     events: list[dict] = []
     t0 = time.monotonic()
-    with ray_pool(placement_timeout_s=5.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 2}) as pool:
+    with ray_pool(placement_timeout_s=10.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 2}) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 4
     died = [e for e in events if e["event"] == "worker_died"]
     assert sorted(e["worker"] for e in died) == ["w2", "w3"], died  # slots interleave nodes: w0 a, w1 b, w2 a, w3 b
     assert all("could not place it" in e["reason"] and "ray status" in e["reason"] for e in died)
     assert {e["worker"] for e in events if e["event"] == "worker_ready"} == {"w0", "w1"}  # not retried
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 40
 
 
 def test_the_selector_gives_the_ray_pool_for_fish_backend_ray(ray_cluster) -> None:
