@@ -24,6 +24,7 @@ may stop early at a random end token (tokens are counted, not assumed).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=("s1-mini", "tiny"), default=None,
                     help="random checkpoint size (default s1-mini on GPU, tiny with --allow-cpu)")
     ap.add_argument("--max-workers", type=int, default=None, help="largest worker count (default: GPU 8, CPU 2)")
+    ap.add_argument("--workers", default=None,
+                    help="comma-separated worker counts to measure instead of 1..--max-workers (e.g. 1,2,4)")
+    ap.add_argument("--json-out", help="append one JSON line per worker count as it is measured")
     ap.add_argument("--segments-per-worker", type=int, default=None, help="timed segments per worker (GPU 4, CPU 2)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="per segment (GPU 512, CPU 24)")
     ap.add_argument("--gpu", type=int, default=0, help="NVML index of the GPU to measure")
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             device = f"GPU {args.gpu}: {name}, {total_gib:.1f} GiB total, {free:.1f} GiB free at start"
         print(device)
         rows: list[dict] = []
-        for k in range(1, max_workers + 1):
+        counts = [int(x) for x in args.workers.split(",")] if args.workers else range(1, max_workers + 1)
+        for k in counts:
             if rows and not args.cpu:
                 free = nvml_free_gib(args.gpu)[0]
                 need = max(r["mem_gib"] for r in rows) * k * 1.05
@@ -225,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"stopping at {k} workers: {exc}")
                 break
             rows.append(r)
+            if args.json_out:  # as it goes: a run cut short still keeps what it measured
+                with open(args.json_out, "a") as fh:
+                    fh.write(json.dumps({"device": device, **r}) + "\n")
             mem = f"{r['mem_gib']:.2f} GiB/worker" if r["mem_gib"] is not None else "memory n/a"
             print(f"{k} workers: {mem}, {r['tps_worker']:.1f} tok/s per worker, {r['tps_total']:.1f} tok/s total, "
                   f"RTF {r['rtf_worker']:.3f} per worker / {r['rtf_total']:.3f} total, wall {r['wall']:.1f}s "
