@@ -14,7 +14,6 @@ The library never prints, never exits and never installs signal handlers: errors
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -105,14 +104,6 @@ def as_job(job: Job | str | os.PathLike | dict, output_dir: str | None = None) -
     return load_job(os.fspath(job), output_dir)
 
 
-def child_process_plan(plan: Plan, settings: Settings) -> Plan:
-    """FISH_MULTIPROCESS_MODE=auto runs even a lone worker as a child process, so segment deadlines, SIGTERM and
-    crashes work as with many; only `false` keeps the model in this process (for debugging: no deadlines)."""
-    if plan.in_process and settings.multiprocess_mode != "false":
-        return dataclasses.replace(plan, mode="multiprocess" if plan.gpus else "cpu")
-    return plan
-
-
 class Pool:
     """Workers per the plan, each loading the model once; shared by every job submitted until `close()`.
 
@@ -124,7 +115,7 @@ class Pool:
         refuse_in_bootstrap()
         self.settings = settings.replace(**overrides) if settings else Settings.from_env(**overrides)
         self.settings = resolve_settings(self.settings, job)
-        self.plan = child_process_plan(plan or plan_for(self.settings, gpus, n_segments), self.settings)
+        self.plan = plan or plan_for(self.settings, gpus, n_segments)  # make_plan runs even a lone worker as a child
         for line in plan_log_lines(self.plan):
             log.info(line)
         self.engine_fingerprint = engine_fingerprint(self.settings)
