@@ -158,6 +158,10 @@ class Settings:
     ray_address: str | None = _setting(
         None, "FISH_RAY_ADDRESS", _opt_str, lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
         "a running Ray cluster: auto, the head's HOST:6379 or ray://HOST:10001 (empty: start a local Ray instance)")
+    ray_placement_timeout_s: float = _setting(
+        120.0, "FISH_RAY_PLACEMENT_TIMEOUT_S", float, _positive,
+        "seconds Ray may take to place a worker's actor before its slot is dropped, > 0 (capped by "
+        "FISH_LOAD_TIMEOUT_S)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -18,7 +18,6 @@ import pytest
 import soundfile as sf
 
 import fishmp
-import fishmp.api
 from fishmp.backends import make_worker_pool
 from fishmp.backends.ray_placement import NodeInventory, cluster_slots, gpu_fraction
 from fishmp.config import ConfigError, Settings
@@ -49,6 +48,14 @@ def test_each_node_gets_the_single_machine_plan_and_fractions_of_its_gpus() -> N
     assert all(s.node_id != "id-head" for s in slots)  # a CPU head node of a GPU cluster runs no model
     assert slots[0].device == "10.0.0.1/cuda:0" and slots[1].node_id == "id-10.0.0.2"  # nodes interleaved
     assert all(gpu_fraction(n) * n <= 1.0 for n in range(1, 300))
+
+
+def test_placement_timeout_is_a_setting() -> None:
+    assert Settings().ray_placement_timeout_s == 120.0
+    assert Settings.from_env({"FISH_RAY_PLACEMENT_TIMEOUT_S": "7.5"}).ray_placement_timeout_s == 7.5
+    for bad in ("0", "-1", "abc", "inf"):
+        with pytest.raises(ConfigError, match=f"FISH_RAY_PLACEMENT_TIMEOUT_S='{bad}' is not valid: seconds Ray"):
+            Settings.from_env({"FISH_RAY_PLACEMENT_TIMEOUT_S": bad})
 
 
 def test_cluster_caps_are_dealt_across_nodes_and_cpu_clusters_use_cpu_workers() -> None:
@@ -102,18 +109,12 @@ def ray_cluster():
 
 
 @pytest.fixture
-def ray_pool(ray_cluster, monkeypatch):
-    """ray_pool(placement_timeout_s=None, **settings) -> fishmp.Pool whose workers are Ray actors, through
-    FISH_BACKEND=ray; a test's own placement timeout goes through the api's pool factory (the loop is the real one)."""
+def ray_pool(ray_cluster):
+    """ray_pool(**settings) -> fishmp.Pool whose workers are Ray actors, through FISH_BACKEND=ray (a test's own
+    placement timeout is the setting ray_placement_timeout_s)."""
 
-    def make(placement_timeout_s: float | None = None, **settings: object) -> fishmp.Pool:
-        from fishmp.backends.ray_pool import RayWorkerPool
-
-        if placement_timeout_s is None:
-            return fishmp.Pool(backend="ray", **settings)
-        monkeypatch.setattr(fishmp.api, "make_worker_pool", lambda plan, s, n_segments=None: RayWorkerPool(
-            plan, s, n_segments=n_segments, placement_timeout_s=placement_timeout_s))
-        return fishmp.Pool(**settings)
+    def make(**settings: object) -> fishmp.Pool:
+        return fishmp.Pool(backend="ray", **settings)
 
     return make
 
@@ -246,7 +247,7 @@ def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, ma
     job = _job(tmp_path, make_wav, n=2, fault=" @@slow=14@@")
     events: list[dict] = []
     t0 = time.monotonic()
-    with ray_pool(placement_timeout_s=10.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 2}) as pool:
+    with ray_pool(ray_placement_timeout_s=10.0, cache_dir=str(tmp_path / "c"), **{**SYNTH, "cpu_workers": 2}) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 4
     died = [e for e in events if e["event"] == "worker_died"]
@@ -259,11 +260,12 @@ def test_an_actor_ray_cannot_place_is_reported_and_its_slot_dropped(tmp_path, ma
 def test_the_selector_gives_the_ray_pool_for_fish_backend_ray(ray_cluster) -> None:
     from fishmp.backends.ray_pool import RayWorkerPool
 
-    settings = Settings(engine="synthetic", cpu_workers=2)
-    object.__setattr__(settings, "backend", "ray")  # what FISH_BACKEND=ray sets once config.py has the field
+    settings = Settings(engine="synthetic", cpu_workers=2, backend="ray", ray_placement_timeout_s=30.0,
+                        load_timeout_s=5.0)
     pool = make_worker_pool(make_plan([], settings), settings, n_segments=1)
     try:
         assert isinstance(pool, RayWorkerPool) and len(pool.ray_slots) == 1 and len(pool.handles) == 1  # job-sized
+        assert pool.placement_timeout_s == 5.0  # placement never waits longer than a load may take
     finally:
         pool.close()
 
@@ -275,7 +277,8 @@ def test_gpu_actors_ask_ray_for_their_fraction_and_are_reported_when_it_has_none
 
     node = next(n for n in ray.nodes() if n["Alive"])
     sim = NodeInventory(node["NodeID"], node["NodeManagerAddress"], 2, 1, (GPU(0, "Simulated", 24, 24, "GPU-sim-0"),))
-    pool = RayWorkerPool(None, Settings(engine="synthetic", model_memory_gb=8.0), nodes=[sim], placement_timeout_s=1.0)
+    pool = RayWorkerPool(None, Settings(engine="synthetic", model_memory_gb=8.0, ray_placement_timeout_s=1.0),
+                         nodes=[sim])
     try:
         assert [s.num_gpus for s in pool.ray_slots] == [0.5, 0.5] and pool.plan.mode == "ray"
         exits, t0 = [], time.monotonic()

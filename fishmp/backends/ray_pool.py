@@ -6,7 +6,7 @@ are the same code as the local backend. Per worker:
 - an actor (max_restarts=0, max_task_retries=0: fishmp requeues and replaces, within FISH_MAX_RESTARTS), pinned to
   its node, asking for 1/N of its GPU (fishmp.backends.ray_placement) and pinned to that GPU's UUID as locally;
 - one outstanding `next()` long-poll; `poll()` is a ray.wait over all of them, so a message or a death (ActorDiedError,
-  ActorUnavailableError) is seen at once; an actor Ray has not placed within the placement timeout is reported and
+  ActorUnavailableError) is seen at once; an actor Ray has not placed within FISH_RAY_PLACEMENT_TIMEOUT_S is reported and
   its slot dropped, never waited on forever;
 - no shared filesystem: references travel as content-hashed blobs in Ray's object store, wavs come back as bytes and
   are written here, atomically, before the loop sees Done.
@@ -36,7 +36,6 @@ log = logging.getLogger("fishmp")
 
 NEXT_WAIT_S = 1.0  # how long an actor holds a `next()` call open when it has nothing to say
 WAIT_CHUNK_S = 0.1  # ray.wait slices, so a stop request (signal handler) is seen promptly
-PLACEMENT_TIMEOUT_S = 120.0  # an actor Ray cannot place by then is reported (capped by FISH_LOAD_TIMEOUT_S)
 PROBE_TIMEOUT_S = 60.0  # each GPU node's inventory probe
 MAX_BLOBS = 256  # references kept in the object store by one pool (an evicted one is put again when used)
 FORWARDED_ENV = re.compile(r"^FISH_SYNTHETIC_")  # engine knobs read from the environment (the test engine's)
@@ -142,7 +141,7 @@ class RayWorkerPool(WorkerPool):
     """A WorkerPool whose workers are Ray actors. Not thread-safe: one job loop drives it."""
 
     def __init__(self, plan: Plan | None, settings: Settings, *, address: str | None = None,
-                 n_segments: int | None = None, placement_timeout_s: float | None = None,
+                 n_segments: int | None = None,
                  nodes: list[NodeInventory] | None = None) -> None:
         """`plan` (this machine's) is not used: the plan is made per node. `address`: FISH_RAY_ADDRESS (None: an
         already initialised Ray, else a new local instance). `nodes` replaces discovery (what-if placement)."""
@@ -162,8 +161,8 @@ class RayWorkerPool(WorkerPool):
         self._actor_cls = self.ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=8)(WorkerActor)
         self.nodes = nodes if nodes is not None else discover_nodes(self.ray)
         self.ray_slots, node_plans = cluster_slots(self.nodes, settings, n_segments)
-        limit = PLACEMENT_TIMEOUT_S if placement_timeout_s is None else placement_timeout_s
-        self.placement_timeout_s = min(limit, settings.load_timeout_s)
+        # An actor Ray has not placed by then is reported and its slot dropped; never later than a load may take.
+        self.placement_timeout_s = min(settings.ray_placement_timeout_s, settings.load_timeout_s)
         self._remote: dict[str, _Remote] = {}
         self._blobs: dict[tuple[str, int, int], tuple[str, str, Any, str | None]] = {}
         self._closed = False
