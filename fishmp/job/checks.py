@@ -19,6 +19,7 @@ from .model import PARAM_KEYS, Params
 
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_SEED = 2**63 - 1
+MAX_SECONDS_LIMIT = 3600.0  # a subtitle slot (max_seconds) longer than an hour is a mistake
 _MAX_NAME_BYTES = 255  # one path component, as most filesystems allow
 _CURRENT: Any = object()
 
@@ -221,6 +222,17 @@ def parse_params(raw: Any, where: str, p: Problems, *, keys: Iterable[str] | Non
             continue
         values[key] = int(value) if is_integer else float(value)
     return Params(**values)
+
+
+def max_seconds_field(obj: dict, where: str, p: Problems) -> float | None:
+    """Optional per-segment `max_seconds` (a subtitle slot): a take longer than it fails the take check."""
+    value = obj.get("max_seconds")
+    if value is None:
+        return None
+    if not _is_number(value) or not 0 < value <= MAX_SECONDS_LIMIT:
+        p.add(f"{where}: max_seconds must be a number of seconds > 0 and <= {MAX_SECONDS_LIMIT:g}, not {value!r}")
+        return None
+    return float(value)
 
 
 def params_in(obj: dict, where: str, p: Problems) -> Params:

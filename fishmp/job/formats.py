@@ -15,6 +15,7 @@ from .checks import (
     check_opt_path,
     is_id,
     is_int,
+    max_seconds_field,
     normalize_text,
     objects,
     opt_dir,
@@ -31,7 +32,7 @@ from .model import LEGACY_PARAMS, EncodeItem, EncodeJob, Job, JobError, Params, 
 
 NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
 NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
-NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params"}
+NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params", "max_seconds"}
 
 
 def _settle(p: Problems, skip: bool, source: str | None) -> set[Hashable | None]:
@@ -141,6 +142,7 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
             speaker = None
         text = text_field(raw, "text", where, p)
         params = job_params.merged(parse_params(raw.get("params"), f"{where} params", p))
+        max_seconds = max_seconds_field(raw, where, p)
         raw_out = raw.get("output")
         given = raw_out is not None
         if not given:
@@ -148,7 +150,7 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
             raw_out = f"{seg_id}.wav" if seg_id is not None and not duplicate_id else None
         output = outputs.resolve(raw_out, where, "output", ".wav", given=given)
         if seg_id is not None and speaker is not None and text is not None and output is not None:
-            segments.append(Segment(seg_id, speaker, text, output, params, i))
+            segments.append(Segment(seg_id, speaker, text, output, params, i, max_seconds=max_seconds))
     p.item = None
     outputs.check_collisions([(f'speaker "{s.id}"', "prompt_tokens" if s.prompt_tokens else "reference_audio",
                                s.reference_path) for s in speakers.values()])

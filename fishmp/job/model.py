@@ -70,6 +70,7 @@ class Segment:
     params: Params  # already merged with the job's params
     order: int  # position in the job file (0-based)
     legacy_index: int | None = None  # segment_index of the legacy generate config
+    max_seconds: float | None = None  # subtitle slot: a longer take fails the take check (fishmp/takes.py)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checks import MAX_NEW_TOKENS_LIMIT, MAX_SEED
+from .checks import MAX_NEW_TOKENS_LIMIT, MAX_SECONDS_LIMIT, MAX_SEED
 
 # no control, bidi, zero-width or other invisible characters (the common ones; the loader checks every Cc/Cf)
 _VISIBLE = r"[^\u0000-\u001f\u007f-\u009f\u00ad\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060-\u2064\u2066-\u206f\ufeff]"
@@ -52,6 +52,9 @@ def job_schema() -> dict[str, Any]:
         "output": _path("wav path inside the output directory; default <id>.wav") | {
             "pattern": f"^{_VISIBLE}*\\.[wW][aA][vV]$"},
         "params": params_schema(),
+        "max_seconds": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_SECONDS_LIMIT,
+                        "description": "the subtitle slot: a longer take fails the take check (retried, then kept "
+                                       "as the closest, with over_slot_s in the manifest)"},
     }, ["speaker", "text"], "one line to synthesize")
     schema = _obj({
         "speakers": {"type": "object", "description": "speaker id -> voice", "additionalProperties": speaker,
