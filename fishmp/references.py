@@ -1,9 +1,9 @@
 """Speaker references: prompt tokens from .npy files, or encoded from audio through an engine with a disk cache.
 
 Cache entries live in `cache_dir/<sha256 of audio bytes>-<engine fingerprint>.npy`: a changed file or another
-checkpoint misses. Writes go to a unique temp file in the same directory and are renamed into place (os.replace is
-atomic on POSIX), so concurrent workers never see a half-written entry; a corrupt or malformed entry is ignored and
-rewritten.
+checkpoint misses. Writes go through fishmp.results.atomic_write (a unique temp file in the same directory, renamed
+into place), so concurrent workers never see a half-written entry, and entries get mode 0666 minus the umask like the
+wavs (a cache directory shared by several users stays readable). A corrupt or malformed entry is ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 
 import numpy as np
 
 from .engines.base import BadReferenceError, Engine
+from .results import atomic_write
 
 NUM_CODEBOOKS = 10
 
@@ -67,16 +67,7 @@ def encode_cached(engine: Engine, audio_path: str, cache_dir: str) -> tuple[np.n
         except Exception:
             pass  # corrupt or foreign entry: encode again and overwrite it
     tokens = _check_tokens(np.asarray(engine.encode_reference(audio_path)), audio_path)
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, tokens)
-        os.replace(tmp, entry)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(entry, lambda tmp: np.save(tmp, tokens), suffix=".npy")  # not mkstemp: its 0600 ignores the umask
     return tokens, False
 
 

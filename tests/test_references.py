@@ -125,3 +125,16 @@ def test_cache_with_fish_engine(tiny_checkpoint, make_wav, tmp_path) -> None:
     again, hit = encode_cached(engine, ref, str(tmp_path / "cache"))
     assert hit and np.array_equal(tokens, again)
     assert engine.fingerprint() in os.listdir(tmp_path / "cache")[0]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_cache_entries_honour_the_umask(make_wav, tmp_path, umask: int, mode: int) -> None:
+    """Like wavs and the manifest: 0666 minus the umask, so another user of a shared cache directory can read it."""
+    ref = make_wav(str(tmp_path / "ref.wav"), 0.5)
+    old = os.umask(umask)
+    try:
+        encode_cached(CountingEngine(), ref, str(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    (entry,) = os.listdir(tmp_path / "cache")  # and no temp file left beside it
+    assert os.stat(tmp_path / "cache" / entry).st_mode & 0o777 == mode
