@@ -25,25 +25,9 @@ from common import Recorder, make_job, make_reference_wav, markdown_table, start
 SECONDS_PER_CHAR = 0.002
 
 
-def _use_ray() -> None:
-    """FISH_BACKEND=ray where config.py has it; before that, the api's pool class is swapped for the Ray one."""
-    import fishmp.api
-    from fishmp.backends.ray_pool import RayWorkerPool
-    from fishmp.config import Settings
-
-    if "backend" in Settings.variables() and hasattr(fishmp.api, "make_worker_pool"):
-        os.environ["FISH_BACKEND"] = "ray"
-    elif hasattr(fishmp.api, "make_worker_pool"):
-        fishmp.api.make_worker_pool = lambda plan, settings, n_segments=None: RayWorkerPool(plan, settings)
-    else:
-        fishmp.api.WorkerPool = lambda plan, settings: RayWorkerPool(plan, settings)  # type: ignore[attr-defined]
-
-
 def run(backend: str, args: argparse.Namespace, tmp: str) -> list[object]:
-    if backend == "ray":
-        _use_ray()
     ref = make_reference_wav(os.path.join(tmp, "ref.wav"))
-    pool, ready_s, _ = start_pool(args.workers, os.path.join(tmp, f"warm-{backend}"), ref,
+    pool, ready_s, _ = start_pool(args.workers, os.path.join(tmp, f"warm-{backend}"), ref, backend=backend,
                                   cache_dir=os.path.join(tmp, "cache"))
     try:
         job = make_job(tmp, [("s", args.chars)] * args.segments)
