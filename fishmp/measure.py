@@ -6,15 +6,24 @@ on a synthetic 10 s reference, NVML free memory again while the worker is still 
 footprint: weights, caches, the caching allocator's reserve after the warm-up's peak, and the CUDA context.
 The estimate beside it is computed for the same work (the warm-up's reference, prompt and generated frames).
 No GPU: nothing to measure; the command says so and exits 0.
+
+Throughput: the warm-up's frames/s at batch 1 and, with FISH_BATCH_SIZE = B > 1, a second worker's B rows of the same
+speaker decoded together, are kept in FISH_CACHE_DIR/throughput.json (keyed by GPU name, checkpoint content and
+precision, max_seq_len and FISH_COMPILE) for `plan --explain` to show next to its alternatives.
+
+FISH_MODEL_MEMORY_GB=auto reuses the warm-up inside the worker (FootprintProbe): NVML free memory on its GPU before
+the engine loads, the same warm-up segment after, the drop sent in its Ready (fishmp/autofill.py fills the GPU).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
@@ -38,23 +47,61 @@ def nvml_free_bytes(index: int) -> int:
         pynvml.nvmlShutdown()
 
 
-def _warm_up_job(tmp: str, reference_s: float, new_tokens: int) -> dict[str, Any]:
+REFERENCE_TEXT = "A synthetic reference voice."
+THROUGHPUT_FILE = "throughput.json"
+
+
+def write_reference(directory: str, reference_s: float) -> str:
+    """The warm-up's synthetic voice: `reference_s` seconds of speech-like audio at 44.1 kHz."""
     import soundfile as sf
 
     from .demo import speech_like
 
-    ref = os.path.join(tmp, "reference.wav")
+    ref = os.path.join(directory, "reference.wav")
     sf.write(ref, speech_like(reference_s, 44100, 140.0, seed=1), 44100)
-    return {"speakers": {"ref": {"reference_audio": ref, "reference_text": "A synthetic reference voice."}},
-            "segments": [{"id": "warm-up", "speaker": "ref", "text": TEXT}],
-            "params": {"max_new_tokens": new_tokens, "seed": 0}}
+    return ref
+
+
+def warm_up_workload(frames: int, reference_s: float = REFERENCE_S) -> Workload:
+    """What the warm-up segment asks of a worker, for the estimate of the same work."""
+    prompt = int(reference_s * 44100 / 2048) + 1 + len(TEXT) + 64 + len(REFERENCE_TEXT)
+    return Workload(reference_s=reference_s, prompt_tokens=prompt, new_tokens=max(frames, 1))
+
+
+def _warm_up_job(tmp: str, reference_s: float, new_tokens: int, rows: int = 1) -> dict[str, Any]:
+    ref = write_reference(tmp, reference_s)
+    segments = [{"id": "warm-up" if i == 0 else f"warm-up-{i}", "speaker": "ref", "text": TEXT} for i in range(rows)]
+    return {"speakers": {"ref": {"reference_audio": ref, "reference_text": REFERENCE_TEXT}},
+            "segments": segments, "params": {"max_new_tokens": new_tokens, "seed": 0}}
+
+
+def _run_warm_up(gpu: GPU, plan: Any, settings: Settings, tmp: str, reference_s: float, new_tokens: int,
+                 rows: int) -> tuple[Any, int]:
+    """One pool of one worker at `rows` rows, `rows` warm-up segments of one speaker; (result, NVML drop)."""
+    from .api import Pool
+
+    free = (lambda: 0) if gpu.index < 0 else (lambda: nvml_free_bytes(gpu.index))
+    run_settings = settings.replace(multiprocess_mode="true", max_restarts=0, batch_size=rows,
+                                    cache_dir=os.path.join(tmp, "cache"), segment_timeout_s=600.0)
+    job = _warm_up_job(tmp, reference_s, new_tokens, rows)
+    before = free()
+    with Pool(run_settings, plan=plan) as pool:
+        result = pool.generate(job, output_dir=os.path.join(tmp, f"out-{rows}"), resume=False)
+        after = free()  # the worker is still alive, its allocator's reserve held
+    return result, before - after
+
+
+def _frames_per_s(records: list[Any]) -> float | None:
+    """Rows of one batch start together: all their frames over the longest row's time."""
+    seconds = max((r.synthesis_seconds or 0.0 for r in records), default=0.0)
+    return round(sum(int(r.tokens or 0) for r in records) / seconds, 2) if seconds > 0 else None
 
 
 def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference_s: float = REFERENCE_S,
                 new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
-    """Start one worker on `gpu`, run the warm-up, return the NVML drop and the estimate for the same work.
+    """Start one worker on `gpu`, run the warm-up, return the NVML drop and the estimate for the same work, and the
+    frames/s at batch 1 (and at FISH_BATCH_SIZE rows, a second worker, when that is > 1), also kept in the cache.
     `gpu=None` runs the same worker on the CPU (no NVML figure): the path tests can take without a GPU."""
-    from .api import Pool
     from .plan import GpuPlan, Plan
 
     if gpu is None:
@@ -63,26 +110,28 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
     else:
         available = gpu.total_gib * (1 - settings.memory_reserve)
         plan = Plan(mode="multiprocess", gpus=(GpuPlan(gpu, available, 1, 1),), cpu_workers=0)
-    free = (lambda: 0) if gpu.index < 0 else (lambda: nvml_free_bytes(gpu.index))
+    settings = settings.replace(max_seq_len=max_seq_len)
+    rows = max(1, int(getattr(settings, "batch_size", 1) or 1))
+    throughput: list[dict[str, Any]] = []
+    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fishmp-measure-") as tmp:
-        run_settings = settings.replace(max_seq_len=max_seq_len, multiprocess_mode="true", max_restarts=0,
-                                        cache_dir=os.path.join(tmp, "cache"), segment_timeout_s=600.0)
-        job = _warm_up_job(tmp, reference_s, new_tokens)
-        before = free()
-        start = time.monotonic()
-        with Pool(run_settings, plan=plan) as pool:
-            result = pool.generate(job, output_dir=os.path.join(tmp, "out"), resume=False)
-            after = free()  # the worker is still alive, its allocator's reserve held
-        seconds = time.monotonic() - start
-    record = result.records.get("warm-up")
-    if record is None or record.status != "done":
-        why = (record.error if record else None) or result.error or "no result"
-        return {"index": gpu.index, "name": gpu.name, "error": f"the warm-up segment failed: {why}"}
+        result, measured = _run_warm_up(gpu, plan, settings, tmp, reference_s, new_tokens, 1)
+        record = result.records.get("warm-up")
+        if record is None or record.status != "done":
+            why = (record.error if record else None) or result.error or "no result"
+            return {"index": gpu.index, "name": gpu.name, "error": f"the warm-up segment failed: {why}"}
+        throughput.append({"rows": 1, "frames_per_s": _frames_per_s([record]), "measured_gib": round(measured / GIB, 3)})
+        if rows > 1:
+            batched, drop = _run_warm_up(gpu, plan, settings, tmp, reference_s, new_tokens, rows)
+            done = [r for r in batched.records.values() if r.status == "done"]
+            if len(done) == rows:
+                throughput.append({"rows": rows, "frames_per_s": _frames_per_s(done),
+                                   "measured_gib": round(drop / GIB, 3)})
+    seconds = time.monotonic() - start
+    record_throughput(settings, gpu.name, throughput)
     tokens = int(record.tokens or 0)
-    prompt = int(reference_s * 44100 / 2048) + 1 + len(TEXT) + 64 + len("A synthetic reference voice.")
     est = estimate(settings.checkpoint_dir, settings.precision, max_seq_len,
-                   workload=Workload(reference_s=reference_s, prompt_tokens=prompt, new_tokens=max(tokens, 1)))
-    measured = before - after
+                   workload=warm_up_workload(tokens, reference_s))
     from .plan import gpu_capacity
 
     per_worker = math.ceil(measured / GIB * 10) / 10  # GiB, rounded up to 0.1
@@ -95,7 +144,121 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
             "model_memory_gb": per_worker if measured > 0 else None,
             "workers_at_measured": gpu_capacity(gpu.total_gib, per_worker, settings.memory_reserve) if measured > 0 else None,
             "tokens": tokens, "synthesis_seconds": record.synthesis_seconds, "seconds": round(seconds, 1),
-            "estimate": est.to_dict()}
+            "throughput": throughput, "estimate": est.to_dict()}
+
+
+# ---- the throughput cache (plan --explain reads it) ------------------------------------------------------------
+def throughput_key(settings: Settings, gpu_name: str) -> str:
+    """GPU model + checkpoint content and precision + what changes decoding speed (KV length, torch.compile)."""
+    from .engines.checkpoint import engine_fingerprint
+
+    return f"{gpu_name}|{engine_fingerprint(settings)}|max_seq_len={settings.max_seq_len}|compile={settings.compile}"
+
+
+def _cache_path(settings: Settings) -> str:
+    return os.path.join(settings.cache_dir, THROUGHPUT_FILE)
+
+
+def _read_cache(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):  # absent, or damaged: a cache, never a reason to fail
+        return {}
+
+
+def record_throughput(settings: Settings, gpu_name: str, measured: list[dict[str, Any]]) -> None:
+    """Merge `measured` ({rows, frames_per_s, measured_gib} each) into the cache, atomically; errors only logged."""
+    path = _cache_path(settings)
+    data = _read_cache(path)
+    entry = data.setdefault(throughput_key(settings, gpu_name), {"gpu": gpu_name, "rows": {}})
+    for m in measured:
+        if m.get("frames_per_s"):
+            entry["rows"][str(m["rows"])] = {**m, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("[Measure] cannot write %s: %s", path, exc.strerror or exc)
+
+
+def cached_throughput(settings: Settings, gpu_name: str) -> dict[int, dict[str, Any]]:
+    """rows -> {frames_per_s, measured_gib, measured_at} that `plan --measure` recorded for these settings."""
+    entry = _read_cache(_cache_path(settings)).get(throughput_key(settings, gpu_name), {})
+    rows = entry.get("rows", {}) if isinstance(entry, dict) else {}
+    return {int(k): v for k, v in rows.items() if str(k).isdigit() and isinstance(v, dict)}
+
+
+# ---- FISH_MODEL_MEMORY_GB=auto: a worker measures itself ------------------------------------------------------
+@dataclass(frozen=True)
+class Footprint:
+    """What a worker measured of itself after its warm-up, sent in its Ready (FISH_MODEL_MEMORY_GB=auto)."""
+
+    bytes: int  # NVML free-memory drop on its GPU, CUDA context included; 0: no figure (`source` says why)
+    frames: int  # frames the warm-up generated (the estimate of the same work needs them)
+    source: str  # "NVML", "FISH_SYNTHETIC_FOOTPRINT_GB of the synthetic engine", or why there is no figure
+
+
+def nvml_free_for_pin(pin: str) -> int:
+    """Free bytes on the GPU a worker is pinned to (UUID or index), as NVML sees it: no CUDA context is made."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        h = (pynvml.nvmlDeviceGetHandleByIndex(int(pin)) if pin.isdigit()
+             else pynvml.nvmlDeviceGetHandleByUUID(pin))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).free)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+class FootprintProbe:
+    """In a worker: `start` before the engine loads (free memory before the CUDA context), `finish(engine)` after:
+    runs the warm-up segment (as `plan --measure` does) and returns the Footprint. Only under auto, in a child
+    process pinned to a GPU; `start` returns None otherwise, so the worker skips the warm-up."""
+
+    def __init__(self, pin: str, before: int | None, why: str = "") -> None:
+        self.pin, self.before, self.why = pin, before, why
+
+    @classmethod
+    def start(cls, settings: Settings, pin: str | None, child: bool) -> FootprintProbe | None:
+        from .plan import is_auto
+
+        if not (child and pin and is_auto(settings)):
+            return None
+        try:
+            return cls(pin, nvml_free_for_pin(pin))
+        except Exception as exc:  # noqa: BLE001 - no NVML (a simulated GPU): the engine may still have a figure
+            return cls(pin, None, f"NVML unavailable ({type(exc).__name__})")
+
+    def finish(self, engine: Any) -> Footprint:
+        frames = run_warm_up(engine)
+        fixed = getattr(engine, "synthetic_footprint_bytes", None)
+        if fixed:
+            return Footprint(int(fixed), frames, "FISH_SYNTHETIC_FOOTPRINT_GB of the synthetic engine")
+        if self.before is None:
+            return Footprint(0, frames, self.why)
+        try:
+            return Footprint(max(0, self.before - nvml_free_for_pin(self.pin)), frames, "NVML")
+        except Exception as exc:  # noqa: BLE001
+            return Footprint(0, frames, f"NVML unavailable ({type(exc).__name__})")
+
+
+def run_warm_up(engine: Any, reference_s: float = REFERENCE_S, new_tokens: int = NEW_TOKENS) -> int:
+    """`plan --measure`'s warm-up segment on a loaded engine: encode the synthetic reference, synthesize TEXT.
+    Returns the frames generated."""
+    from .engines import SpeakerPrompt, SynthesisParams
+
+    seconds = min(reference_s, float(getattr(engine, "max_reference_s", reference_s)))
+    with tempfile.TemporaryDirectory(prefix="fishmp-warm-up-") as tmp:
+        tokens = engine.encode_reference(write_reference(tmp, seconds))
+    audio = engine.synthesize(TEXT, SpeakerPrompt("fishmp-warm-up", tokens, REFERENCE_TEXT),
+                              SynthesisParams(max_new_tokens=new_tokens, seed=0))
+    return int(audio.tokens)
 
 
 def measure(gpus: list[GPU], settings: Settings, max_seq_len: int) -> list[dict[str, Any]]:
@@ -125,6 +288,9 @@ def measure_lines(results: list[dict[str, Any]]) -> list[str]:
             lines.append(f"[Measure] GPU {r['index']}: for segments like the warm-up, FISH_MODEL_MEMORY_GB="
                          f"{r['model_memory_gb']:.1f} runs {r['workers_at_measured']} workers on this GPU "
                          f"({r['total_gib']:.2f} GB, FISH_MEMORY_RESERVE kept); longer outputs need more (plan --explain)")
+        for t in r.get("throughput", []):
+            lines.append(f"[Measure] GPU {r['index']}: {t['rows']} row(s) decode {t['frames_per_s'] or 0:.1f} frames/s "
+                         f"per worker ({t['measured_gib']:.2f} GB measured); kept for plan --explain")
         for c in r["estimate"]["components"]:
             lines.append(f"[Measure]   {c['name']:<16} {c['gib']:7.3f} GB")
     return lines

@@ -9,12 +9,15 @@ memory of one worker at batch 1, as in the guide) plus (B - 1) KV-cache rows. Al
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import Settings
 from .gpus import GPU
 
+AUTO = "auto"  # FISH_MODEL_MEMORY_GB=auto
 # Guards floor() against float noise: 80 x 0.9 / 8 must be 9, not 8.999999.
 _EPS = 1e-9
 # One batch row's KV cache when the checkpoint is not at hand: S1-mini (28 layers x 2 x 8 kv heads x 128 x bf16 =
@@ -29,7 +32,7 @@ class GpuPlan:
     capacity: int  # workers the memory formula allows ("Can run N workers")
     workers: int  # workers this plan actually starts here
     rows: int = 1  # sequences each worker decodes at once (FISH_BATCH_SIZE)
-    worker_gib: float = 0.0  # what one worker of `rows` rows is planned to take
+    worker_gib: float = 0.0  # what one worker of `rows` rows is planned to take; 0: not known yet (auto, measuring)
 
 
 @dataclass(frozen=True)
@@ -76,24 +79,32 @@ def gpu_capacity(total_gib: float, model_memory_gb: float, reserve: float) -> in
     return math.floor(total_gib * (1 - reserve) / model_memory_gb + _EPS)
 
 
-def _deal(limits: list[int], total: int) -> list[int]:
+def _deal(limits: list[int], total: int, base: list[int] | None = None) -> list[int]:
     """Deal `total` workers one at a time to the GPU with the fewest so far that still has room (spread first; ties:
-    the GPU with the larger limit, then the lower index). Computed by water-filling in O(GPUs log GPUs): every GPU
-    gets min(limit, level) for the highest level that fits, the rest go one each in the tie order."""
+    the GPU with the larger limit, then the lower index), starting from `base` workers already running on each
+    (FISH_MODEL_MEMORY_GB=auto's first workers; their limit is at least that). Computed by water-filling in
+    O(GPUs log GPUs): every GPU gets clamp(level, base, limit) for the highest level that fits, the rest go one each
+    in the tie order."""
     n = len(limits)
-    total = max(0, min(total, sum(limits)))
+    base = base or [0] * n
+    limits = [max(x, b) for x, b in zip(limits, base, strict=True)]
+    total = max(sum(base), min(total, sum(limits)))
     if total == 0:
         return [0] * n
-    lo, hi = 0, max(limits)  # highest level with sum(min(limit, level)) <= total
+
+    def at(level: int) -> list[int]:
+        return [min(x, max(b, level)) for x, b in zip(limits, base, strict=True)]
+
+    lo, hi = 0, max(limits)  # highest level with sum(clamp(level)) <= total
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if sum(min(x, mid) for x in limits) <= total:
+        if sum(at(mid)) <= total:
             lo = mid
         else:
             hi = mid - 1
-    got = [min(x, lo) for x in limits]
+    got = at(lo)
     rest = total - sum(got)
-    for i in sorted((i for i in range(n) if limits[i] > lo), key=lambda k: (-limits[k], k))[:rest]:
+    for i in sorted((i for i in range(n) if limits[i] > lo and got[i] == lo), key=lambda k: (-limits[k], k))[:rest]:
         got[i] += 1
     return got
 
@@ -103,12 +114,41 @@ def worker_gib(model_memory_gb: float, rows: int, row_gib: float) -> float:
     return model_memory_gb + (rows - 1) * row_gib
 
 
+def is_auto(settings: Settings) -> bool:
+    """FISH_MODEL_MEMORY_GB=auto: measure one worker per GPU after its warm-up, then fill (fishmp/autofill.py)."""
+    return getattr(settings, "model_memory_gb", None) == AUTO
+
+
 def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None,
               row_gib: float | None = None) -> Plan:
-    """`row_gib`: one batch row's KV cache (fishmp.memory.Estimate.kv_row_bytes); S1-mini's when not given."""
+    """`row_gib`: one batch row's KV cache (fishmp.memory.Estimate.kv_row_bytes); S1-mini's when not given.
+    FISH_MODEL_MEMORY_GB=auto: one worker per GPU (its start plan; fill_plan makes the full one once it measured)."""
+    if is_auto(settings) and gpus:
+        return _plan(gpus, settings, n_segments, row_gib, dict.fromkeys((g.index for g in gpus), None))
+    return _plan(gpus, settings, n_segments, row_gib, None)
+
+
+def fill_plan(start: Plan, measured_gib: Mapping[int, float | None], settings: Settings, n_segments: int | None = None,
+              row_gib: float | None = None) -> Plan:
+    """FISH_MODEL_MEMORY_GB=auto, once the start plan's workers measured themselves: each GPU holds as many workers
+    of `measured_gib[index]` (one worker at batch 1, as FISH_MODEL_MEMORY_GB means) plus their batch rows as fit with
+    FISH_MEMORY_RESERVE kept (and in the memory that was free before our first worker started), capped by
+    FISH_MAX_WORKERS and the job's segments, spread across GPUs, never fewer than the start plan runs there.
+    A GPU without a figure (None, or absent: its first worker never measured) keeps the workers it has."""
+    gpus = [g.gpu for g in start.gpus]
+    per_gpu = {g.gpu.index: (measured_gib.get(g.gpu.index) if measured_gib.get(g.gpu.index) else None)
+               for g in start.gpus}
+    plan = _plan(gpus, settings, n_segments, row_gib, per_gpu, base=[g.workers for g in start.gpus])
+    return dataclasses.replace(plan, warnings=tuple(w for w in plan.warnings if "FISH_MODEL_MEMORY_GB=auto" not in w))
+
+
+def _plan(gpus: list[GPU], settings: Settings, n_segments: int | None, row_gib: float | None,
+          per_gpu: Mapping[int, float | None] | None, base: list[int] | None = None) -> Plan:
+    """`per_gpu`: None = FISH_MODEL_MEMORY_GB for every GPU; else each GPU's own batch-1 GiB, where None means
+    "not measured": one worker (auto's start), or the `base` it already runs (fill)."""
     warnings: list[str] = []
     rows = int(getattr(settings, "batch_size", 1) or 1)
-    mem = worker_gib(settings.model_memory_gb, rows, DEFAULT_ROW_GIB if row_gib is None else row_gib)
+    row = DEFAULT_ROW_GIB if row_gib is None else row_gib
     reserve = settings.memory_reserve
     single = settings.multiprocess_mode == "false"
     cap_total = settings.max_workers
@@ -123,15 +163,25 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
         return Plan(mode=mode, gpus=(), cpu_workers=n, warnings=tuple(warnings))
 
     limits, plans_pre = [], []
-    for g in gpus:
+    for i, g in enumerate(gpus):
         available = g.total_gib * (1 - reserve)
+        one = settings.model_memory_gb if per_gpu is None else per_gpu.get(g.index)
+        if one is None:  # auto, not measured (yet): the workers it runs, or one to measure
+            keep = base[i] if base else 1
+            if not base:
+                warnings.append(f"[GPU {g.index}] FISH_MODEL_MEMORY_GB=auto: 1 worker first; once it has measured "
+                                "itself after a warm-up segment, as many more as fit")
+            limits.append(keep)
+            plans_pre.append((g, available, keep, 0.0))
+            continue
+        mem = worker_gib(one, rows, row)
         capacity = gpu_capacity(g.total_gib, mem, reserve)
         if capacity < 1:
+            what = "FISH_MODEL_MEMORY_GB" if per_gpu is None else "the measured worker"
             warnings.append(
                 f"[GPU {g.index}] {available:.2f} GB available is less than "
-                + (f"FISH_MODEL_MEMORY_GB={mem:g}" if rows == 1 else
-                   f"one worker of {rows} rows ({mem:.2f} GB: FISH_MODEL_MEMORY_GB={settings.model_memory_gb:g} + "
-                   f"{rows - 1} KV-cache rows)")
+                + (f"{what}={mem:g}" if rows == 1 else
+                   f"one worker of {rows} rows ({mem:.2f} GB: {what}={one:g} + {rows - 1} KV-cache rows)")
                 + ": running 1 worker anyway; it may run out of memory")
             capacity = 1
         free_cap = math.floor(g.free_gib / mem + _EPS)
@@ -142,15 +192,15 @@ def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None
                 f"[GPU {g.index}] only {g.free_gib:.2f} GB free now (other processes hold the rest): "
                 f"{limit} worker(s) instead of {capacity}")
         limits.append(limit)
-        plans_pre.append((g, available, capacity))
+        plans_pre.append((g, available, capacity, mem))
     if sum(limits) == 0:  # every GPU is busy: still try one worker on the one with most free memory
         best = max(range(len(gpus)), key=lambda i: gpus[i].free_gib)
         limits[best] = 1
         warnings.append(f"[GPU {gpus[best].index}] no GPU has room for a full worker: trying 1 worker there")
     total = sum(limits) if cap_total is None else min(sum(limits), cap_total)
-    dealt = _deal(limits, total)
+    dealt = _deal(limits, total, base)
     gpu_plans = tuple(GpuPlan(g, available, capacity, w, rows, mem)
-                      for (g, available, capacity), w in zip(plans_pre, dealt, strict=True))
+                      for (g, available, capacity, mem), w in zip(plans_pre, dealt, strict=True))
     mode = "single" if single else "multiprocess"
     return Plan(mode=mode, gpus=gpu_plans, cpu_workers=0, warnings=tuple(warnings))
 
@@ -206,7 +256,11 @@ def plan_log_lines(plan: Plan) -> list[str]:
     lines: list[str] = []
     for g in plan.gpus:
         lines.append(f"[GPU {g.gpu.index}] {g.gpu.name}, Total Memory: {g.gpu.total_gib:.2f} GB")
-        lines.append(f"[GPU {g.gpu.index}] Can run {g.capacity} workers (Available: {g.available_gib:.2f} GB)")
+        if g.worker_gib:
+            lines.append(f"[GPU {g.gpu.index}] Can run {g.capacity} workers (Available: {g.available_gib:.2f} GB)")
+        else:  # FISH_MODEL_MEMORY_GB=auto before the measurement
+            lines.append(f"[GPU {g.gpu.index}] Can run ? workers until one has measured itself (Available: "
+                         f"{g.available_gib:.2f} GB)")
     lines.extend(plan.warnings)
     if plan.gpus:
         used = [g for g in plan.gpus if g.workers]
