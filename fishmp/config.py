@@ -97,9 +97,11 @@ class Settings:
 
     multiprocess_mode: str = _setting(
         "auto", "FISH_MULTIPROCESS_MODE", _mode, lambda v: v in MODES, "one of true, false, auto")
-    model_memory_gb: float = _setting(
-        8.0, "FISH_MODEL_MEMORY_GB", float, _gib,
-        f"a number of GiB from {MODEL_MEMORY_GB_RANGE[0]:g} to {MODEL_MEMORY_GB_RANGE[1]:g} per worker, e.g. 8.0")
+    model_memory_gb: float | str = _setting(  # "auto": measure one worker per GPU, then fill (fishmp/autofill.py)
+        8.0, "FISH_MODEL_MEMORY_GB", lambda s: "auto" if s.strip().lower() == "auto" else float(s),
+        lambda v: v == "auto" or _gib(v),
+        f"a number of GiB from {MODEL_MEMORY_GB_RANGE[0]:g} to {MODEL_MEMORY_GB_RANGE[1]:g} per worker, e.g. 8.0, "
+        "or auto (measure one worker per GPU after a warm-up, then fill each GPU)")
     checkpoint_dir: str = _setting(
         "checkpoints/openaudio-s1-mini", "FISH_CHECKPOINT_DIR", str, lambda v: bool(v), "a checkpoint directory")
     precision: str = _setting(
@@ -162,6 +164,44 @@ class Settings:
         120.0, "FISH_RAY_PLACEMENT_TIMEOUT_S", float, _positive,
         "seconds Ray may take to place a worker's actor before its slot is dropped, > 0 (capped by "
         "FISH_LOAD_TIMEOUT_S)")
+    # Telemetry and worker recycling (issue 15): see fishmp/telemetry.py and fishmp/lanes.py.
+    telemetry_interval_s: float = _setting(
+        5.0, "FISH_TELEMETRY_INTERVAL_S", float, lambda v: _positive(v + 1) and v >= 0,
+        "seconds between GPU samples while a job runs, >= 0 (0: no sampling)")
+    worker_max_segments: int | None = _setting(
+        None, "FISH_WORKER_MAX_SEGMENTS", _opt_int, lambda v: v is None or (_is_int(v) and v > 0),
+        "segments a worker finishes before it is replaced by a fresh one, >= 1 (empty: never)")
+    worker_max_growth_gb: float | None = _setting(
+        None, "FISH_WORKER_MAX_GROWTH_GB", lambda s: None if s.strip().lower() in ("", "none") else float(s),
+        lambda v: v is None or _positive(v),
+        "GiB a worker's memory (GPU reserved, or RSS on the CPU) may grow after its first segment before it is "
+        "replaced, > 0 (empty: no bound)")
+
+    # The take check (issue 15): see fishmp/takes.py. A take failing a check is redone with seed + attempt.
+    take_check: bool = _setting(
+        True, "FISH_TAKE_CHECK", _bool, lambda v: isinstance(v, bool),
+        "true or false (false: takes are written unjudged, as before the check existed)")
+    take_retries: int = _setting(
+        2, "FISH_TAKE_RETRIES", int, lambda v: _is_int(v) and 0 <= v <= 20,
+        "extra takes (new seeds) of a segment whose take failed the check, 0 to 20")
+    take_min_ratio: float = _setting(
+        0.35, "FISH_TAKE_MIN_RATIO", float, lambda v: _positive(v) and v < 1,
+        "a take shorter than this fraction of its expected duration is too short, > 0 and < 1")
+    take_max_ratio: float = _setting(
+        2.5, "FISH_TAKE_MAX_RATIO", float, lambda v: _positive(v) and v > 1,
+        "a take longer than this many times its expected duration (plus FISH_TAKE_SLACK_S) is too long, > 1")
+    take_slack_s: float = _setting(
+        1.0, "FISH_TAKE_SLACK_S", float, lambda v: _positive(v + 1) and v >= 0,
+        "seconds a take may exceed FISH_TAKE_MAX_RATIO x its expected duration, >= 0")
+    take_silence_rms: float = _setting(
+        0.003, "FISH_TAKE_SILENCE_RMS", float, lambda v: _positive(v + 1) and 0 <= v < 1,
+        "a take whose RMS (full scale 1.0) is below this is silent, >= 0 and < 1 (0.003 is about -50 dBFS)")
+    take_min_active_ratio: float = _setting(
+        0.2, "FISH_TAKE_MIN_ACTIVE_RATIO", float, lambda v: _positive(v + 1) and 0 <= v <= 1,
+        "a take with fewer 20 ms frames above -40 dBFS than this fraction is near-silent, 0 to 1")
+    take_max_clipped_ratio: float = _setting(
+        0.005, "FISH_TAKE_MAX_CLIPPED_RATIO", float, lambda v: _positive(v + 1) and 0 <= v <= 1,
+        "a take with more samples at full scale (|x| >= 0.999) than this fraction is clipped, 0 to 1")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -173,6 +213,10 @@ class Settings:
                 ok = False
             if not ok:
                 raise ConfigError(f.name, value, spec.allowed)
+        if self.model_memory_gb == "auto" and self.backend != "local":  # autofill grows local worker pools only
+            raise ConfigError("FISH_MODEL_MEMORY_GB", "auto", "", "FISH_MODEL_MEMORY_GB=auto measures and fills local "
+                              f"GPUs only; with FISH_BACKEND={self.backend} set a number of GiB per worker, e.g. 8.0 "
+                              "(`plan --explain` estimates it)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

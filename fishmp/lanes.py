@@ -13,6 +13,7 @@ Faults are per segment (see fishmp/worker.py's docstring for the table and the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import time
 import traceback
@@ -20,6 +21,7 @@ from collections import deque
 from typing import Any
 
 from .engines import (
+    Audio,
     BadReferenceError,
     EngineError,
     EngineOutOfMemoryError,
@@ -27,7 +29,9 @@ from .engines import (
     SynthesisParams,
     TextTooLongError,
 )
-from .worker import EncodeTask, Failed, Resized, SegmentTask, Started
+from .recycle import RecyclePolicy, read_memory
+from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_seed, take_record
+from .worker import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
@@ -65,12 +69,21 @@ class LaneRunner:
         self.solo: set[str] = set()  # tasks to run alone: their batch failed, or the main process asked
         self.ooms: dict[str, int] = {}  # out-of-memory errors of a task in sessions of one
         self.errors: dict[str, int] = {}  # engine errors of a task
+        settings = getattr(engine, "settings", None)  # the worker's Settings (both engines keep them)
+        self.take_check = bool(getattr(settings, "take_check", True))
+        self.take_limits = TakeLimits.from_settings(settings)
+        self.takes: dict[str, _Takes] = {}  # task id -> its takes so far, while a failed take check is retried
+        self.rates: dict[Any, RateModel] = {}  # SpeakerRef -> its speed, learned from takes that passed
+        self.recycle = RecyclePolicy()  # the worker sets it from its settings (FISH_WORKER_MAX_*)
+        self.draining: str | None = None  # why this worker is being recycled: no new rows, leave when empty
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Until the stop sentinel (after every task before it) or until the worker must leave."""
         try:
             while True:
+                if self.draining is not None and not self.rows:
+                    return  # recycled: its rows are finished; what it never started went back (Leaving)
                 self._pull(block=not self.rows and not self.backlog)
                 if not self.rows:
                     head = self.backlog[0]
@@ -81,9 +94,12 @@ class LaneRunner:
                         continue
                     if not self._open_for(head):
                         continue
-                self._fill()
+                if self.draining is None:
+                    self._fill()
                 if self.rows:
+                    before = list(self.rows)
                     self._step()
+                    self._after_step(before)
         except Leave:
             return
         finally:
@@ -97,6 +113,28 @@ class LaneRunner:
                 self.backlog.append(self.inbox.get_nowait())
             except queue.Empty:
                 return
+
+    # -- recycling (fishmp/recycle.py) -----------------------------------------------------------------------------
+    def _after_step(self, before: list[str]) -> None:
+        """Count the rows that finished in this step (not those sent back to the backlog to be redone)."""
+        waiting = {t.id for t in self.backlog if t is not None}
+        finished = sum(1 for k in before if k not in self.rows and k not in waiting)
+        if not finished or not self.recycle.enabled:
+            return
+        reason = self.recycle.observe(finished, read_memory(self.recycle.memory_kind))
+        if reason is not None and self.draining is None:
+            self._drain(reason)
+
+    def _drain(self, reason: str) -> None:
+        """Take no new rows; hand back every task not in a row (never started here) and say so, so the main process
+        requeues them at once without counting an attempt and sends nothing more."""
+        self.draining = reason
+        self._pull(block=False)
+        handed = [t for t in self.backlog if t is not None]
+        for t in handed:
+            self.backlog.remove(t)
+            self.t0.pop(t.id, None)
+        self.send(Leaving(self.worker_id, reason, self.recycle.figures, tuple(t.id for t in handed)))
 
     def _wanted_capacity(self, task: SegmentTask) -> int:
         return 1 if getattr(task, "solo", False) or task.id in self.solo else self.capacity
@@ -177,7 +215,10 @@ class LaneRunner:
             now = time.perf_counter()
             for key, audio in finished:
                 task = self.rows.pop(key)
-                self.writes.put((task, audio, now - self.t0.pop(key)))
+                kept = self._judge(task, audio)
+                if kept is None:
+                    continue  # retried with a new seed: back at the head of the backlog, same deadline
+                self.writes.put((task, kept, now - self.t0.pop(key)))
                 self._forget(key)
             return
         self._batch_failed(list(self.rows.values()), err, tb, self.session.capacity)
@@ -232,9 +273,38 @@ class LaneRunner:
         self._forget(task.id)
 
     def _forget(self, task_id: str) -> None:
+        self.takes.pop(task_id, None)
         self.solo.discard(task_id)
         self.ooms.pop(task_id, None)
         self.errors.pop(task_id, None)
+
+    # -- the take check (fishmp/takes.py) ------------------------------------------------------------------------------
+    def _judge(self, task: SegmentTask, audio: Audio) -> Audio | None:
+        """Check a finished take. None: it failed and is retried (task back at the head of the backlog with seed +
+        attempt, rejoining its speaker's session as a row); else the take to write (the first that passed, or the
+        best of FISH_TAKE_RETRIES + 1) carrying its take record."""
+        if not self.take_check:
+            return audio
+        limits = self.take_limits
+        state = self.takes.setdefault(task.id, _Takes(task.params.get("seed")))
+        if task.speaker not in self.rates and len(self.rates) >= 256:  # bounded: a long-lived pool sees many voices
+            self.rates.pop(next(iter(self.rates)))
+        rate = self.rates.setdefault(task.speaker, RateModel(limits.learn_after))
+        seed = task.params.get("seed")
+        verdict = check_take(audio.samples, audio.sample_rate, audio.tokens,
+                             task.params.get("max_new_tokens", SynthesisParams().max_new_tokens), task.text,
+                             rate.expected_seconds(task.text), limits, getattr(task, "max_seconds", None), seed)
+        state.add(verdict, audio, seed)
+        if verdict.passed:
+            rate.accept(task.text, audio.seconds)
+        elif len(state.verdicts) <= limits.retries:
+            params = {**task.params, "seed": retry_seed(state.base_seed, len(state.verdicts))}
+            self.backlog.appendleft(dataclasses.replace(task, params=params))
+            return None
+        self.takes.pop(task.id, None)
+        record = take_record(state.verdicts, state.best, state.seeds)
+        best = state.audio
+        return KeptTake(best.samples, best.sample_rate, best.tokens, take=record)
 
     # -- encode tasks (the legacy encode mode) ----------------------------------------------------------------------
     def _encode(self, task: EncodeTask) -> None:
@@ -251,3 +321,28 @@ class LaneRunner:
                        input_error=False, tb=traceback.format_exc())
             raise Leave from None
         self.writes.put((task, tokens, time.perf_counter() - self.t0.pop(task.id)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTake(Audio):
+    """The take a segment keeps, with its take record (takes tried, verdicts, kept seed, suspect) for Done."""
+
+    take: dict[str, Any] | None = None
+
+
+class _Takes:
+    """A segment's takes so far; only the best one's audio is kept in memory."""
+
+    def __init__(self, base_seed: int | None) -> None:
+        self.base_seed = base_seed
+        self.verdicts: list[Verdict] = []
+        self.seeds: list[int | None] = []
+        self.best = 0
+        self.audio: Audio | None = None
+
+    def add(self, verdict: Verdict, audio: Audio, seed: int | None) -> None:
+        self.verdicts.append(verdict)
+        self.seeds.append(seed)
+        best = best_index(self.verdicts)
+        if best == len(self.verdicts) - 1 or self.audio is None:
+            self.best, self.audio = best, audio

@@ -86,6 +86,7 @@ class WorkerHandle:
     ever_ready: bool = False
     leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash
     leaving_since: float = 0.0
+    recycled: str | None = None  # why it is being recycled (its Leaving): its exit is planned, not charged
 
     @property
     def live(self) -> bool:
@@ -170,6 +171,12 @@ class WorkerPool:
             return None
         return self.spawn(slot)
 
+    def recycle(self, slot: int) -> WorkerHandle | None:
+        """A fresh worker for a recycled one (FISH_WORKER_MAX_*): a planned exit, so the restart budget is not used."""
+        if self.broken or slot in self.dropped:
+            return None
+        return self.spawn(slot)
+
     def charge(self, slot: int, suspect: bool) -> None:
         """Count a death of `slot`; `suspect`: it is blamed on a segment whose fate is not known yet."""
         self.restarts[slot] += 1
@@ -180,6 +187,19 @@ class WorkerPool:
         self.suspects[slot] = max(0, self.suspects[slot] - 1)
         if refund:
             self.restarts[slot] = max(0, self.restarts[slot] - 1)
+
+    def grow(self, plan: Plan, settings: Settings) -> list[WorkerHandle]:
+        """FISH_MODEL_MEMORY_GB=auto (fishmp/autofill.py): `plan` has at least as many workers on each GPU as the
+        current one; append a slot per extra worker and start them. `settings` (a measured number instead of auto)
+        is what every worker started from now on gets, so replacements do not measure again."""
+        have = {g.gpu.index: g.workers for g in self.plan.gpus}
+        new = [(f"cuda:{g.gpu.index}", g.gpu.pin) for g in plan.gpus for _ in range(g.workers - have.get(g.gpu.index, 0))]
+        self.plan, self.settings = plan, settings
+        first = len(self.slots)
+        self.slots.extend(new)
+        self.restarts.extend([0] * len(new))
+        self.suspects.extend([0] * len(new))
+        return [self.spawn(s) for s in range(first, len(self.slots))] if not self.broken else []
 
     def refill(self) -> list[WorkerHandle]:
         """Start a worker for every slot that has none (not dropped): a new job gets the full plan again."""

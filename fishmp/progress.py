@@ -15,11 +15,33 @@ from typing import IO, Any
 Event = dict[str, Any]
 EventCallback = Callable[[Event], None]
 
-KINDS = ("plan", "worker_ready", "segment_done", "segment_failed", "segment_requeued", "worker_died", "finished")
+KINDS = ("plan", "worker_ready", "segment_done", "segment_failed", "segment_requeued", "worker_died", "worker_recycled",
+         "gpu", "finished")
+GPU_LINE_EVERY_S = 60.0  # plain lines: one GPU line per this many seconds (events come every few seconds)
 
 
 def make_event(event: str, /, **fields: Any) -> Event:
     return {"event": event, "time": round(time.time(), 3), **fields}
+
+
+def gpu_brief(ev: Event) -> str:
+    """A `gpu` event in a few characters per GPU: `gpu0 12.3/80G 95%` (no utilisation when NVML cannot say)."""
+    parts = []
+    for g in ev.get("gpus", ()):
+        util = f" {g['util_pct']:.0f}%" if g.get("util_pct") is not None else ""
+        parts.append(f"gpu{g['index']} {g['used_gib']:.1f}/{g['total_gib']:.0f}G{util}")
+    return " ".join(parts)
+
+
+def gpu_summary_lines(gpus: dict[str, dict]) -> list[str]:
+    """The `finished` event's per-GPU peak/mean, one line each."""
+    lines = []
+    for index, g in gpus.items():
+        util = (f", utilisation peak {g['util_pct_peak']:.0f}% mean {g['util_pct_mean']:.0f}%"
+                if g.get("util_pct_mean") is not None else "")
+        lines.append(f"[GPU {index}] {g['name']}: memory used peak {g['used_gib_peak']:.2f} GiB, mean "
+                     f"{g['used_gib_mean']:.2f} of {g['total_gib']:.1f} GiB{util} ({g['samples']} samples)")
+    return lines
 
 
 class JsonLines:
@@ -71,6 +93,7 @@ class PlainLines:
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.tally = _Tally()
+        self.last_gpu_line = float("-inf")
 
     def __call__(self, ev: Event) -> None:
         self.tally.update(ev)
@@ -90,9 +113,17 @@ class PlainLines:
             line = f"[Main] {ev['id']} requeued ({ev['attempts']} failed attempts so far): {ev['reason']}"
         elif kind == "worker_died":
             line = f"[Worker {ev['worker']}] on {ev['device']} (pid {ev['pid']}) stopped: {ev['reason']}"
+        elif kind == "worker_recycled":
+            line = f"[Worker {ev['worker']}] on {ev['device']} (pid {ev['pid']}) recycled: {ev['reason']}"
+        elif kind == "gpu":
+            if time.monotonic() - self.last_gpu_line < GPU_LINE_EVERY_S:
+                return
+            self.last_gpu_line = time.monotonic()
+            line = f"[Main] {gpu_brief(ev)}"
         elif kind == "finished":
-            line = (f"[Main] finished: {ev['done']} done, {ev['failed']} failed, {ev['pending']} pending, "
-                    f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s")
+            line = "\n".join([f"[Main] finished: {ev['done']} done, {ev['failed']} failed, {ev['pending']} pending, "
+                              f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s",
+                              *gpu_summary_lines(ev.get("gpus") or {})])
         else:
             return
         print(line, file=self.stream, flush=True)
@@ -134,6 +165,7 @@ class Bar:
         self.stream = stream or sys.stderr
         self.tally = _Tally()
         self.bar: Any = None  # created at the plan event, after the plan's log lines
+        self.gpu = ""  # the latest `gpu` event, shown in the bar's postfix (empty: no GPU sampled)
 
     def __call__(self, ev: Event) -> None:
         from tqdm import tqdm
@@ -148,11 +180,25 @@ class Bar:
             return
         elif kind in ("segment_done", "segment_failed") and not ev.get("skipped"):
             self.bar.update(1)
-            self.bar.set_postfix(audio=f"{self.tally.audio_s:.0f}s", failed=self.tally.failed, refresh=False)
+            self._postfix(refresh=False)
             if kind == "segment_failed":
                 self.bar.write(f"{ev['id']} FAILED ({ev['kind']}): {ev['error']}", file=self.stream)
+        elif kind == "gpu":
+            self.gpu = gpu_brief(ev)
+            self._postfix(refresh=True)
         elif kind == "worker_died":
             self.bar.write(f"[Worker {ev['worker']}] stopped: {ev['reason']}", file=self.stream)
+        elif kind == "worker_recycled":
+            self.bar.write(f"[Worker {ev['worker']}] recycled: {ev['reason']}", file=self.stream)
+        elif kind == "finished":
+            for line in gpu_summary_lines(ev.get("gpus") or {}):
+                self.bar.write(line, file=self.stream)
+
+    def _postfix(self, refresh: bool) -> None:
+        fields: dict[str, Any] = {"audio": f"{self.tally.audio_s:.0f}s", "failed": self.tally.failed}
+        if self.gpu:
+            fields["gpu"] = self.gpu
+        self.bar.set_postfix(refresh=refresh, **fields)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -102,6 +102,7 @@ class JobRun:
         self.lock: Any = None
         self.t0 = time.monotonic()
         self.skipped = 0
+        self.gpu_stats: Any = None  # telemetry.GpuStats, set by the service when it samples GPUs
 
     # -- set-up -----------------------------------------------------------------------------------------------------
     def prepare(self, workers: int, plan: dict, mode: str) -> None:
@@ -163,6 +164,8 @@ class JobRun:
         args: dict[str, Any] = {}
         if solo and "solo" in SegmentTask.__dataclass_fields__:
             args["solo"] = True
+        if seg.max_seconds is not None:
+            args["max_seconds"] = seg.max_seconds
         return SegmentTask(self.gid(seg.id), seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output,
                            **args)
 
@@ -193,9 +196,13 @@ class JobRun:
             "done", round(msg.audio_seconds, 3), round(msg.synthesis_seconds, 3), msg.tokens)
         rec.worker, rec.device, rec.finished_at = h.id, h.device, time.time()
         rec.attempts, rec.error, rec.error_kind = self.sched.tasks[sid].attempts + 1, None, None
+        take = results.take_fields(getattr(msg, "take", None))  # the take check's record (fishmp/takes.py)
+        for name, value in take.items():
+            setattr(rec, name, value)
         self.emit(make_event("segment_done", id=sid, path=msg.path, audio_seconds=rec.audio_seconds,
                              synthesis_seconds=rec.synthesis_seconds, tokens=msg.tokens, worker=h.id,
-                             pid=h.pid, device=h.device, attempts=rec.attempts))
+                             pid=h.pid, device=h.device, attempts=rec.attempts,
+                             **{k: v for k, v in take.items() if v is not None}))
 
     def on_failed(self, h: WorkerHandle, sid: str, msg: Failed) -> None:
         if msg.input_error:
@@ -247,6 +254,9 @@ class JobRun:
         release the directory, say `finished`."""
         for sid in list(self.suspect_slots):
             self._resolve(sid, poison=False)
+        gpus = self.gpu_stats.summary() if self.gpu_stats else {}  # telemetry: peak/mean per GPU, {} without one
+        if gpus and isinstance(getattr(self.manifest, "summary", None), dict):
+            self.manifest.summary["gpus"] = gpus
         try:
             self.save_manifest()
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
@@ -257,11 +267,12 @@ class JobRun:
         result = JobResult(self.job.output_dir, self.manifest.path, self.manifest.segments, self.skipped,
                            time.monotonic() - self.t0, self.stop_signal, self.error, self.cancelled)
         self.emit(make_event("finished", done=result.count("done"), failed=result.count("failed"),
+                             suspect=results.suspect_count(self.manifest.segments),
                              pending=result.count("pending"), skipped=self.skipped,
                              audio_seconds=sum(r.audio_seconds or 0 for r in self.manifest.segments.values()),
                              wall_seconds=round(result.wall_seconds, 3), exit_code=result.exit_code,
                              interrupted=signal.Signals(result.interrupted).name if result.interrupted else None,
-                             cancelled=self.cancelled, manifest=self.manifest.path))
+                             cancelled=self.cancelled, manifest=self.manifest.path, **({"gpus": gpus} if gpus else {})))
         return result
 
 

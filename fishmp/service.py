@@ -21,17 +21,19 @@ import threading
 import time
 from typing import Any
 
+from . import autofill
 from .pool import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPool, describe_exit
 from .progress import make_event
 from .run import Blame, JobHandle, JobRun
-from .worker import Done, Failed, LoadFailed, Ready, Started
+from .telemetry import GpuStats, PoolTelemetry
+from .watchdog import LEAVE_TIMEOUT_S, Deadlines
+from .worker import Done, Failed, Leaving, LoadFailed, Ready, Started
 
 log = logging.getLogger("fishmp")
-LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
 SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
 
 
-class Service:
+class Service(Deadlines):
     """Runs jobs on a WorkerPool from one loop thread; `submit` is safe from any thread."""
 
     def __init__(self, workers: WorkerPool) -> None:
@@ -47,6 +49,7 @@ class Service:
         self._stopped_by_signal = False  # the pool's stop signal ended a job: clear it once no job is left
         self.last_load_error: str | None = None
         self.oom_by_device: dict[str, int] = {}
+        self.telemetry = PoolTelemetry.open(workers)  # None without NVML or without a GPU in the plan
         self._thread = threading.Thread(target=self._loop, name="fishmp-loop", daemon=True)
         self._thread.start()
 
@@ -78,6 +81,8 @@ class Service:
             self._closing = True
         self.workers.wake()
         self._thread.join(timeout=LEAVE_TIMEOUT_S)
+        if self.telemetry is not None:
+            self.telemetry.stop()
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -116,6 +121,7 @@ class Service:
         except BaseException as exc:  # noqa: BLE001 - invalid job, locked directory: raised to the caller
             handle._set(None, exc)
             return
+        run.gpu_stats = GpuStats()
         self.active.append(handle)
         for h in self.workers.handles.values():  # workers that were ready before this job came
             if h.state == "ready":
@@ -128,6 +134,8 @@ class Service:
                 handle._run.stop(w.stop_signal)
         for handle in list(self.active):
             self._check_stop(handle)
+        if self.telemetry is not None:
+            self.telemetry.turn(self.active)
         self._dispatch()
         if self.active and all(h.state == "dead" for h in w.handles.values()):
             self._no_workers_left()
@@ -253,28 +261,6 @@ class Service:
                 if solo:
                     h.solo.add(msg.id)
 
-    def _next_timeout(self) -> float:
-        """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
-        now, soonest = time.monotonic(), 5.0
-        for h in self.workers.handles.values():
-            if h.state == "leaving" and h.kill_reason is None:
-                soonest = min(soonest, h.leaving_since + LEAVE_TIMEOUT_S - now)
-            elif h.state == "starting":
-                soonest = min(soonest, h.spawned_at + self.settings.load_timeout_s - now)
-            elif h.state == "ready":
-                for tid, since in h.running.items():
-                    soonest = min(soonest, since + self._timeout_for(tid) - now)
-        for handle in self.active:
-            if handle._run.stopping_since is not None:
-                soonest = min(soonest, handle._run.stopping_since + self.settings.shutdown_grace_s - now)
-        return max(0.0, soonest)
-
-    def _timeout_for(self, tid: str) -> float:
-        owner = self._owner.get(tid)
-        if owner is None:  # abandoned: the base timeout still bounds it
-            return self.settings.segment_timeout_s
-        return owner[0]._run.timeout_for(owner[1])
-
     # -- messages -----------------------------------------------------------------------------------------------------
     def _on_message(self, h: WorkerHandle, msg: Any) -> None:
         if isinstance(msg, Ready):
@@ -282,6 +268,7 @@ class Service:
             h.batch_size = max(1, int(getattr(msg, "batch_size", 1) or 1))
             for handle in self.active:
                 self._ready_event(handle, h)
+            autofill.on_ready(self, h, msg)  # FISH_MODEL_MEMORY_GB=auto: fill the GPUs once each has measured
         elif isinstance(msg, LoadFailed):
             h.state, h.leaving, h.leaving_since = "leaving", True, time.monotonic()
             self.last_load_error = msg.message
@@ -290,6 +277,8 @@ class Service:
             h.batch_size = max(1, int(msg.batch_size))
         elif isinstance(msg, Started):
             h.running[msg.task] = time.monotonic()  # its deadline starts now
+        elif isinstance(msg, Leaving):
+            self._on_leaving(h, msg)
         elif isinstance(msg, Done | Failed):
             self._finish_task(h, msg.task)
             if isinstance(msg, Failed) and (msg.kind == "out_of_memory" or not msg.input_error):
@@ -317,6 +306,27 @@ class Service:
         h.solo.discard(tid)
         with contextlib.suppress(ValueError):
             h.outstanding.remove(tid)
+        if h.recycled is not None and not h.running:
+            h.leaving_since = time.monotonic()  # its rows are done: it has LEAVE_TIMEOUT_S to exit from now
+
+    def _on_leaving(self, h: WorkerHandle, msg: Leaving) -> None:
+        """Recycled (fishmp/recycle.py): nothing more is sent to it; what it handed back (never started there) goes
+        back to its job's queue at once, uncounted. Its rows finish as usual; then it exits 0 and is replaced."""
+        h.state, h.leaving, h.leaving_since, h.recycled = "leaving", True, time.monotonic(), msg.reason
+        for tid in msg.handed_back:
+            if tid not in h.outstanding:
+                continue
+            self._finish_task(h, tid)
+            owner = self._owner.pop(tid, None)
+            self._abandoned.discard(tid)
+            if owner is not None:
+                owner[0]._run.sched.requeue(owner[1], count_attempt=False)
+        if h.job is not None:
+            h.job._run.sched.worker_gone(h.id)
+        log.info("[Worker %s] on %s (pid %s) is being recycled: %s; %d queued tasks handed back", h.id, h.device,
+                 h.pid, msg.reason, len(msg.handed_back))
+        self._emit_all(make_event("worker_recycled", worker=h.id, pid=h.pid, device=h.device, reason=msg.reason,
+                                  handed_back=len(msg.handed_back), **msg.figures))
 
     @staticmethod
     def _ready_event(handle: JobHandle, h: WorkerHandle) -> None:
@@ -330,7 +340,10 @@ class Service:
     # -- deaths ---------------------------------------------------------------------------------------------------------
     def _on_exit(self, h: WorkerHandle, code: int | None) -> None:
         deliberate = h.kill_reason is None and h.leaving
+        recycled = deliberate and h.recycled is not None and code == 0
         reason = h.kill_reason or (describe_exit(code) if not deliberate else "recycled after a failure")
+        if recycled:
+            reason = f"recycled: {h.recycled}"
         if code == BOOTSTRAP_EXIT and not h.ever_ready:
             self.workers.broken = MISSING_GUARD
         elif not h.ever_ready and not deliberate:
@@ -338,7 +351,7 @@ class Service:
         # The segments it had begun (Started seen) share the blame; one alone is the culprit (attempts + 1).
         running = [] if deliberate else [t for t in h.running if t in self._owner]
         blame = Blame(h.slot, self.workers.resolve) if running else None
-        if h.leave_blame is None:  # a worker leaving because of a segment was charged when it said so
+        if h.leave_blame is None and not recycled:  # a worker leaving because of a segment was charged then
             self.workers.charge(h.slot, suspect=blame is not None)
         for tid in list(h.outstanding):
             owner = self._owner.pop(tid, None)
@@ -357,6 +370,10 @@ class Service:
         if not self.active:
             return
         if all(j._run.stopping_since is not None for j in self.active):
+            return
+        if recycled:  # announced by worker_recycled; its replacement does not use the slot's restarts
+            if any(not j._run.finished for j in self.active):
+                self.workers.recycle(h.slot)
             return
         self._emit_all(make_event("worker_died", worker=h.id, pid=h.pid, device=h.device, exit_code=code,
                                   reason=reason))
@@ -392,34 +409,3 @@ class Service:
             handle._run.fail_rest("no_workers", error)
             if self.workers.broken:
                 self._end(handle, PoolError(error))
-
-    def _enforce_deadlines(self) -> None:
-        now = time.monotonic()
-        for h in self.workers.handles.values():
-            if h.state == "leaving" and h.kill_reason is None and now - h.leaving_since > LEAVE_TIMEOUT_S:
-                self.workers.kill(h, f"it announced its exit but was still running {LEAVE_TIMEOUT_S:g}s later")
-            elif h.state == "starting" and now - h.spawned_at > self.settings.load_timeout_s:
-                self.workers.kill(h, f"model load took longer than FISH_LOAD_TIMEOUT_S={self.settings.load_timeout_s:g}s")
-            elif h.state == "ready" and h.kill_reason is None:
-                for tid, since in h.running.items():
-                    limit = self._timeout_for(tid)
-                    if now - since > limit:
-                        self._overdue(h, tid, limit)
-                        break
-
-    def _overdue(self, h: WorkerHandle, tid: str, limit: float) -> None:
-        owner = self._owner.get(tid)
-        name = owner[1] if owner else tid
-        reason = (f"segment {name} ran past its {limit:.0f}s deadline (FISH_SEGMENT_TIMEOUT_S + "
-                  "FISH_SEGMENT_TIMEOUT_PER_CHAR_S x characters)")
-        if h.process is not None:
-            self.workers.kill(h, reason)
-            return
-        # In-process (FISH_MULTIPROCESS_MODE=false) the model runs in this process and cannot be stopped: fail the
-        # segment, stop the job; the hung thread is left behind and the process exits past it (see pool.py).
-        h.kill_reason = reason
-        h.state = "dead"
-        error = reason + "; in single-process mode (FISH_MULTIPROCESS_MODE=false) it cannot be stopped: use auto"
-        for handle in list(self.active):
-            handle._run.fail_rest("timeout" if handle is (owner[0] if owner else None) else "no_workers", error)
-        self.workers.broken = error

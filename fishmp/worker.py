@@ -75,6 +75,7 @@ class SegmentTask:
     params: dict[str, Any]  # SynthesisParams fields; absent = engine default
     output: str
     solo: bool = False  # run in a session of its own: an earlier attempt died with its worker (maybe in a batch)
+    max_seconds: float | None = None  # the segment's subtitle slot: a longer take fails the take check
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Ready:
     device: str
     load_seconds: float
     batch_size: int = 1  # lanes: the main process may have batch_size running + 1 queued tasks outstanding here
+    footprint: Any = None  # FISH_MODEL_MEMORY_GB=auto: measure.Footprint after a warm-up segment (autofill.py)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,18 @@ class Resized:
 
     worker: str
     batch_size: int
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """Worker recycling (FISH_WORKER_MAX_SEGMENTS / FISH_WORKER_MAX_GROWTH_GB, fishmp/recycle.py): the worker takes no
+    new rows, finishes the ones it runs, hands back `handed_back` (tasks it will never start: requeue them without
+    counting an attempt) and exits 0. Not a failure: the main process replaces it without charging the slot."""
+
+    worker: str
+    reason: str  # one line with the figures, e.g. "finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)"
+    figures: dict[str, Any]  # segments, memory_kind, baseline_gib, current_gib, growth_gib
+    handed_back: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,9 @@ class Done:
     audio_seconds: float
     synthesis_seconds: float
     tokens: int
+    # The take check (fishmp/takes.py): {"tried", "kept", "seed", "suspect", "takes": [verdicts], "over_slot_s"?};
+    # None when takes are not checked (FISH_TAKE_CHECK=false, encode tasks).
+    take: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +225,7 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
     threading.Thread(target=reader, name="fishmp-reader", daemon=True).start()
 
     from .engines import EngineOutOfMemoryError, create_engine, torch_device_for
+    from .measure import FootprintProbe
 
     t0 = time.perf_counter()
     try:
@@ -218,8 +236,10 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
             engine_device = "cuda:0"
         else:
             engine_device = torch_device_for(pin) if settings.engine == "fish" else device
+        probe = FootprintProbe.start(settings, pin, child)  # auto: NVML free memory before the CUDA context
         engine = create_engine(settings, engine_device)
         engine.load()
+        footprint = probe.finish(engine) if probe else None  # auto: the warm-up, then the drop
     except BaseException as exc:  # noqa: BLE001 - report any load failure with its cause, then leave
         kind = getattr(exc, "kind", "load_error")
         msg = f"{type(exc).__name__}: {exc}"
@@ -231,7 +251,7 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
     load_s = time.perf_counter() - t0
     batch_size = max(1, int(getattr(settings, "batch_size", 1)))
     runner = _SegmentRunner(worker_id, engine, settings, send, inbox, batch_size, refill_enabled())
-    send(Ready(worker_id, os.getpid(), device, load_s, runner.lanes.capacity))
+    send(Ready(worker_id, os.getpid(), device, load_s, runner.lanes.capacity, footprint))
     try:
         runner.lanes.run()  # returns at the stop sentinel, or early when the worker must leave (after saying so)
     finally:
@@ -249,6 +269,7 @@ class _SegmentRunner:
     def __init__(self, worker_id: str, engine: Any, settings: Settings, send: _Sender, inbox: queue.Queue,
                  batch_size: int = 1, refill: bool = True) -> None:
         from .lanes import LaneRunner
+        from .recycle import RecyclePolicy, engine_memory_kind
 
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
@@ -258,6 +279,7 @@ class _SegmentRunner:
         self.writer.start()
         self.lanes = LaneRunner(worker_id, engine, inbox, send, self.writes, self._prompt, settings.cache_dir,
                                 batch_size, refill)
+        self.lanes.recycle = RecyclePolicy.from_settings(settings, engine_memory_kind(engine))
 
     def close(self) -> None:
         self.writes.put(None)
@@ -293,7 +315,8 @@ class _SegmentRunner:
                     self.send(Done(self.worker_id, task.id, task.output_npy, 0.0, busy_s, 0))
                     continue
                 write_wav(task.output, payload.samples, payload.sample_rate)
-                self.send(Done(self.worker_id, task.id, task.output, payload.seconds, busy_s, payload.tokens))
+                self.send(Done(self.worker_id, task.id, task.output, payload.seconds, busy_s, payload.tokens,
+                               getattr(payload, "take", None)))
             except OSError as exc:  # disk full, permissions: the temp file is already removed
                 target = task.output if isinstance(task, SegmentTask) else task.output_npy
                 self._fail(task.id, "write_error", f"cannot write {target}: {exc.strerror or exc}")

@@ -93,3 +93,53 @@ def test_legacy_lines_total_from_the_plan_and_no_all_done_when_interrupted() -> 
     r(make_event("finished", done=1, failed=0, pending=2, skipped=1, audio_seconds=1.0, wall_seconds=1.0,
                  exit_code=130))
     assert client_progress(out.getvalue()) == [(1, 3), (1, 3)] and "All done" not in out.getvalue()
+
+
+GPU_EVENT = make_event("gpu", gpus=[{"index": 0, "name": "NVIDIA H100", "used_gib": 30.04, "free_gib": 49.96,
+                                     "total_gib": 80.0, "util_pct": 91.0, "workers_gib": {"w0": 6.1}},
+                                    {"index": 1, "name": "NVIDIA H100", "used_gib": 2.0, "free_gib": 78.0,
+                                     "total_gib": 80.0, "util_pct": None, "workers_gib": {}}])
+GPU_SUMMARY = {"0": {"name": "NVIDIA H100", "total_gib": 80.0, "samples": 4, "used_gib_peak": 30.04,
+                     "used_gib_mean": 21.5, "free_gib_min": 49.96, "util_pct_peak": 91.0, "util_pct_mean": 60.0,
+                     "workers_gib_peak": {"w0": 6.1}}}
+RECYCLED = make_event("worker_recycled", worker="w0", pid=2, device="cuda:0", handed_back=1, segments=50,
+                      reason="finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)")
+
+
+def _with_gpus(events: list[dict]) -> list[dict]:
+    finished = dict(events[-1], gpus=GPU_SUMMARY)
+    return [*events[:3], GPU_EVENT, RECYCLED, *events[3:-1], finished]
+
+
+def test_bar_shows_the_latest_gpu_figures_and_the_summary() -> None:
+    out = io.StringIO()
+    bar = Bar(out)
+    for ev in _with_gpus(EVENTS):
+        bar(ev)
+    bar.close()
+    text = out.getvalue()
+    assert "gpu=gpu0 30.0/80G 91% gpu1 2.0/80G" in text
+    assert "[Worker w0] recycled: finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)" in text
+    assert ("[GPU 0] NVIDIA H100: memory used peak 30.04 GiB, mean 21.50 of 80.0 GiB, utilisation peak 91% mean 60% "
+            "(4 samples)") in text
+
+
+def test_plain_lines_gpu_at_most_once_a_minute_and_the_summary() -> None:
+    out = io.StringIO()
+    r = PlainLines(out)
+    for ev in _with_gpus(EVENTS)[:4] + [GPU_EVENT, GPU_EVENT] + _with_gpus(EVENTS)[4:]:
+        r(ev)
+    lines = out.getvalue().splitlines()
+    assert [ln for ln in lines if ln.startswith("[Main] gpu")] == ["[Main] gpu0 30.0/80G 91% gpu1 2.0/80G"]
+    assert "[Worker w0] on cuda:0 (pid 2) recycled: finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)" in lines
+    assert lines[-1].startswith("[GPU 0] NVIDIA H100: memory used peak 30.04 GiB")
+
+
+def test_no_gpu_events_no_gpu_text() -> None:
+    for make in (Bar, PlainLines):
+        out = io.StringIO()
+        r = make(out)
+        for ev in EVENTS:
+            r(ev)
+        r.close()
+        assert "gpu" not in out.getvalue().lower()

@@ -31,6 +31,10 @@ Any marker may carry `-once` (`@@kill-once@@`, `@@oom-once@@`, `@@slow=2-once@@`
 ALL processes, claimed by creating (O_EXCL) a file named by a hash of the marker and the whole text inside
 FISH_SYNTHETIC_STATE_DIR, which is then required (EngineError naming it when unset).
 Load faults: FISH_SYNTHETIC_LOAD_FAULT = die (SIGKILL) | raise (EngineError) | oom (EngineOutOfMemoryError) | hang.
+FISH_SYNTHETIC_FOOTPRINT_GB: the GiB a worker reports as its measured footprint under FISH_MODEL_MEMORY_GB=auto (a
+simulated GPU has no NVML; fishmp/measure.py FootprintProbe uses this figure instead). Default: none.
+Memory growth (worker recycling, FISH_WORKER_MAX_GROWTH_GB): FISH_SYNTHETIC_GROW_MB keeps that many MiB of written
+(resident) memory per finished segment, for good, like a leaking long-lived worker (default 0).
 """
 
 from __future__ import annotations
@@ -96,6 +100,9 @@ class SyntheticEngine:
         self.max_capacity = _env_rows("FISH_SYNTHETIC_MAX_CAPACITY")
         self.state_dir = os.environ.get("FISH_SYNTHETIC_STATE_DIR") or None
         self.load_fault = os.environ.get("FISH_SYNTHETIC_LOAD_FAULT", "").strip().lower() or None
+        self.synthetic_footprint_bytes = int(_env_float("FISH_SYNTHETIC_FOOTPRINT_GB", 0.0) * 1024**3) or None
+        self.grow_bytes = int(_env_float("FISH_SYNTHETIC_GROW_MB", 0.0) * 2**20)
+        self._grown: list[bytes] = []  # the leak: never freed
         if self.load_fault not in (None, *LOAD_FAULTS):
             raise EngineError(f"FISH_SYNTHETIC_LOAD_FAULT={self.load_fault!r} is not valid: one of {LOAD_FAULTS}")
 
@@ -160,7 +167,12 @@ class SyntheticEngine:
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
         self._faults(text)
         time.sleep(self.seconds_per_char * len(text))
+        self._grow()
         return self._audio(text, speaker)
+
+    def _grow(self) -> None:
+        if self.grow_bytes:
+            self._grown.append(b"\x01" * self.grow_bytes)  # written, so resident (bytes(n) might not be)
 
     def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> SyntheticBatch:
         if self.max_capacity is not None and capacity > self.max_capacity:
@@ -230,6 +242,7 @@ class SyntheticBatch:
             row[1] -= n
             if row[1] <= 0:
                 del self._rows[key]
+                self.engine._grow()
                 done.append((key, self.engine._audio(row[0], self.speaker)))
         return done
 

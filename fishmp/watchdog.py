@@ -1,0 +1,83 @@
+"""Deadlines of the job loop (split out of service.py): model loads, segments, shutdown grace, and workers that said
+they are leaving. A mixin of service.Service: it reads the loop's state (workers, owners, active jobs) and kills
+through the pool; the loop calls `_enforce_deadlines` each turn and sleeps at most `_next_timeout`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .pool import WorkerHandle
+
+LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
+
+
+class Deadlines:
+    workers: Any
+    settings: Any
+    active: list[Any]
+    _owner: dict[str, tuple[Any, str]]
+
+    def _leave_deadline(self, h: WorkerHandle) -> float | None:
+        """When a leaving worker is overdue. A recycled one first finishes its rows (each under its own segment
+        deadline): its leave timeout starts once none is running."""
+        if h.kill_reason is not None or (h.recycled is not None and h.running):
+            return None
+        return h.leaving_since + LEAVE_TIMEOUT_S
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for h in self.workers.handles.values():
+            if h.state == "leaving":
+                due = self._leave_deadline(h)
+                if due is not None and now > due:
+                    self.workers.kill(h, f"it announced its exit but was still running {LEAVE_TIMEOUT_S:g}s later")
+                    continue
+            if h.state == "starting" and now - h.spawned_at > self.settings.load_timeout_s:
+                self.workers.kill(h, f"model load took longer than FISH_LOAD_TIMEOUT_S={self.settings.load_timeout_s:g}s")
+            elif (h.state == "ready" or (h.state == "leaving" and h.recycled is not None)) and h.kill_reason is None:
+                for tid, since in h.running.items():
+                    limit = self._timeout_for(tid)
+                    if now - since > limit:
+                        self._overdue(h, tid, limit)
+                        break
+
+    def _overdue(self, h: WorkerHandle, tid: str, limit: float) -> None:
+        owner = self._owner.get(tid)
+        name = owner[1] if owner else tid
+        reason = (f"segment {name} ran past its {limit:.0f}s deadline (FISH_SEGMENT_TIMEOUT_S + "
+                  "FISH_SEGMENT_TIMEOUT_PER_CHAR_S x characters)")
+        if h.process is not None:
+            self.workers.kill(h, reason)
+            return
+        # In-process (FISH_MULTIPROCESS_MODE=false) the model runs in this process and cannot be stopped: fail the
+        # segment, stop the job; the hung thread is left behind and the process exits past it (see pool.py).
+        h.kill_reason = reason
+        h.state = "dead"
+        error = reason + "; in single-process mode (FISH_MULTIPROCESS_MODE=false) it cannot be stopped: use auto"
+        for handle in list(self.active):
+            handle._run.fail_rest("timeout" if handle is (owner[0] if owner else None) else "no_workers", error)
+        self.workers.broken = error
+
+    def _next_timeout(self) -> float:
+        """Wake up in time for the nearest deadline (segment timeout, load timeout, shutdown grace)."""
+        now, soonest = time.monotonic(), 5.0
+        for h in self.workers.handles.values():
+            if h.state == "leaving" and (due := self._leave_deadline(h)) is not None:
+                soonest = min(soonest, due - now)
+            elif h.state == "starting":
+                soonest = min(soonest, h.spawned_at + self.settings.load_timeout_s - now)
+            if h.state == "ready" or (h.state == "leaving" and h.recycled is not None):
+                for tid, since in h.running.items():
+                    soonest = min(soonest, since + self._timeout_for(tid) - now)
+        for handle in self.active:
+            if handle._run.stopping_since is not None:
+                soonest = min(soonest, handle._run.stopping_since + self.settings.shutdown_grace_s - now)
+        return max(0.0, soonest)
+
+    def _timeout_for(self, tid: str) -> float:
+        owner = self._owner.get(tid)
+        if owner is None:  # abandoned: the base timeout still bounds it
+            return self.settings.segment_timeout_s
+        return owner[0]._run.timeout_for(owner[1])
