@@ -24,20 +24,19 @@ Long texts are split exactly as synthesize splits them; chunk k is decoded after
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .base import Audio, EngineError, SynthesisParams, TextTooLongError
+from .batched_model import BatchedModel
 from .fish import GENERATION_RESERVE, _guard_oom, import_fish_speech, split_text
 
 if TYPE_CHECKING:
     from .fish import FishSpeechEngine
 
 WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
-FAST_CODEBOOK_VOCAB = 1024  # decode_one_token_ar cuts the fast logits to this many codes
 
 
 def check_params(params: SynthesisParams) -> None:
@@ -60,43 +59,6 @@ def encode_prompt(engine: FishSpeechEngine, text: str, prompt: tuple[Any, str] |
     if audio_masks is not None:  # only AudioPart sequences carry them; synthesize never builds one
         raise EngineError("batched decoding does not support audio-part prompts")
     return encoded.long()
-
-
-def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previous: Any | None,
-                generators: list[Any]) -> Any:
-    """fish-speech's logits_to_probs + multinomial_sample_one_no_sync, row by row in one batch.
-
-    logits (b, V); temperature / top_p / penalty (b, 1) bf16; previous (b, W) or None; one generator per row.
-    Returns (b,) long."""
-    import torch
-
-    if previous is not None:
-        previous = previous.long()
-        score = torch.gather(logits, dim=-1, index=previous)
-        score = torch.where(score < 0, score * penalty, score / penalty)
-        logits = logits.scatter(dim=-1, index=previous, src=score)
-    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
-    cum_probs = torch.cumsum(torch.nn.functional.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cum_probs > top_p
-    remove[:, 0] = False  # keep at least one option (upstream: [0] on a 1-D row)
-    remove = remove.scatter(dim=-1, index=sorted_indices, src=remove)
-    logits = logits.masked_fill(remove, -float("Inf"))
-    logits = logits / torch.clip(temperature, min=1e-5)
-    probs = torch.nn.functional.softmax(logits, dim=-1)
-    # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1.
-    q = torch.stack([torch.empty_like(probs[r]).exponential_(1, generator=g) for r, g in enumerate(generators)])
-    return torch.argmax(probs / q, dim=-1)
-
-
-def rotary_rows(x: Any, freqs: Any) -> Any:
-    """apply_rotary_emb with per-row positions: x (b, Q, H, D), freqs (b, Q, D/2, 2) (the bf16 table's rows)."""
-    import torch
-
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    f = freqs.view(xs.size(0), xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
-                       xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], -1)
-    return out.flatten(3).type_as(x)
 
 
 @dataclass(eq=False)
@@ -125,7 +87,10 @@ class _Row:
 class FishBatchSession:
     """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine, for one speaker."""
 
-    def __init__(self, engine: FishSpeechEngine, prompt: tuple[Any, str] | None, capacity: int) -> None:
+    def __init__(self, engine: FishSpeechEngine, prompt: tuple[Any, str] | None, capacity: int,
+                 compiled: bool = False, bucketed: bool = False) -> None:
+        """compiled: decode steps run the engine's compiled step (FISH_COMPILE; static batch / length buckets);
+        bucketed: eager steps padded to the same buckets (what the compiled step sees, for tests)."""
         import torch
 
         if capacity < 1:
@@ -149,15 +114,20 @@ class FishBatchSession:
         self._frames_cap = min(engine.max_frames, engine.max_seq_len) + WINDOW + 1
 
         def allocate() -> None:
-            shape = (capacity, cfg.n_local_heads, engine.max_seq_len, cfg.head_dim)
-            with torch.device(self._device):
-                self._k = [torch.zeros(shape, dtype=self._dtype) for _ in model.layers]
-                self._v = [torch.zeros(shape, dtype=self._dtype) for _ in model.layers]
-                self._history = torch.zeros((capacity, self._ncb + 1, self._frames_cap), dtype=torch.long)
-                self._current = torch.zeros((capacity, self._ncb + 1), dtype=torch.long)
-                self._fast_caches: dict[int, list[Any]] = {}
-            with torch.inference_mode():
-                self._prefill(slice(0, capacity), self._prefix[None].to(self._device), 0)
+            # A compiled step keeps the engine's caches (CUDA graphs need their addresses fixed across sessions).
+            caches = engine.batch_caches(capacity, self) if compiled else None
+            try:
+                self._net = BatchedModel(model, self._device, self._dtype, capacity, engine.max_seq_len,
+                                         decode=engine.compiled_batch_step() if compiled else None,
+                                         bucketed=bucketed, caches=caches)
+                with torch.device(self._device):
+                    self._history = torch.zeros((capacity, self._ncb + 1, self._frames_cap), dtype=torch.long)
+                    self._current = torch.zeros((capacity, self._ncb + 1), dtype=torch.long)
+                with torch.inference_mode():
+                    self._net.prefill_prefix(self._prefix)
+            except BaseException:
+                engine.release_batch_caches(self)
+                raise
 
         _guard_oom(f"opening a batch of {capacity} rows on {engine.device}", allocate)
 
@@ -201,9 +171,9 @@ class FishBatchSession:
 
     def close(self) -> None:
         self._rows = [None] * self.capacity
-        self._k = self._v = []
+        self._engine.release_batch_caches(self)
+        self._net.close()
         self._history = self._current = None
-        self._fast_caches = {}
 
     # -- rows ------------------------------------------------------------------------------------------------------
 
@@ -231,11 +201,12 @@ class FishBatchSession:
             decoding = [i for i, r in enumerate(self._rows) if r is not None and not r.pending and r.max_new > 1]
             if decoding:
                 self._decode_step(decoding)
+            done = [(i, r) for i, r in enumerate(self._rows) if r is not None and not r.pending and self._chunk_done(r)]
+            if done:
+                self._finish_chunks(done)  # their next chunks, if any, are prefilled at the next step
             for index, row in enumerate(self._rows):
                 if row is None:
                     continue
-                if not row.pending and self._chunk_done(row):
-                    self._finish_chunk(index, row)  # its next chunk, if any, is prefilled at the next step
                 if row.chunk >= len(row.chunks):
                     samples = np.concatenate(row.pieces) if row.pieces else np.zeros(0, np.float32)
                     self.finished_codes[row.key] = row.codes
@@ -251,11 +222,10 @@ class FishBatchSession:
 
     def _start_chunks(self, indices: list[int]) -> None:
         """Prefill these rows' texts after the shared prefix in one forward and sample their first frames (no
-        penalty, as generate()). Texts are right-aligned in the input so every row's last token is the last column;
-        pad columns write a scratch slot and attend slot 0 only (finite, never read by a real row)."""
+        penalty, as generate())."""
         import torch
 
-        dev, p = self._device, self._prefix.shape[1]
+        p = self._prefix.shape[1]
         rows = [self._rows[i] for i in indices]
         texts = []
         for row in rows:
@@ -267,67 +237,32 @@ class FishBatchSession:
             row.max_new = min(row.params.max_new_tokens, self._engine.max_frames)
             row.max_new = min(row.max_new, self._engine.max_seq_len - row.prompt_len)
             texts.append(encoded[:, p:])
-        width = max(t.shape[1] for t in texts)
-        inp = torch.zeros((len(rows), self._ncb + 1, width), dtype=torch.long)
-        for j, t in enumerate(texts):
-            inp[j, :, width - t.shape[1]:] = t
-        pad = torch.tensor([width - t.shape[1] for t in texts], device=dev)
-        col = torch.arange(width, device=dev)
-        real = col[None, :] >= pad[:, None]
-        positions = torch.where(real, p + col[None, :] - pad[:, None], 0)
-        write = torch.where(real, positions, self._engine.max_seq_len - 1)
-        k_len = max(r.prompt_len for r in rows if r is not None)
-        slots = torch.arange(k_len, device=dev)
-        mask = torch.where(real[:, :, None], slots[None, None, :] <= positions[:, :, None], slots[None, None, :] == 0)
-        row_ids = torch.tensor(indices, device=dev)
-        logits, hidden = self._forward(inp.to(dev), row_ids, positions, write, mask[:, None], k_len)
-        first = self._sample_frame(logits, hidden, rows, None)
+        logits, hidden = self._net.prefill_texts(texts, indices, p)
+        first = self._net.sample_frame(logits, hidden, self._params(rows), [r.generator for r in rows], None)
+        row_ids = torch.tensor(indices, device=self._device)
         self._current[row_ids] = first
         self._history[row_ids] = 0
         for j, row in enumerate(rows):
             assert row is not None
             row.first, row.pending = first[j], False
 
-    def _finish_chunk(self, index: int, row: _Row) -> None:
-        import torch
-
-        frames = torch.cat([row.first[:, None], self._history[index, :, : row.decoded]], dim=1)
-        codes = frames[1:, :-1]  # generate_long: drop the final im_end (or last frame when tokens ran out)
-        row.frames += codes.shape[1]
-        row.pieces.append(self._engine._decode(codes))
-        row.codes.append(codes)
-        self._next_chunk(row)
-
-    # -- model -----------------------------------------------------------------------------------------------------
-
-    def _params(self, params: list[SynthesisParams]) -> tuple[Any, Any, Any]:
-        import torch
-
-        def col(name: str) -> Any:  # bf16 like generate(); (b, 1) so each row keeps its own value
-            return torch.tensor([[getattr(p, name)] for p in params], dtype=torch.bfloat16, device=self._device)
-
-        return col("temperature"), col("top_p"), col("repetition_penalty")
-
     def _decode_step(self, indices: list[int]) -> None:
+        """One decode step of the rows `indices` (rows below the last one that do not decode are masked)."""
         import torch
 
-        hi = indices[-1] + 1  # rows [0, hi) run; free ones inside are masked to slot 0 and write a scratch slot
-        live = [r if r is not None and not r.pending else None for r in self._rows[:hi]]
+        hi = indices[-1] + 1
+        chosen = set(indices)
+        live = [r if i in chosen else None for i, r in enumerate(self._rows[:hi])]
         dev = self._device
-        active = torch.tensor([r is not None for r in live], device=dev)
-        slot_list = [r.slot if r is not None else 0 for r in live]
-        slots = torch.tensor(slot_list, device=dev)
+        logits, hidden = self._net.decode(self._current[:hi], [r.slot if r else 0 for r in live],
+                                          [r is not None for r in live])
         decoded = torch.tensor([r.decoded if r is not None else 0 for r in live], device=dev)
-        k_len = max(slot_list) + 1
-        write = torch.where(active, slots, self._engine.max_seq_len - 1)
-        inp = torch.where(active[:, None], self._current[:hi], 0)[:, :, None]
-        mask = (torch.arange(k_len, device=self._device)[None, :] <= slots[:, None])[:, None, None, :]
-        logits, hidden = self._forward(inp, slice(0, hi), slots[:, None], write[:, None], mask, k_len)
         start = torch.clamp(decoded - WINDOW, min=0)
-        cols = (start[:, None] + torch.arange(WINDOW, device=self._device))[:, None, :].expand(-1, self._ncb + 1, -1)
+        cols = (start[:, None] + torch.arange(WINDOW, device=dev))[:, None, :].expand(-1, self._ncb + 1, -1)
         window = torch.gather(self._history[:hi], 2, cols)
-        tokens = self._sample_frame(logits, hidden, live, window)
-        sel = active.nonzero()[:, 0]
+        tokens = self._net.sample_frame(logits, hidden, self._params(live), [r.generator if r else None for r in live],
+                                        window)
+        sel = torch.tensor(indices, device=dev)
         self._history[sel, :, decoded[sel]] = tokens[sel]
         self._current[sel] = tokens[sel]
         mains = tokens[:, 0].tolist()  # one device sync per step, for the stop test
@@ -336,125 +271,27 @@ class FishBatchSession:
                 r.decoded += 1
                 r.last_main = main
 
-    def _sample_frame(self, logits: Any, hidden: Any, rows: list[_Row | None], window: Any | None) -> Any:
-        """decode_one_token_ar after forward_generate, for b rows: (b, 11) long. Free rows (None) draw nothing."""
+    def _params(self, rows: list[_Row | None]) -> tuple[Any, Any, Any]:
         import torch
 
-        model = self._model
-        b = logits.shape[0]
-        live = [i for i, r in enumerate(rows) if r is not None]
-        params = self._params([r.params if r is not None else SynthesisParams() for r in rows])
-        gens = [r.generator if r is not None else None for r in rows]
-        out = torch.zeros((b, self._ncb + 1), dtype=torch.long, device=self._device)
+        params = [r.params if r is not None else SynthesisParams() for r in rows]
 
-        def draw(lg: Any, prev: Any | None) -> Any:
-            sel = torch.tensor(live, device=self._device)
-            t, p, rp = (x[sel] for x in params)
-            res = torch.zeros(b, dtype=torch.long, device=self._device)
-            res[sel] = sample_rows(lg[sel], t, p, rp, prev[sel] if prev is not None else None, [gens[i] for i in live])
-            return res
+        def col(name: str) -> Any:  # bf16 like generate(); (b, 1) so each row keeps its own value
+            return torch.tensor([[getattr(p, name)] for p in params], dtype=torch.bfloat16, device=self._device)
 
-        main = draw(logits[:, -1], window[:, :, 0] if window is not None else None)
-        out[:, 0] = main
-        saved = [layer.attention.kv_cache for layer in model.fast_layers]
-        try:
-            for layer, cache in zip(model.fast_layers, self._fast_cache(b), strict=True):
-                layer.attention.kv_cache = cache
-                cache.k_cache.zero_()
-                cache.v_cache.zero_()
-            model.forward_generate_fast(hidden, torch.tensor([0], device=self._device, dtype=torch.long))
-            a = main - model.tokenizer.semantic_begin_id
-            a[a < 0] = 0
-            out[:, 1] = a
-            h = model.fast_embeddings(a)
-            for cb in range(1, self._ncb):
-                fast_logits = model.forward_generate_fast(h, torch.tensor([cb], device=self._device, dtype=torch.long))
-                a = draw(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], window[:, cb + 1] if window is not None else None)
-                out[:, cb + 1] = a
-                h = model.fast_embeddings(a)
-        finally:
-            for layer, cache in zip(model.fast_layers, saved, strict=True):
-                layer.attention.kv_cache = cache
-        return out
+        return col("temperature"), col("top_p"), col("repetition_penalty")
 
-    def _fast_cache(self, b: int) -> list[Any]:
-        """Fast-transformer KV caches for b rows (fish-speech's own KVCache, swapped in for the step)."""
-        if b not in self._fast_caches:
-            import torch
-
-            import_fish_speech()
-            from fish_speech.models.text2semantic.llama import KVCache
-
-            cfg = self._model.config
-            with torch.device(self._device):
-                self._fast_caches[b] = [KVCache(b, cfg.num_codebooks, cfg.fast_n_local_heads, cfg.fast_head_dim,
-                                            dtype=self._dtype) for _ in self._model.fast_layers]
-        return self._fast_caches[b]
-
-    def _prefill(self, rows: slice, inp: Any, start: int) -> tuple[Any, Any]:
-        """Run tokens inp (1, 11, Q) at slots [start, start + Q) of rows (written into each of them)."""
+    def _finish_chunks(self, done: list[tuple[int, _Row]]) -> None:
+        """Rows whose chunk ended this step: their codes are decoded to audio together (one padded codec call per
+        group, each row cut to its own length), then each row moves to its next chunk."""
         import torch
 
-        q = inp.shape[2]
-        positions = torch.arange(start, start + q, device=self._device)[None, :]
-        slots = torch.arange(start + q, device=self._device)
-        mask = (slots[None, :] <= positions[0][:, None])[None, None]
-        return self._forward(inp, rows, positions, slice(start, start + q), mask, start + q)
-
-    def _forward(self, inp: Any, rows: Any, positions: Any, write: Any, mask: Any, k_len: int) -> tuple[Any, Any]:
-        """forward_generate for rows of our cache: inp (b, 11, Q), rows a slice or (b,) row ids, positions (b, Q),
-        write = a slot slice (the shared prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q)
-        slots, mask (b|1, 1, Q, K). Returns last-column logits (b, 1, V) and fast-projected hidden (b, 1, fast)."""
-        import torch
-        import torch.nn.functional as F
-
-        model, cfg = self._model, self._model.config
-        tok = model.tokenizer
-        embeds = [model.codebook_embeddings(inp[:, i + 1] + i * cfg.codebook_size) for i in range(cfg.num_codebooks)]
-        vq_sum = torch.stack(embeds, dim=1).sum(dim=1)
-        vq_masks = (inp[:, 0] >= tok.semantic_begin_id) & (inp[:, 0] <= tok.semantic_end_id)
-        vq_sum[~vq_masks] = 0
-        x = model.embeddings(inp[:, 0]) + vq_sum
-        if cfg.scale_codebook_embeddings:
-            x = torch.where(vq_masks.unsqueeze(-1).expand_as(x), x / math.sqrt(cfg.num_codebooks + 1), x)
-        freqs = model.freqs_cis[positions]  # (b, Q, D/2, 2), the bf16 table as upstream
-        if not isinstance(write, slice):
-            # Cache rows x heads flattened, so the write is one index_put with two adjacent leading indices.
-            ids = torch.arange(rows.start, rows.stop, device=self._device) if isinstance(rows, slice) else rows
-            n_kv = cfg.n_local_heads
-            heads = (ids[:, None] * n_kv + torch.arange(n_kv, device=self._device)[None, :])[:, :, None]
-            write = write[:, None, :]  # (b, 1, Q) against heads (b, H, 1)
-        for index, layer in enumerate(model.layers):
-            att = layer.attention
-            h_in = layer.attention_norm(x)
-            b, s, _ = h_in.shape
-            q_size, kv_size = att.n_head * att.head_dim, att.n_local_heads * att.head_dim
-            q, k, v = att.wqkv(h_in).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(b, s, att.n_head, att.head_dim)
-            k = k.view(b, s, att.n_local_heads, att.head_dim)
-            v = v.view(b, s, att.n_local_heads, att.head_dim)
-            if att.attention_qk_norm:
-                q, k = att.q_norm(q), att.k_norm(k)
-            q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
-                kc, vc = self._k[index][rows], self._v[index][rows]
-                kc[:, :, write] = k
-                vc[:, :, write] = v
-                kc, vc = kc[:1, :, :k_len], vc[:1, :, :k_len]
-            else:
-                shape = (-1, *self._k[index].shape[2:])
-                self._k[index].view(shape)[heads, write] = k
-                self._v[index].view(shape)[heads, write] = v
-                # decode (a slice of rows): a view of the filled slots; text prefill (row ids): a copy of them
-                kc, vc = self._k[index][rows, :, :k_len], self._v[index][rows, :, :k_len]
-            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
-                                               enable_gqa=att.n_head != att.n_local_heads)
-            y = y.transpose(1, 2).contiguous().view(b, s, q_size)
-            h = x + att.wo(y)
-            x = h + layer.feed_forward(layer.ffn_norm(h))
-        if x.size(1) > 1:
-            x = x[:, -1:]
-        slow = model.norm(x)
-        logits = F.linear(slow, model.embeddings.weight) if cfg.tie_word_embeddings else model.output(slow)
-        return logits, model.fast_project_in(x)
+        codes = []
+        for index, row in done:
+            frames = torch.cat([row.first[:, None], self._history[index, :, : row.decoded]], dim=1)
+            codes.append(frames[1:, :-1])  # generate_long: drop the final im_end (or last frame when tokens ran out)
+        for (_, row), c, audio in zip(done, codes, self._engine.decode_many(codes), strict=True):
+            row.frames += c.shape[1]
+            row.pieces.append(audio)
+            row.codes.append(c)
+            self._next_chunk(row)
