@@ -244,6 +244,7 @@ class Manifest:
     path: str
     job: str | None = None
     segments: dict[str, SegmentRecord] = field(default_factory=dict)
+    invalid: list[dict] = field(default_factory=list)  # items the job left out (Job.invalid); never read back
     _last_write: float = 0.0
     _last_cost: float = 0.0
 
@@ -323,6 +324,7 @@ class Manifest:
             "job": self.job,
             "updated_at": time.time(),
             "counts": self.counts(),
+            "invalid": self.invalid,  # rewritten by every run from its job: resume ignores it
             "segments": {sid: {k: v for k, v in vars(r).items() if v is not None} for sid, r in self.segments.items()},
         }
         # One segment per line: readable, diffable, and a damaged file still yields every intact line (see load).

@@ -121,6 +121,7 @@ class JobRun:
     def _queue(self, workers: int, plan: dict, mode: str) -> None:
         self.manifest = Manifest.load(self.job.output_dir)
         self.manifest.job = self.job.source
+        self.manifest.invalid = list(self.job.invalid)  # why items were left out, for the app that wrote them
         keep = set(self.segments)
         for sid in list(self.manifest.segments):  # a manifest from an older version of the job
             if sid not in keep:

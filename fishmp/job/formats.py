@@ -59,6 +59,23 @@ def _keep(segments: list[Segment], speakers: dict[str, Speaker], p: Problems, sk
     return speakers, tuple(kept), tuple(skipped)
 
 
+def _invalid(p: Problems, ids: dict[str, int], segments: list[Segment], kept: dict[str, Speaker]) -> tuple[dict, ...]:
+    """What `_keep` left out, for manifest.json's "invalid": one entry per problem, naming the segment by id (when it
+    has a usable one) and by position in the file's list, or the speaker; then the segments left out for their
+    speaker. `ids`: segment id -> position of its first use."""
+    id_at = {i: sid for sid, i in ids.items()}
+    out = []
+    for message, (kind, key) in zip(p, p.tags, strict=True):  # with skip, every tag is an item's (_settle)
+        where = {"speaker": key} if kind == "speaker" else {"id": id_at[key], "index": key} if key in id_at \
+            else {"index": key}
+        out.append({**where, "reason": message})
+    bad = set(p.tags)
+    out += [{"id": s.id, "index": s.order, "speaker": s.speaker,
+             "reason": f'segment "{s.id}": skipped: speaker "{s.speaker}" has a problem'}
+            for s in segments if ("item", s.order) not in bad and s.speaker not in kept]
+    return tuple(out)
+
+
 def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool) -> Job:
     check_duplicate_keys(data, "job", p)
     unknown_keys(data, NEW_TOP_KEYS, "job", p)
@@ -155,7 +172,7 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
     outputs.check_collisions([(f'speaker "{s.id}"', "prompt_tokens" if s.prompt_tokens else "reference_audio",
                                s.reference_path) for s in speakers.values()])
     speakers, kept, skipped = _keep(segments, speakers, p, skip, source)
-    return Job(speakers, kept, out, None, None, source, skipped, len(raw_segments))
+    return Job(speakers, kept, out, None, None, source, skipped, len(raw_segments), _invalid(p, ids, segments, speakers))
 
 
 def parse_generate(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool) -> Job:
@@ -193,7 +210,8 @@ def parse_generate(data: dict, base: str, out: str, p: Problems, source: str | N
             segments.append(Segment(seg_id, sid, text, output, params, i, int(seg_id)))
     outputs.check_collisions([(f'speaker "{s.id}"', "npy_file", s.prompt_tokens) for s in speakers.values()])
     speakers, kept, skipped = _keep(segments, speakers, p, skip, source)
-    return Job(speakers, kept, out, checkpoint_dir, "generate", source, skipped, len(tasks))
+    return Job(speakers, kept, out, checkpoint_dir, "generate", source, skipped, len(tasks),
+               _invalid(p, ids, segments, speakers))
 
 
 def _legacy_speaker(raw: dict, i: int, where: str, base: str, p: Problems, speakers: dict[str, Speaker],

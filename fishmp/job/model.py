@@ -83,6 +83,8 @@ class Job:
     source: str | None = None  # the job file path
     skipped: tuple[str, ...] = ()  # problems of the items left out when loaded with skip_invalid
     items: int | None = None  # segments (tasks) the file lists, skipped ones included; None: len(segments)
+    # The same, one entry per problem for manifest.json's "invalid": {"id", "index", "speaker", "reason"} (keys known)
+    invalid: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
