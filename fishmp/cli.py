@@ -151,6 +151,9 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         if args.measure:
             return _plan_measure(args, settings, select_devices(nvml_inventory() if gpus is None else gpus,
                                                                 settings.devices))
+        from .explain import plan_settings
+
+        settings, auto_note = plan_settings(settings)  # FISH_MODEL_MEMORY_GB=auto: the estimate, nothing started
         if not args.explain:
             plan = plan_for(settings, gpus, args.segments)
         else:
@@ -167,13 +170,16 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
             est = variant()
             inventory = select_devices(nvml_inventory() if gpus is None else gpus, settings.devices)
             plan = make_plan(inventory, settings, args.segments, row_gib=est.kv_row_bytes / GIB)
-            details = explain(plan, est, settings, variant)
+            from .measure import cached_throughput
+
+            measured = settings.replace(max_seq_len=est.max_seq_len)  # the key plan --measure recorded under
+            details = explain(plan, est, settings, variant, {g.name: cached_throughput(measured, g.name) for g in inventory})
     except GpuSpecError as exc:
         raise _UsageError(str(exc)) from None
     except CheckpointReadError as exc:
         raise _UsageError(f"plan --explain reads the checkpoint: {exc}; `python -m fishmp tiny-checkpoint DIR --size "
                           "s1-mini` writes a random one of the real size") from None
-    for line in plan_log_lines(plan):
+    for line in plan_log_lines(plan) + ([auto_note] if auto_note else []):
         log.info(line)
     data = plan.to_dict()
     if args.explain:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import Settings
 from .memory import GIB, Estimate
-from .plan import Plan, alternatives, gpu_capacity, memory_check
+from .plan import Alternative, Plan, alternatives, gpu_capacity, is_auto, memory_check, worker_gib
 
 # Fish models have produced degenerate audio with GPU memory above ~90 % (sglang-omni #370): keep >= 10 % free.
 MIN_RESERVE = 0.10
@@ -19,14 +19,31 @@ def _round_up(gib: float, step: float = 0.1) -> float:
     return math.ceil(gib / step - 1e-9) * step
 
 
+def _alternatives(available: float, est_gib: float, row_gib: float, measured: dict[int, dict[str, Any]]) -> list[dict]:
+    """The workers x rows ways to fill a GPU, plus one per row count `plan --measure` has a throughput for, each with
+    that measured frames/s per worker where there is one."""
+    alts = alternatives(available, est_gib, row_gib)
+    for r in sorted(set(measured) - {a.rows for a in alts}):
+        k = gpu_capacity(available, worker_gib(est_gib, r, row_gib), 0.0)
+        if k >= 1:
+            alts.append(Alternative(k, r, worker_gib(est_gib, r, row_gib)))
+    alts.sort(key=lambda a: (a.workers, a.rows))
+    return [{"workers": a.workers, "rows_each": a.rows, "total_rows": a.total_rows, "worker_gib": round(a.worker_gib, 2),
+             "total_gib": round(a.total_gib, 2),
+             "frames_per_s": measured.get(a.rows, {}).get("frames_per_s"),
+             "measured_at": measured.get(a.rows, {}).get("measured_at")} for a in alts]
+
+
 def explain(plan: Plan, est: Estimate, settings: Settings,
-            variant: Callable[..., Estimate] | None = None) -> dict[str, Any]:
+            variant: Callable[..., Estimate] | None = None,
+            throughput: dict[str, dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Everything --explain shows, as JSON-ready data. `variant(precision=..., max_seq_len=..., new_tokens=...)`
-    re-estimates with one thing changed, for the suggestions (None: no what-if suggestions)."""
-    mem = settings.model_memory_gb
+    re-estimates with one thing changed, for the suggestions (None: no what-if suggestions). `throughput`: GPU name
+    -> rows -> what `plan --measure` recorded (fishmp.measure.cached_throughput), shown next to the alternatives."""
     rows = int(getattr(settings, "batch_size", 1) or 1)
     est_gib, row_gib = est.total_gib, est.kv_row_bytes / GIB
     suggested = _round_up(est_gib)
+    mem = suggested if is_auto(settings) else settings.model_memory_gb
     suggestions: list[str] = []
     gpus = []
     for g in plan.gpus:
@@ -38,9 +55,7 @@ def explain(plan: Plan, est: Estimate, settings: Settings,
             "available_gib": round(g.available_gib, 2), "free_gib": round(g.gpu.free_gib, 2),
             "planned_workers": g.workers, "rows": g.rows, "workers_by_estimate": by_est,
             "estimated_use_gib": round(used, 2), "estimated_use_fraction": round(used / g.gpu.total_gib, 3),
-            "alternatives": [{"workers": a.workers, "rows_each": a.rows, "total_rows": a.total_rows,
-                              "worker_gib": round(a.worker_gib, 2), "total_gib": round(a.total_gib, 2)}
-                             for a in alternatives(g.available_gib, est_gib, row_gib)],
+            "alternatives": _alternatives(g.available_gib, est_gib, row_gib, (throughput or {}).get(g.gpu.name, {})),
         })
         if by_suggested > g.capacity:
             suggestions.append(f"[GPU {g.gpu.index}] FISH_MODEL_MEMORY_GB={suggested:.1f} (the estimate, rounded up) "
@@ -90,8 +105,10 @@ def explain_lines(data: dict[str, Any]) -> list[str]:
                      f"{g['rows']} row(s) use about {g['estimated_use_gib']:.2f} GB "
                      f"({g['estimated_use_fraction']:.0%}); by the estimate it holds {g['workers_by_estimate']}")
         for a in g["alternatives"]:
+            measured = (f"; measured {a['frames_per_s']:.1f} frames/s per worker at {a['rows_each']} rows "
+                        f"(plan --measure, {a['measured_at']})" if a.get("frames_per_s") else "")
             lines.append(f"[Memory]   {a['workers']:>4} worker(s) x {a['rows_each']:>3} rows = {a['total_rows']:>4} rows,"
-                         f" {a['worker_gib']:.2f} GB each, {a['total_gib']:.2f} GB in all")
+                         f" {a['worker_gib']:.2f} GB each, {a['total_gib']:.2f} GB in all{measured}")
     lines.extend(f"[Suggest] {s}" for s in data["suggestions"])
     return lines
 
@@ -111,3 +128,22 @@ def auto_model_memory_gb(settings: Settings, reference_s: float = 30.0, new_toke
     """FISH_MODEL_MEMORY_GB from the estimate (rounded up to 0.1 GiB): what an 'auto' setting could plan with before
     any worker is started (the measured variant needs the pool; see the README)."""
     return round(_round_up(estimate_for(settings, reference_s, new_tokens).total_gib), 1)
+
+
+def plan_settings(settings: Settings) -> tuple[Settings, str | None]:
+    """What `plan` (which starts no worker) plans with: FISH_MODEL_MEMORY_GB=auto becomes the estimate, or stays
+    auto (one worker per GPU) when the checkpoint cannot be read; with the line that says so."""
+    if not is_auto(settings):
+        return settings, None
+    from .memory import CheckpointReadError
+
+    if settings.engine == "fish":
+        try:
+            gb = auto_model_memory_gb(settings)
+            return settings.replace(model_memory_gb=gb), (
+                f"[Main] FISH_MODEL_MEMORY_GB=auto: planned here with the estimate, {gb:.1f} GB per worker; generate "
+                "starts one worker per GPU, measures it after a warm-up segment and fills each GPU by the measurement")
+        except (CheckpointReadError, OSError):
+            pass
+    return settings, ("[Main] FISH_MODEL_MEMORY_GB=auto: no estimate without the checkpoint; generate starts one "
+                      "worker per GPU, measures it after a warm-up segment and fills each GPU by the measurement")
