@@ -339,11 +339,14 @@ class Service(Deadlines):
 
     # -- deaths ---------------------------------------------------------------------------------------------------------
     def _on_exit(self, h: WorkerHandle, code: int | None) -> None:
-        deliberate = h.kill_reason is None and h.leaving
-        recycled = deliberate and h.recycled is not None and code == 0
+        # A recycled worker that exits 0 left as planned; killed (or crashed) while it drained, it died like any other.
+        deliberate = h.kill_reason is None and h.leaving and (h.recycled is None or code == 0)
+        recycled = deliberate and h.recycled is not None
         reason = h.kill_reason or (describe_exit(code) if not deliberate else "recycled after a failure")
         if recycled:
             reason = f"recycled: {h.recycled}"
+        elif h.recycled is not None:
+            reason += " while being recycled"
         if code == BOOTSTRAP_EXIT and not h.ever_ready:
             self.workers.broken = MISSING_GUARD
         elif not h.ever_ready and not deliberate:
