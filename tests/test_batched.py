@@ -162,3 +162,16 @@ def test_capacity_accounting_and_empty_text(engine: FishSpeechEngine) -> None:
                 {"one": out["one"]})
     session.close()
     assert session.step() == []
+
+
+def test_one_token_is_a_clear_parameter_error(engine: FishSpeechEngine) -> None:
+    # max_new_tokens=1: fish-speech's decode loop runs zero times and raises UnboundLocalError (which a worker takes
+    # for a broken engine); both paths refuse it up front as a parameter error naming the allowed range.
+    voice = speaker("hal", 8)
+    with pytest.raises(ValueError, match="max_new_tokens >= 2"):
+        engine.synthesize("Just one token.", voice, SynthesisParams(seed=2, max_new_tokens=1))
+    session = engine.open_batch(voice, 2)
+    with pytest.raises(ValueError, match="max_new_tokens >= 2"):
+        session.add("one", "Just one token.", SynthesisParams(seed=2, max_new_tokens=1))
+    assert session.free_rows() == 2
+    session.close()

@@ -31,20 +31,12 @@ import numpy as np
 
 from .base import Audio, EngineError, SynthesisParams, TextTooLongError
 from .batched_model import BatchedModel
-from .fish import GENERATION_RESERVE, _guard_oom, import_fish_speech, split_text
+from .fish import GENERATION_RESERVE, _guard_oom, check_params, import_fish_speech, split_text
 
 if TYPE_CHECKING:
     from .fish import FishSpeechEngine
 
 WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
-
-
-def check_params(params: SynthesisParams) -> None:
-    """The ranges generate_long asserts, as a one-line ValueError."""
-    if not (0 < params.top_p <= 1 and 0 < params.temperature < 2 and 0 < params.repetition_penalty < 2
-            and params.max_new_tokens > 0):
-        raise ValueError(f"sampling parameters out of range for fish-speech: {params} (allowed: 0 < top_p <= 1, "
-                         f"0 < temperature < 2, 0 < repetition_penalty < 2, max_new_tokens > 0)")
 
 
 def encode_prompt(engine: FishSpeechEngine, text: str, prompt: tuple[Any, str] | None) -> Any:

@@ -145,6 +145,15 @@ def split_text(text: str, fits: Callable[[str], bool]) -> list[str]:
     return [c for chunk in chunks for c in ([chunk] if fits(chunk) else split_text(chunk, fits))]
 
 
+def check_params(params: SynthesisParams) -> None:
+    """The ranges generate_long asserts, as a one-line ValueError. max_new_tokens 1 is refused too: fish-speech's
+    decode loop then runs zero times and fails (UnboundLocalError in decode_n_tokens)."""
+    if not (0 < params.top_p <= 1 and 0 < params.temperature < 2 and 0 < params.repetition_penalty < 2
+            and params.max_new_tokens >= 2):
+        raise ValueError(f"sampling parameters out of range for fish-speech: {params} (allowed: 0 < top_p <= 1, "
+                         f"0 < temperature < 2, 0 < repetition_penalty < 2, max_new_tokens >= 2)")
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -321,9 +330,7 @@ class FishSpeechEngine:
         self._require()
         import torch
 
-        if not (0 < params.top_p <= 1 and 0 < params.temperature < 2 and 0 < params.repetition_penalty < 2
-                and params.max_new_tokens > 0):
-            raise ValueError(f"sampling parameters out of range for fish-speech: {params}")
+        check_params(params)
         prompt = self._speaker_prompt(speaker)
         limit = self.max_seq_len - GENERATION_RESERVE
         if self.prompt_length("", prompt) >= limit:
