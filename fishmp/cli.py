@@ -2,6 +2,7 @@
 `main(argv) -> exit code`, testable in-process.
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
+4 every segment written but some are suspect (no take passed the take check; legacy configs keep 0);
 130 / 143 interrupted by SIGINT / SIGTERM. Legacy configs: 0 whenever something was done (see legacy.py).
 Logs go to stderr; stdout carries only machine output.
 """
@@ -22,12 +23,13 @@ from .job import JobError
 from .results import OutputDirError
 
 log = logging.getLogger("fishmp")
+SUSPECT_EXIT = 4  # every segment has its wav, but some are suspect (no take passed the take check)
 
 EPILOG = """environment (also read from ./.env; the real environment wins): FISH_MULTIPROCESS_MODE, FISH_MODEL_MEMORY_GB,
 FISH_CHECKPOINT_DIR, FISH_PRECISION, FISH_COMPILE, FISH_DEVICES, FISH_MAX_WORKERS, FISH_MEMORY_RESERVE,
 FISH_CPU_WORKERS, FISH_ENGINE ... see .env.example. Exit codes: 0 ok, 1 some segments failed, 2 invalid job or
-configuration, 3 output directory in use by another job, 130/143 interrupted (legacy configs: 0 when anything was
-done). FISH_BATCH_SIZE, FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
+configuration, 3 output directory in use by another job, 4 all written but some suspect (take check), 130/143
+interrupted (legacy configs: 0 when anything was done). FISH_BATCH_SIZE, FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -233,7 +235,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     for problem in job.skipped:
         log.error("[Main] skipped: %s", problem)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
-    from .results import output_dir_problem
+    from .results import output_dir_problem, suspect_count
 
     if problem := output_dir_problem(job.output_dir):
         raise _UsageError(problem)
@@ -262,9 +264,14 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         _print_result(generate_mapping(job, result.records))
         return code
     code = 1 if invalid and result.exit_code == 0 else result.exit_code
+    suspect = suspect_count(result.records)
+    if suspect:
+        log.warning("[Main] %d of %d segments are suspect: no take passed the take check; their best takes are "
+                    "written (see \"takes\" in the manifest)", suspect, result.count("done"))
+        code = SUSPECT_EXIT if code == 0 else code  # failures (1) and interruptions say more
     _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
                    "failed": result.count("failed"), "pending": result.count("pending"), "invalid": invalid,
-                   "exit_code": code})
+                   "suspect": suspect, "exit_code": code})
     return code
 
 

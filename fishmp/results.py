@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -182,6 +183,26 @@ class SegmentRecord:
     error_kind: str | None = None
     fingerprint: str | None = None
     finished_at: float | None = None
+    # The take check (fishmp/takes.py); absent when takes were not checked. A suspect segment is done (its best take
+    # is written) and resume keeps it.
+    suspect: bool | None = None  # no take passed the check
+    seed: int | None = None  # seed of the kept take (absent: an unseeded first take)
+    kept_take: int | None = None  # index of the kept take in `takes`
+    takes: list[dict] | None = None  # every take tried: passed, reasons, duration_s, expected_s, rms, ... seed
+    over_slot_s: float | None = None  # the kept take is this much longer than the segment's max_seconds
+
+
+def take_fields(take: dict | None) -> dict[str, Any]:
+    """SegmentRecord fields from a Done's take record (None: takes were not checked, every field cleared)."""
+    if not take:
+        return {"suspect": None, "seed": None, "kept_take": None, "takes": None, "over_slot_s": None}
+    return {"suspect": bool(take.get("suspect")), "seed": take.get("seed"), "kept_take": take.get("kept"),
+            "takes": take.get("takes"), "over_slot_s": take.get("over_slot_s")}
+
+
+def suspect_count(records: dict[str, SegmentRecord]) -> int:
+    """Segments written whose takes all failed the take check."""
+    return sum(1 for r in records.values() if r.status == "done" and r.suspect)
 
 
 def manifest_problem(output_dir: str) -> str | None:
@@ -245,6 +266,7 @@ class Manifest:
     job: str | None = None
     segments: dict[str, SegmentRecord] = field(default_factory=dict)
     invalid: list[dict] = field(default_factory=list)  # items the job left out (Job.invalid); never read back
+    summary: dict[str, Any] = field(default_factory=dict)  # job-level figures (GPU telemetry), written when set
     _last_write: float = 0.0
     _last_cost: float = 0.0
 
@@ -310,6 +332,7 @@ class Manifest:
         out = {"done": 0, "failed": 0, "pending": 0}
         for r in self.segments.values():
             out[r.status] = out.get(r.status, 0) + 1
+        out["suspect"] = suspect_count(self.segments)  # of the done ones
         return out
 
     def save(self, min_interval_s: float = 0.0) -> bool:
@@ -325,6 +348,7 @@ class Manifest:
             "updated_at": time.time(),
             "counts": self.counts(),
             "invalid": self.invalid,  # rewritten by every run from its job: resume ignores it
+            **({"summary": self.summary} if self.summary else {}),
             "segments": {sid: {k: v for k, v in vars(r).items() if v is not None} for sid, r in self.segments.items()},
         }
         # One segment per line: readable, diffable, and a damaged file still yields every intact line (see load).

@@ -30,6 +30,12 @@ Fault markers in the segment text (any number, acted on in order):
 Any marker may carry `-once` (`@@kill-once@@`, `@@oom-once@@`, `@@slow=2-once@@`): it fires only the first time across
 ALL processes, claimed by creating (O_EXCL) a file named by a hash of the marker and the whole text inside
 FISH_SYNTHETIC_STATE_DIR, which is then required (EngineError naming it when unset).
+Bad takes (for the take check, fishmp/takes.py): `@@<kind>@@` makes every take of the text bad; `@@<kind>:K@@` only
+takes with no seed or a seed below K, so with the job's seed unset or 0 (retries use seeds base + attempt) attempts
+0..K-1 are bad and attempt K recovers (`@@silent:2@@`: bad for attempts 0 and 1). Kinds:
+  runaway   the take runs to max_new_tokens (like a missed end token): max_new_tokens - 1 frames of tone
+  silent    all-zero samples            clipped   a full-scale square wave      nan   the tone with NaN samples
+  short     a fifth of the normal length (at least one sample)
 Load faults: FISH_SYNTHETIC_LOAD_FAULT = die (SIGKILL) | raise (EngineError) | oom (EngineOutOfMemoryError) | hang.
 FISH_SYNTHETIC_FOOTPRINT_GB: the GiB a worker reports as its measured footprint under FISH_MODEL_MEMORY_GB=auto (a
 simulated GPU has no NVML; fishmp/measure.py FootprintProbe uses this figure instead). Default: none.
@@ -57,6 +63,7 @@ SECONDS_PER_CHAR = 0.06
 MARKER = re.compile(r"@@(kill|segv|exit|hang|oom|error|toolong|cuda|slow)(?:=([0-9]*\.?[0-9]+))?(-once)?@@")
 STEPS_PER_CALL = 8  # decode steps one BatchSession.step() advances
 LOAD_FAULTS = ("die", "raise", "oom", "hang")
+TAKE = re.compile(r"@@(runaway|silent|clipped|nan|short)(?::([0-9]+))?@@")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -168,7 +175,7 @@ class SyntheticEngine:
         self._faults(text)
         time.sleep(self.seconds_per_char * len(text))
         self._grow()
-        return self._audio(text, speaker)
+        return self._audio(text, speaker, params)
 
     def _grow(self) -> None:
         if self.grow_bytes:
@@ -181,20 +188,42 @@ class SyntheticEngine:
         return SyntheticBatch(self, speaker, capacity)
 
     @staticmethod
-    def _audio(text: str, speaker: SpeakerPrompt | None) -> Audio:
-        spoken = MARKER.sub("", text).strip()
+    def _audio(text: str, speaker: SpeakerPrompt | None, params: SynthesisParams | None = None) -> Audio:
+        spoken = TAKE.sub("", MARKER.sub("", text)).strip()
         key = speaker.key if speaker is not None else ""
         freq = 110.0 + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 330
+        params = params or SynthesisParams()
+        bad = _bad_take(text, params.seed)
         n = round(len(spoken) * SECONDS_PER_CHAR * SAMPLE_RATE)
+        if bad == "runaway":
+            n = round((params.max_new_tokens - 1) / FRAME_RATE * SAMPLE_RATE)
+        elif bad == "short":
+            n = max(1, n // 5)
         t = np.arange(n, dtype=np.float64) / SAMPLE_RATE
         samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-        return Audio(samples=samples, sample_rate=SAMPLE_RATE, tokens=round(n / SAMPLE_RATE * FRAME_RATE))
+        if bad == "silent":
+            samples[:] = 0.0
+        elif bad == "clipped":
+            samples = np.where(samples >= 0, 1.0, -1.0).astype(np.float32)
+        elif bad == "nan":
+            samples[::100] = np.nan
+        tokens = params.max_new_tokens - 1 if bad == "runaway" else round(n / SAMPLE_RATE * FRAME_RATE)
+        return Audio(samples=samples, sample_rate=SAMPLE_RATE, tokens=tokens)
 
     def release_memory(self) -> None:
         pass
 
     def fingerprint(self) -> str:
         return "synthetic"
+
+
+def _bad_take(text: str, seed: int | None) -> str | None:
+    """The first bad-take marker that applies to a take of `text` with `seed` (see the module docstring)."""
+    for m in TAKE.finditer(text):
+        kind, until = m.groups()
+        if until is None or seed is None or seed < int(until):
+            return kind
+    return None
 
 
 class SyntheticBatch:
@@ -204,7 +233,7 @@ class SyntheticBatch:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         self.engine, self.speaker, self.capacity = engine, speaker, capacity
-        self._rows: dict[str, list] = {}  # key -> [text, steps left, stepped yet]
+        self._rows: dict[str, list] = {}  # key -> [text, steps left, stepped yet, params]
         self._broken = False
 
     def free_rows(self) -> int:
@@ -217,7 +246,7 @@ class SyntheticBatch:
         if self.free_rows() < 1 or key in self._rows:
             raise RuntimeError(f"cannot add row {key!r}: {len(self._rows)}/{self.capacity} rows, keys must be unique")
         self.engine._faults(text, only=("toolong",))  # an input error: this row alone, the others go on
-        self._rows[key] = [text, len(text), False]
+        self._rows[key] = [text, len(text), False, params]
 
     def step(self) -> list[tuple[str, Audio]]:
         if self._broken:
@@ -243,7 +272,7 @@ class SyntheticBatch:
             if row[1] <= 0:
                 del self._rows[key]
                 self.engine._grow()
-                done.append((key, self.engine._audio(row[0], self.speaker)))
+                done.append((key, self.engine._audio(row[0], self.speaker, row[3])))
         return done
 
     def close(self) -> None:
