@@ -131,6 +131,7 @@ class WorkerPool:
         self.stop_count = 0
         self.exit_code = 0  # what the last job reported; used only by _exit_past_busy_threads
         self.broken: str | None = None  # why no worker can ever start (e.g. the missing __main__ guard)
+        self._returned: set[str] = set()  # in-process workers whose worker_main returned
         if plan.in_process:
             _IN_PROCESS.append(self)
         for slot in range(len(self.slots)):
@@ -145,7 +146,7 @@ class WorkerPool:
         res_r, res_w = mp.Pipe(duplex=False)
         h = WorkerHandle(wid, slot, device, pin, task_conn=task_w, result_conn=res_r)
         if self.plan.in_process:
-            h.thread = threading.Thread(target=worker_main, name=f"fishmp-{wid}", daemon=True,
+            h.thread = threading.Thread(target=self._in_process, name=f"fishmp-{wid}", daemon=True,
                                         args=(wid, device, pin, self.settings, task_r, res_w, None))
             h.thread.start()
             h.pid = os.getpid()
@@ -160,6 +161,14 @@ class WorkerPool:
             res_w.close()
         self.handles[wid] = h
         return h
+
+    def _in_process(self, *args: Any) -> None:
+        """An in-process worker has no sentinel to wait on: say it returned and wake the loop (e.g. recycled)."""
+        try:
+            worker_main(*args)
+        finally:
+            self._returned.add(args[0])
+            self.wake()
 
     def can_restart(self, slot: int) -> bool:
         """Deaths still blamed on a segment that may yet prove to be poison do not count (see service.py)."""
@@ -265,7 +274,8 @@ class WorkerPool:
             elif h not in exited:
                 exited.append(h)
         for h in self.handles.values():  # an in-process worker has no sentinel: it ends by returning
-            if h.state != "dead" and h.thread is not None and not h.thread.is_alive() and h not in exited:
+            if h.state != "dead" and h.thread is not None and h not in exited and \
+                    (h.id in self._returned or not h.thread.is_alive()):
                 exited.append(h)
         for h in exited:
             events.extend(("msg", h, m) for m in self._drain(h))  # its last words come before its death

@@ -37,8 +37,8 @@ def job_dict(voice: str, n: int, speakers: int = 2) -> dict:
 
 def run_job(tmp_path, voice: str, n: int, **settings) -> tuple[fishmp.JobResult, list[dict], list[int]]:
     events: list[dict] = []
-    with fishmp.Pool(engine="synthetic", multiprocess_mode="true", devices="cpu",
-                     cache_dir=str(tmp_path / "cache"), **settings) as pool:
+    settings = {"multiprocess_mode": "true", **settings}
+    with fishmp.Pool(engine="synthetic", devices="cpu", cache_dir=str(tmp_path / "cache"), **settings) as pool:
         res = pool.generate(job_dict(voice, n), output_dir=str(tmp_path / "out"), on_event=events.append)
         restarts = list(pool._workers.restarts)
     return res, events, restarts
@@ -171,3 +171,16 @@ def test_ray_backend_recycles_actors_too(tmp_path, synthetic_job, fishmp_cli) ->
     assert len(done) == 16 and set(done.values()) == {1}
     kinds = Counter(e["event"] for e in events)
     assert kinds["worker_recycled"] >= 3 and kinds["worker_died"] == 0 and kinds["segment_requeued"] == 0
+
+
+def test_single_process_mode_replaces_the_worker_thread_at_once(tmp_path, voice, clean_env) -> None:
+    """FISH_MULTIPROCESS_MODE=false: the worker is a thread with no sentinel; its return wakes the loop, so the
+    replacement starts at once (it waited for the loop's 5 s poll timeout before)."""
+    res, events, restarts = run_job(tmp_path, voice, 9, cpu_workers=1, multiprocess_mode="false",
+                                    worker_max_segments=3, max_restarts=0)
+    assert_each_segment_once(res, events, 9)
+    recycled = [e for e in events if e["event"] == "worker_recycled"]
+    ready = [e for e in events if e["event"] == "worker_ready"]
+    assert len(recycled) >= 2 and len(ready) >= 3 and restarts == [0]
+    for r, nxt in zip(recycled, ready[1:], strict=False):  # the last recycle may end the job: no replacement
+        assert nxt["time"] - r["time"] < 3.0, (r, nxt)  # load is 0.5 s; the old wait was up to 5 s
