@@ -188,3 +188,23 @@ def test_measured_throughput_is_cached_and_explained(tiny_checkpoint: str, tmp_p
     alts = {a["rows_each"]: a for a in json.loads(out.stdout)["explain"]["gpus"][0]["alternatives"]}
     assert alts[1]["frames_per_s"] == cached[1]["frames_per_s"] and alts[2]["frames_per_s"] == cached[2]["frames_per_s"]
     assert f"measured {cached[2]['frames_per_s']:.1f} frames/s per worker at 2 rows" in out.stderr
+
+
+def _gpu_present() -> bool:
+    from fishmp.gpus import nvml_inventory
+
+    return bool(nvml_inventory())
+
+
+@pytest.mark.skipif(not _gpu_present(), reason="needs a GPU (NVML): the worker's footprint is an NVML drop")
+def test_auto_measures_with_nvml_and_fills_a_real_gpu(tiny_checkpoint: str, tmp_path, make_wav, fishmp_cli) -> None:
+    make_wav(str(tmp_path / "v.wav"), 2.0)
+    segs = [{"id": f"{i}", "speaker": "v", "text": f"Line {i}.", "params": {"max_new_tokens": 8}} for i in range(6)]
+    (tmp_path / "job.json").write_text(json.dumps({"speakers": {"v": {"reference_audio": "v.wav",
+                                                                      "reference_text": "hi"}}, "segments": segs}))
+    out = fishmp_cli(["generate", "job.json", "-o", "out", "--progress", "none"], str(tmp_path),
+                     {"FISH_MODEL_MEMORY_GB": "auto", "FISH_CHECKPOINT_DIR": tiny_checkpoint, "FISH_MAX_WORKERS": "3",
+                      "FISH_CACHE_DIR": str(tmp_path / "c")}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "measured one worker:" in out.stderr and "(NVML, after a" in out.stderr, out.stderr
+    assert "[Main] Using 3 parallel workers" in out.stderr.split("measured one worker:")[-1], out.stderr
