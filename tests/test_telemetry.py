@@ -174,3 +174,5 @@ def test_service_emits_gpu_events_and_the_job_summary(tmp_path, make_wav, monkey
     assert events[-1]["event"] == "finished" and summary["samples"] == len(gpu)
     assert summary["used_gib_peak"] == 30.0 and summary["util_pct_mean"] == 90.0
     assert set(summary["workers_gib_peak"]) <= {"w0", "w1"} and summary["workers_gib_peak"]["w0"] == 3.0
+    with open(tmp_path / "out" / "manifest.json") as f:
+        assert json.load(f)["summary"]["gpus"] == events[-1]["gpus"]  # the manifest's summary says the same
