@@ -186,13 +186,14 @@ class Settings:
         "extra takes (new seeds) of a segment whose take failed the check, 0 to 20")
     take_min_ratio: float = _setting(
         0.35, "FISH_TAKE_MIN_RATIO", float, lambda v: _positive(v) and v < 1,
-        "a take shorter than this fraction of its expected duration is too short, > 0 and < 1")
+        "a take shorter than this fraction of (its expected duration - FISH_TAKE_SLACK_S) is too short, > 0 and < 1")
     take_max_ratio: float = _setting(
         2.5, "FISH_TAKE_MAX_RATIO", float, lambda v: _positive(v) and v > 1,
         "a take longer than this many times its expected duration (plus FISH_TAKE_SLACK_S) is too long, > 1")
     take_slack_s: float = _setting(
         1.0, "FISH_TAKE_SLACK_S", float, lambda v: _positive(v + 1) and v >= 0,
-        "seconds a take may exceed FISH_TAKE_MAX_RATIO x its expected duration, >= 0")
+        "seconds of tolerance: a take may exceed FISH_TAKE_MAX_RATIO x its expected duration by this much, and "
+        "falls short only below FISH_TAKE_MIN_RATIO x (expected - this), >= 0")
     take_silence_rms: float = _setting(
         0.003, "FISH_TAKE_SILENCE_RMS", float, lambda v: _positive(v + 1) and 0 <= v < 1,
         "a take whose RMS (full scale 1.0) is below this is silent, >= 0 and < 1 (0.003 is about -50 dBFS)")

@@ -30,7 +30,16 @@ from .engines import (
     TextTooLongError,
 )
 from .recycle import RecyclePolicy, read_memory
-from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_seed, take_record
+from .takes import (
+    RateModel,
+    TakeLimits,
+    Verdict,
+    best_index,
+    check_take,
+    retry_max_new_tokens,
+    retry_seed,
+    take_record,
+)
 from .worker import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
@@ -299,6 +308,9 @@ class LaneRunner:
             rate.accept(task.text, audio.seconds)
         elif len(state.verdicts) <= limits.retries:
             params = {**task.params, "seed": retry_seed(state.base_seed, len(state.verdicts))}
+            cap = retry_max_new_tokens(verdict, limits)  # a runaway's retry stops where it would fail anyway
+            if cap is not None and cap < params.get("max_new_tokens", SynthesisParams().max_new_tokens):
+                params["max_new_tokens"] = cap
             self.backlog.appendleft(dataclasses.replace(task, params=params))
             return None
         self.takes.pop(task.id, None)

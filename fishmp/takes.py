@@ -203,6 +203,18 @@ def retry_seed(base: int | None, attempt: int) -> int | None:
     return (base or 0) + attempt
 
 
+def retry_max_new_tokens(verdict: Verdict, limits: TakeLimits) -> int | None:
+    """A cheaper limit for the retry of a take that ran away (max_tokens / too_long): frames beyond the too_long bound
+    can only make a take that fails anyway, so the retry stops there (frame rate measured on this take). None: keep
+    the segment's own. This bounds a retry's time by the text, not by max_new_tokens (a missed end token at 1024
+    frames costs as much as a 47 s take)."""
+    n = verdict.numbers
+    if not ({"max_tokens", "too_long"} & set(verdict.reasons)) or n["tokens"] <= 0 or n["duration_s"] <= 0:
+        return None
+    frames_per_s = n["tokens"] / n["duration_s"]
+    return math.ceil((n["expected_s"] * limits.max_ratio + limits.slack_s) * frames_per_s) + 2
+
+
 def take_record(verdicts: list[Verdict], kept: int, seeds: list[int | None]) -> dict[str, Any]:
     """What Done, the manifest and the events carry about a segment's takes."""
     rec: dict[str, Any] = {"tried": len(verdicts), "kept": kept, "seed": seeds[kept],

@@ -20,6 +20,7 @@ from fishmp.takes import (
     best_index,
     check_take,
     prior_seconds,
+    retry_max_new_tokens,
     retry_seed,
     script_counts,
     take_record,
@@ -147,6 +148,14 @@ def test_retry_seeds_are_deterministic() -> None:
     assert [retry_seed(42, a) for a in range(3)] == [42, 43, 44]
 
 
+def test_a_runaway_retry_gets_a_limit_from_its_text() -> None:
+    # 1023 frames in 47.5 s (21.54 frames/s); expected 1.0 s: too long past 3.5 s = 75.4 frames -> 76 + 2
+    v = judge(tone(47.5), expected=1.0, tokens=1023, max_new=1024)
+    assert v.reasons == ("max_tokens", "too_long")
+    assert retry_max_new_tokens(v, LIMITS) == math.ceil(3.5 * 1023 / 47.5) + 2 == 78
+    assert retry_max_new_tokens(judge(np.zeros(SR, np.float32)), LIMITS) is None  # silence: keep the limit
+
+
 def test_settings_feed_the_limits() -> None:
     limits = TakeLimits.from_settings(Settings(take_retries=5, take_max_ratio=3.0))
     assert (limits.retries, limits.max_ratio, limits.min_ratio) == (5, 3.0, 0.35)
@@ -198,8 +207,13 @@ def test_bad_takes_are_retried_kept_and_marked_suspect(tmp_path, make_wav, fishm
 
     assert takes("ok") == [[]] and segs["ok"]["suspect"] is False and "seed" not in segs["ok"]
     assert takes("silent") == [["silent"], []] and segs["silent"]["seed"] == 1 and segs["silent"]["kept_take"] == 1
-    assert takes("runaway") == [["max_tokens", "too_long"]] * 2 + [[]] and segs["runaway"]["seed"] == 2
-    assert segs["runaway"]["takes"][0]["tokens"] == 199 and segs["runaway"]["takes"][0]["duration_s"] > 9
+    runaway = segs["runaway"]["takes"]
+    assert takes("runaway")[0] == ["max_tokens", "too_long"] and "max_tokens" in takes("runaway")[1]
+    assert takes("runaway")[2] == [] and segs["runaway"]["seed"] == 2
+    assert runaway[0]["tokens"] == 199 and runaway[0]["duration_s"] > 9
+    # the retries stop where a take would be too long anyway: (expected x 2.5 + 1 s) x 21.53 frames/s + 2
+    cap = math.ceil((runaway[0]["expected_s"] * 2.5 + 1.0) * 199 / runaway[0]["duration_s"]) + 2
+    assert runaway[1]["max_new_tokens"] == cap < 200 and runaway[1]["tokens"] == cap - 1
     assert takes("nan") == [["nonfinite"], []] and [t["seed"] for t in segs["nan"]["takes"]] == [0, 1]
     assert takes("clipped") == [["clipped"]] * 3 and segs["clipped"]["suspect"] is True
     assert [t["seed"] for t in segs["clipped"]["takes"]] == [None, 1, 2]
@@ -242,6 +256,7 @@ def test_max_seconds_keeps_the_closest_take_with_its_overrun(tmp_path, make_wav,
     slot = segs["slot"]
     assert [t["reasons"] for t in slot["takes"]] == [["max_tokens", "too_long", "over_slot"], ["over_slot"],
                                                      ["over_slot"]]
+    assert slot["takes"][1]["max_new_tokens"] < 200  # the runaway's retry was capped (it did not need it)
     assert slot["kept_take"] == 1 and slot["seed"] == 1 and slot["suspect"] is True
     assert slot["over_slot_s"] == pytest.approx(1.38 - 0.5, abs=1e-3)
     assert segs["fits"]["suspect"] is False and "over_slot_s" not in segs["fits"]
