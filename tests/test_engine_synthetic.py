@@ -265,3 +265,43 @@ def test_batch_faults_per_row(monkeypatch, tmp_path) -> None:
     session = eng.open_batch(VOICE, 2)
     session.add("a", "x @@oom-once@@", PARAMS)
     assert set(_drain(session)) == {"a"}  # fired once only, across sessions
+
+
+# ---- bad takes for the take check (fishmp/takes.py) ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["runaway", "silent", "clipped", "nan", "short"])
+def test_bad_take_markers_recover_from_seed_k(monkeypatch, kind) -> None:
+    eng = _engine(monkeypatch)
+    text = f"@@{kind}:2@@ " + "x" * 20  # 21 spoken characters (the marker is not spoken): 1.26 s when good
+    good = eng.synthesize("x" * 20 + " ", VOICE, PARAMS)
+    for seed in (None, 0, 1):  # unseeded or below 2: bad
+        audio = eng.synthesize(text, VOICE, SynthesisParams(max_new_tokens=100, seed=seed))
+        x = audio.samples
+        if kind == "runaway":  # ran to max_new_tokens: 99 frames kept, as fish-speech drops the last
+            assert audio.tokens == 99 and audio.seconds == pytest.approx(99 / 21.53, abs=1e-4)
+        elif kind == "silent":
+            assert len(x) == len(good.samples) and not x.any()
+        elif kind == "clipped":
+            assert np.all(np.abs(x) == 1.0)
+        elif kind == "nan":
+            assert np.isnan(x).sum() == -(-len(x) // 100)
+        else:
+            assert len(x) == len(good.samples) // 5
+    for seed in (2, 3):
+        assert np.array_equal(eng.synthesize(text, VOICE, SynthesisParams(seed=seed)).samples, good.samples)
+    never = eng.synthesize(f"@@{kind}@@ " + "x" * 20, VOICE, SynthesisParams(max_new_tokens=100, seed=10**6))
+    assert not np.array_equal(never.samples, good.samples)  # without K: never recovers
+
+
+def test_bad_takes_in_a_batch_are_synthesize_takes(monkeypatch) -> None:
+    eng = _engine(monkeypatch)
+    texts = {"a": "@@silent:1@@ hello", "b": "@@runaway@@ hello", "c": "hello"}
+    params = SynthesisParams(max_new_tokens=50, seed=0)
+    session = eng.open_batch(VOICE, 3)
+    for key, text in texts.items():
+        session.add(key, text, params)
+    out = {}
+    while session.active():
+        out.update(dict(session.step()))
+    for key, text in texts.items():
+        alone = eng.synthesize(text, VOICE, params)
+        assert np.array_equal(out[key].samples, alone.samples) and out[key].tokens == alone.tokens
