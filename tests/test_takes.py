@@ -313,3 +313,19 @@ def test_fish_takes_that_hit_max_new_tokens_are_retried_and_marked_suspect(tmp_p
             assert t["rms"] > 0 and 0 <= t["active_ratio"] <= 1 and t["expected_s"] > 0
         audio, rate = sf.read(rec["path"])
         assert len(audio) / rate == pytest.approx(rec["takes"][rec["kept_take"]]["duration_s"], abs=1e-3)
+
+
+def test_legacy_configs_keep_exit_0_with_suspect_segments(tmp_path, fishmp_cli) -> None:
+    """The dubbing backends raise on any non-zero exit: a suspect take is written audio, so their contract holds."""
+    npy = tmp_path / "codes.npy"
+    np.save(npy, np.zeros((10, 20), np.int64))
+    tasks = [{"segment_index": i, "speaker_id": 1, "target_text": text, "npy_file": str(npy), "reference_text": "Hi.",
+              "output_file": str(tmp_path / "out" / f"segment_{i}.wav")}
+             for i, text in enumerate([f"@@clipped@@ {LINE}", LINE])]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"mode": "generate", "output_dir": str(tmp_path / "out"), "tasks": tasks}))
+    res = fishmp_cli(["generate", str(config)], str(tmp_path), synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == {"0": tasks[0]["output_file"], "1": tasks[1]["output_file"]}
+    segs = _manifest(tmp_path / "out")["segments"]
+    assert sorted(r["suspect"] for r in segs.values()) == [False, True]
