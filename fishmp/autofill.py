@@ -8,8 +8,10 @@ FISH_SYNTHETIC_FOOTPRINT_GB). When every GPU that is still starting a first work
 (WorkerPool.grow). The first workers keep running: their model is not loaded twice.
 
 What a worker is planned to take: the measurement, plus what the estimate (fishmp.memory) says the longest work
-(a 30 s reference, a 1024-frame output: `plan --explain`'s defaults) needs beyond the warm-up's (10 s, ~200 frames):
-activations grow with the segment, and a GPU filled by the warm-up alone would run out of memory on a long one.
+needs beyond the warm-up's (10 s reference, ~200 frames): activations grow with the segment, and a GPU filled by the
+warm-up alone would run out of memory on a long one. The longest work is the running jobs' (their longest reference
+audio, their largest max_new_tokens; 1024 when unset), or `plan --explain`'s defaults (30 s, 1024 frames) when no job
+runs (a library pool filled before its first job).
 A worker that could not measure (no NVML) is planned with the estimate, or FISH_MODEL_MEMORY_GB's default 8.0.
 Local workers only: FISH_BACKEND=ray refuses auto (fishmp.config).
 """
@@ -47,17 +49,46 @@ def _ceil_tenth(gib: float) -> float:
     return math.ceil(gib * 10 - 1e-9) / 10
 
 
-def long_work_extra_gib(settings: Settings, frames: int) -> float:
-    """What the estimate adds for the longest work (30 s reference, 1024 frames) over the warm-up's (`frames`);
-    0 without a readable Fish checkpoint (the synthetic engine)."""
+@dataclass(frozen=True)
+class LongestWork:
+    reference_s: float = 30.0  # plan --explain's defaults: the worst case fishmp allows
+    new_tokens: int = 1024
+
+    def describe(self) -> str:
+        return f"{self.reference_s:.0f} s references and {self.new_tokens}-frame outputs"
+
+
+def longest_work(jobs: list[Any]) -> LongestWork:
+    """The longest reference audio and max_new_tokens of these jobs (fishmp.job.Job); the defaults without jobs."""
+    if not jobs:
+        return LongestWork()
+    import soundfile as sf
+
+    seconds, frames = 0.0, 0
+    for job in jobs:
+        for sp in job.speakers.values():
+            if sp.reference_audio and not sp.prompt_tokens:
+                try:
+                    seconds = max(seconds, float(sf.info(sp.reference_audio).duration))
+                except Exception:  # noqa: BLE001 - unreadable: its segments fail with its name, not here
+                    seconds = max(seconds, LongestWork.reference_s)
+        for seg in job.segments:
+            frames = max(frames, seg.params.max_new_tokens or LongestWork.new_tokens)
+    return LongestWork(round(seconds, 1), frames or LongestWork.new_tokens)
+
+
+def long_work_extra_gib(settings: Settings, frames: int, work: LongestWork | None = None) -> float:
+    """What the estimate adds for `work` (default: 30 s references, 1024 frames) over the warm-up's (`frames`);
+    0 without a readable Fish checkpoint (the synthetic engine), never below 0."""
     if settings.engine != "fish":
         return 0.0
     from .explain import estimate_for
     from .measure import warm_up_workload
     from .memory import CheckpointReadError, estimate
 
+    work = work or LongestWork()
     try:
-        worst = estimate_for(settings)
+        worst = estimate_for(settings, work.reference_s, work.new_tokens)
         seq = worst.max_seq_len
         warm = estimate(settings.checkpoint_dir, settings.precision, seq, workload=warm_up_workload(frames))
     except (CheckpointReadError, OSError):
@@ -79,18 +110,19 @@ def fallback_gib(settings: Settings) -> tuple[float, str]:
     return FALLBACK_GB, "FISH_MODEL_MEMORY_GB's default"
 
 
-def planned_gib(settings: Settings, footprint: Any) -> tuple[float, str]:
+def planned_gib(settings: Settings, footprint: Any, work: LongestWork | None = None) -> tuple[float, str]:
     """(GiB one worker at batch 1 is planned to take, the log line's explanation) from its Footprint."""
     if not footprint.bytes:
         gib, what = fallback_gib(settings)
         return gib, f"could not measure ({footprint.source}): planning {gib:.1f} GB per worker, {what}"
     measured = footprint.bytes / GIB
-    extra = long_work_extra_gib(settings, footprint.frames)
+    work = work or LongestWork()
+    extra = long_work_extra_gib(settings, footprint.frames, work)
     gib = min(max(_ceil_tenth(measured + extra), MODEL_MEMORY_GB_RANGE[0]), MODEL_MEMORY_GB_RANGE[1])
     how = (f"measured one worker: {measured:.2f} GB ({footprint.source}, after a {footprint.frames}-frame warm-up, "
            f"CUDA context included); planning {gib:.1f} GB per worker at batch 1")
     if extra:
-        how += f" (+{extra:.2f} GB the estimate adds for 30 s references and 1024-frame outputs)"
+        how += f" (+{extra:.2f} GB the estimate adds for {work.describe()})"
     return gib, how
 
 
@@ -130,8 +162,9 @@ def fill(service: Any, measured: dict[int, Any]) -> list[Any]:
     workers = service.workers
     settings = workers.settings
     per_gpu: dict[int, float | None] = {}
+    work = longest_work([j._run.job for j in service.active if getattr(j._run, "job", None) is not None])
     for index, footprint in sorted(measured.items()):
-        per_gpu[index], how = planned_gib(settings, footprint)
+        per_gpu[index], how = planned_gib(settings, footprint, work)
         log.info("[GPU %d] %s", index, how)
     row_gib = _row_gib(settings)
     plan = fill_plan(workers.plan, per_gpu, settings, _remaining_segments(service), row_gib)

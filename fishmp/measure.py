@@ -81,8 +81,12 @@ def _run_warm_up(gpu: GPU, plan: Any, settings: Settings, tmp: str, reference_s:
     from .api import Pool
 
     free = (lambda: 0) if gpu.index < 0 else (lambda: nvml_free_bytes(gpu.index))
+    from .plan import is_auto
+
+    # A number instead of auto: this pool's one worker must not run auto's own warm-up, nor be grown (autofill.py).
     run_settings = settings.replace(multiprocess_mode="true", max_restarts=0, batch_size=rows,
-                                    cache_dir=os.path.join(tmp, "cache"), segment_timeout_s=600.0)
+                                    cache_dir=os.path.join(tmp, "cache"), segment_timeout_s=600.0,
+                                    model_memory_gb=8.0 if is_auto(settings) else settings.model_memory_gb)
     job = _warm_up_job(tmp, reference_s, new_tokens, rows)
     before = free()
     with Pool(run_settings, plan=plan) as pool:

@@ -103,6 +103,26 @@ def test_planned_gib_from_a_footprint(tiny_checkpoint: str) -> None:
     assert extra > 0 and gib == pytest.approx(max(0.5, -(-(2.0 + extra) * 10 // 1) / 10)) and "estimate adds" in how
 
 
+def test_longest_work_of_the_running_jobs(tmp_path, make_wav, tiny_checkpoint: str) -> None:
+    """The extra over the warm-up is sized to the job: its longest reference and largest max_new_tokens."""
+    from fishmp.autofill import LongestWork, long_work_extra_gib, longest_work
+    from fishmp.job import load_job
+
+    make_wav(str(tmp_path / "a.wav"), 3.0)
+    make_wav(str(tmp_path / "b.wav"), 1.5, 16000)
+    (tmp_path / "job.json").write_text(json.dumps({
+        "speakers": {"a": {"reference_audio": "a.wav", "reference_text": "a"},
+                     "b": {"reference_audio": "b.wav", "reference_text": "b"}},
+        "segments": [{"speaker": "a", "text": "x", "params": {"max_new_tokens": 300}},
+                     {"speaker": "b", "text": "y", "params": {"max_new_tokens": 120}}]}))
+    work = longest_work([load_job(str(tmp_path / "job.json"))])
+    assert work == LongestWork(3.0, 300)
+    assert longest_work([]) == LongestWork(30.0, 1024)  # no job (a library pool): the worst case
+    fish = Settings(checkpoint_dir=tiny_checkpoint, model_memory_gb="auto", max_seq_len=2560)
+    assert long_work_extra_gib(fish, 199, work) < long_work_extra_gib(fish, 199)  # a shorter job, a smaller extra
+    assert long_work_extra_gib(fish, 2000, LongestWork(1.0, 100)) == 0.0  # never below the measurement
+
+
 def test_auto_is_refused_with_ray_in_one_line(tmp_path, fishmp_cli) -> None:
     with pytest.raises(ConfigError, match="FISH_MODEL_MEMORY_GB=auto measures and fills local GPUs only"):
         Settings(model_memory_gb="auto", backend="ray")
