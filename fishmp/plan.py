@@ -169,8 +169,9 @@ def _plan(gpus: list[GPU], settings: Settings, n_segments: int | None, row_gib: 
         if one is None:  # auto, not measured (yet): the workers it runs, or one to measure
             keep = base[i] if base else 1
             if not base:
-                warnings.append(f"[GPU {g.index}] FISH_MODEL_MEMORY_GB=auto: 1 worker first; once it has measured "
-                                "itself after a warm-up segment, as many more as fit")
+                warnings.append(f"[GPU {g.index}] FISH_MODEL_MEMORY_GB=auto: " + (
+                    "one in-process worker, not measured (FISH_MULTIPROCESS_MODE=false)" if single else
+                    "1 worker first; once it has measured itself after a warm-up segment, as many more as fit"))
             limits.append(keep)
             plans_pre.append((g, available, keep, 0.0))
             continue

@@ -37,6 +37,8 @@ def test_auto_start_plan_is_one_worker_per_gpu() -> None:
     assert "[Main] Using 3 parallel workers across 3 GPU(s)" in lines
     assert [g.workers for g in make_plan(parse_gpu_spec("a:80,b:80,c:80"), AUTO, n_segments=2).gpus] == [1, 1, 0]
     assert make_plan([], AUTO).cpu_workers == 1  # no GPU: the CPU plan, auto changes nothing
+    single = make_plan(parse_gpu_spec("a:80,b:80"), AUTO.replace(multiprocess_mode="false"))
+    assert single.workers == 1 and any("not measured (FISH_MULTIPROCESS_MODE=false)" in w for w in single.warnings)
 
 
 def test_fill_hand_computed() -> None:
