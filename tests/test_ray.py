@@ -119,7 +119,8 @@ def ray_pool(ray_cluster):
     return make
 
 
-def _job(tmp_path, make_wav, n: int = 4, fault: str = "") -> str:
+def _job(tmp_path, make_wav, n: int = 4, fault: str = "", max_new_tokens: int = 1024) -> str:
+    """Synthetic takes of these lines are ~30 frames: 1024 keeps the take check from retrying them (max_tokens)."""
     speakers = {}
     for name, seconds in (("alice", 1.0), ("bob", 1.5)):
         make_wav(str(tmp_path / f"{name}.wav"), seconds, 16000)
@@ -127,7 +128,8 @@ def _job(tmp_path, make_wav, n: int = 4, fault: str = "") -> str:
     segments = [{"id": f"{name}-{i}", "speaker": name, "text": f"Line {i} of {name}, said clearly." + fault * (i == 1)}
                 for name in speakers for i in range(n)]
     path = tmp_path / "job.json"
-    path.write_text(json.dumps({"speakers": speakers, "segments": segments, "params": {"max_new_tokens": 8, "seed": 3}}))
+    params = {"max_new_tokens": max_new_tokens, "seed": 3}
+    path.write_text(json.dumps({"speakers": speakers, "segments": segments, "params": params}))
     return str(path)
 
 
@@ -328,9 +330,9 @@ def test_legacy_encode_on_ray_writes_the_npy_here(tmp_path, make_wav, ray_pool, 
 
 @pytest.mark.slow
 def test_tiny_fish_checkpoint_on_ray_matches_the_local_backend(tmp_path, make_wav, tiny_checkpoint, ray_pool) -> None:
-    job = _job(tmp_path, make_wav, n=1)
+    job = _job(tmp_path, make_wav, n=1, max_new_tokens=8)  # random weights never end a take: one take each
     fish = {"engine": "fish", "checkpoint_dir": tiny_checkpoint, "devices": "cpu", "cpu_workers": 1, "max_workers": 1,
-            "multiprocess_mode": "true", "precision": "float32"}
+            "multiprocess_mode": "true", "precision": "float32", "take_retries": 0}
     with fishmp.Pool(cache_dir=str(tmp_path / "c1"), **{**fish, "multiprocess_mode": "false"}) as pool:  # in-process
         local = pool.generate(job, output_dir=str(tmp_path / "local"))
     with ray_pool(cache_dir=str(tmp_path / "c2"), **fish) as pool:
