@@ -175,3 +175,86 @@ def test_one_token_is_a_clear_parameter_error(engine: FishSpeechEngine) -> None:
         session.add("one", "Just one token.", SynthesisParams(seed=2, max_new_tokens=1))
     assert session.free_rows() == 2
     session.close()
+
+
+def compile_items() -> list[tuple[str, str, SynthesisParams]]:
+    return [(f"c{i}", t, SynthesisParams(seed=20 + i, max_new_tokens=8 + 4 * i, temperature=0.9))
+            for i, t in enumerate(TEXTS)]
+
+
+def test_bucketed_steps_match_batch_one(engine: FishSpeechEngine) -> None:
+    # What a compiled step sees: rows padded to a batch bucket (1, 2, 4, ... capacity) with dummy rows and attention
+    # padded to a multiple of 256 slots, in the decode steps and in the fast transformer after each prefill.
+    from fishmp.engines.batched_model import batch_bucket, length_bucket
+
+    assert [batch_bucket(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    assert (length_bucket(1, 2560), length_bucket(256, 2560), length_bucket(257, 2560), length_bucket(2559, 2560)) \
+        == (256, 256, 512, 2560)
+    voice = speaker("ida", 9)
+    items = compile_items()
+    ref = references(engine, voice, items)
+    for capacity in (6, 3):  # 6: buckets 1, 2, 4, 6 as rows finish; 3: refill mid-flight, buckets 1, 2, 3
+        session = engine.open_batch(voice, capacity, bucketed=True)
+        assert session._net.bucketed and not session._net.compiled
+        session.close()
+        assert_same(ref, run_bucketed(engine, voice, items, capacity, compiled=False))
+
+
+def run_bucketed(engine: FishSpeechEngine, voice: SpeakerPrompt, items: list[tuple[str, str, SynthesisParams]],
+                 capacity: int, compiled: bool) -> dict[str, Audio]:
+    session = engine.open_batch(voice, capacity, compiled=compiled, bucketed=True)
+    pending, out = list(items), {}
+    while pending or session.active():
+        while pending and session.free_rows():
+            session.add(*pending.pop(0))
+        out.update(session.step())
+    session.close()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) -> None:
+    # FISH_COMPILE with batching: the decode step and the fast-transformer step run through torch.compile. aot_eager
+    # (the CPU default) traces the graphs and runs them op by op; inductor generates C++ kernels (what runs on CUDA,
+    # there with CUDA graphs): on this tiny model both still give the batch-1 path's exact tokens and samples.
+    # Buckets + automatic dynamic shapes keep the number of graphs small however many shapes the rows go through.
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    saved, engine._batch_step = engine._batch_step, None
+    try:
+        engine.compiled_batch_step(backend=backend)
+        voice = speaker("jay", 10)
+        items = compile_items() if backend == "aot_eager" else compile_items()[:3]
+        if backend == "inductor":  # compiling C++ takes ~20-40 s here: a couple of short segments
+            items = [(k, t, SynthesisParams(seed=p.seed, max_new_tokens=6)) for k, t, p in items]
+        ref = references(engine, voice, items)
+        before = counters["stats"]["unique_graphs"]
+        assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))
+        graphs = counters["stats"]["unique_graphs"] - before
+        assert 2 <= graphs <= 8  # both functions compiled; a few graphs each (size 1, one size, then dynamic)
+        assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))  # again: no new graphs
+        assert counters["stats"]["unique_graphs"] - before == graphs
+    finally:
+        engine._batch_step = saved
+        engine.release_memory()
+        torch._dynamo.reset()
+
+
+def test_batched_codec_decode_cuts_each_row(engine: FishSpeechEngine) -> None:
+    # decode_many batched (the CUDA default): one padded codec call, each row cut to its own length. Rows as long as
+    # the longest are bit-identical to a lone decode; padded ones differ by float32 rounding only (measured 7.5e-8).
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    codes = [torch.randint(0, 1024, (10, n), generator=gen) for n in (40, 25, 40, 7, 0)]
+    alone = [engine._decode(c) for c in codes]
+    for batched in (True, False):
+        got = engine.decode_many(codes, batched=batched)
+        for c, a, g in zip(codes, alone, got, strict=True):
+            assert len(g) == len(a) == c.shape[1] * 2048 and g.dtype == np.float32
+            if not batched or c.shape[1] in (0, 40):
+                assert np.array_equal(g, a)
+            else:
+                assert np.abs(g - a).max() <= 1e-6

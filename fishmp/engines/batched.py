@@ -110,7 +110,7 @@ class FishBatchSession:
             caches = engine.batch_caches(capacity, self) if compiled else None
             try:
                 self._net = BatchedModel(model, self._device, self._dtype, capacity, engine.max_seq_len,
-                                         decode=engine.compiled_batch_step() if compiled else None,
+                                         compiled=engine.compiled_batch_step() if compiled else None,
                                          bucketed=bucketed, caches=caches)
                 with torch.device(self._device):
                     self._history = torch.zeros((capacity, self._ncb + 1, self._frames_cap), dtype=torch.long)
@@ -231,6 +231,7 @@ class FishBatchSession:
             texts.append(encoded[:, p:])
         logits, hidden = self._net.prefill_texts(texts, indices, p)
         first = self._net.sample_frame(logits, hidden, self._params(rows), [r.generator for r in rows], None)
+        first = first[: len(rows)]  # without a bucket's dummy rows
         row_ids = torch.tensor(indices, device=self._device)
         self._current[row_ids] = first
         self._history[row_ids] = 0
@@ -257,7 +258,7 @@ class FishBatchSession:
         sel = torch.tensor(indices, device=dev)
         self._history[sel, :, decoded[sel]] = tokens[sel]
         self._current[sel] = tokens[sel]
-        mains = tokens[:, 0].tolist()  # one device sync per step, for the stop test
+        mains = tokens[:hi, 0].tolist()  # one device sync per step, for the stop test
         for r, main in zip(live, mains, strict=True):
             if r is not None:
                 r.decoded += 1

@@ -129,6 +129,44 @@ def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, 
     return logits, model.fast_project_in(x)
 
 
+def fast_rows(model: Any, fk: list[Any], fv: list[Any], x: Any, input_pos: Any) -> Any:
+    """forward_generate_fast for b rows with the fast KV caches passed in ((b, H, num_codebooks, D) per fast layer)
+    instead of the layers' KVCache modules: upstream's ops in upstream's order (bit-identical), as a pure function
+    that FISH_COMPILE compiles once per engine."""
+    import torch.nn.functional as F
+    from fish_speech.models.text2semantic.llama import apply_rotary_emb
+
+    cfg = model.config
+    x = x.view(x.shape[0], 1, -1)
+    mask = model.causal_mask[None, None, input_pos, : cfg.num_codebooks]
+    freqs = model.fast_freqs_cis[input_pos]
+    for layer, kc, vc in zip(model.fast_layers, fk, fv, strict=True):
+        att = layer.attention
+        h_in = layer.attention_norm(x)
+        b, s, _ = h_in.shape
+        q_size, kv_size = att.n_head * att.head_dim, att.n_local_heads * att.head_dim
+        q, k, v = att.wqkv(h_in).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, s, att.n_head, att.head_dim)
+        k = k.view(b, s, att.n_local_heads, att.head_dim)
+        v = v.view(b, s, att.n_local_heads, att.head_dim)
+        if att.attention_qk_norm:
+            q, k = att.q_norm(q), att.k_norm(k)
+        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        kc[:, :, input_pos] = k
+        vc[:, :, input_pos] = v
+        k = kc.repeat_interleave(att.n_head // att.n_local_heads, dim=1)
+        v = vc.repeat_interleave(att.n_head // att.n_local_heads, dim=1)
+        if att.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        else:
+            y = att.eq_scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        y = y.transpose(1, 2).contiguous().view(b, s, q_size)
+        h = x + att.wo(y)
+        x = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.fast_output(model.fast_norm(x))
+
+
 def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, write: Any, mask: Any,
                 k_len: int) -> tuple[Any, Any]:
     """One decode step of rows [0, b) (b = inp's rows): the function FISH_COMPILE compiles."""
@@ -138,27 +176,27 @@ def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, 
 class BatchedModel:
     """A KV cache of `capacity` rows over a loaded fish-speech DualARTransformer, and the forwards that use it.
 
-    `decode` is the compiled function when one is given (static shapes: batch and length buckets), else eager;
-    `bucketed` pads eager steps the same way (to test that padding never changes a real row)."""
+    `compiled` = (decode step, fast step) compiled versions of decode_rows / fast_rows (static shapes: batch and
+    length buckets), else eager; `bucketed` pads eager steps the same way (to test that padding never changes a real
+    row). `caches` = (K, V, fast caches by batch size) kept by the engine for compiled sessions."""
 
     def __init__(self, model: Any, device: Any, dtype: Any, capacity: int, max_seq_len: int,
-                 decode: Any = None, bucketed: bool = False, caches: tuple[list[Any], list[Any]] | None = None
-                 ) -> None:
+                 compiled: tuple[Any, Any] | None = None, bucketed: bool = False,
+                 caches: tuple[list[Any], list[Any], dict[int, Any]] | None = None) -> None:
         import torch
 
         self.model, self.device, self.dtype = model, device, dtype
         self.capacity, self.max_seq_len = capacity, max_seq_len
-        self.bucketed = bucketed or decode is not None
-        self._decode = decode or decode_rows
-        self.compiled = decode is not None
+        self.bucketed = bucketed or compiled is not None
+        self._decode, self._fast = compiled or (decode_rows, fast_rows)
+        self.compiled = compiled is not None
         cfg = model.config
         if caches is None:
             shape = (capacity, cfg.n_local_heads, max_seq_len, cfg.head_dim)
             with torch.device(device):
                 caches = ([torch.zeros(shape, dtype=dtype) for _ in model.layers],
                           [torch.zeros(shape, dtype=dtype) for _ in model.layers])
-        self.k, self.v = caches
-        self._fast_caches: dict[int, list[Any]] = {}
+        self.k, self.v, self._fast_caches = caches if len(caches) == 3 else (*caches, {})
         self.scratch = max_seq_len - 1  # the slot masked rows write (never read: a real row's slot stays below it)
 
     def close(self) -> None:
@@ -199,7 +237,8 @@ class BatchedModel:
 
     def decode(self, tokens: Any, slots: list[int], active: list[bool]) -> tuple[Any, Any]:
         """One decode step of rows [0, len(slots)): tokens (hi, 11) are fed at each active row's slot; inactive rows
-        are masked (their outputs are meaningless). Returns logits (hi, 1, V) and hidden (hi, 1, fast)."""
+        are masked (their outputs are meaningless). Returns logits (b, 1, V) and hidden (b, 1, fast), b = hi or
+        hi's batch bucket: rows past hi are dummies (pass them to sample_frame as rows without a generator)."""
         import torch
 
         hi, dev = len(slots), self.device
@@ -217,17 +256,23 @@ class BatchedModel:
         mask = (torch.arange(k_len, device=dev)[None, :] <= slot_t[:, None])[:, None, None, :]
         if self.compiled and dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: replay may reuse them
-        logits, hidden = self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
-        return logits[:hi], hidden[:hi]
+        return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
 
     def sample_frame(self, logits: Any, hidden: Any, params: tuple[Any, Any, Any], generators: list[Any | None],
                      window: Any | None) -> Any:
         """decode_one_token_ar after forward_generate, for b rows: (b, 11) long. Rows whose generator is None (free
-        or dummy rows) draw nothing; their tokens are 0 or meaningless."""
+        or dummy rows) draw nothing; their tokens are 0 or meaningless. generators / params / window may cover
+        fewer rows than logits (a bucket's dummy rows at the end)."""
         import torch
 
         model, dev = self.model, self.device
+        if self.bucketed and batch_bucket(logits.shape[0], self.capacity) > logits.shape[0]:
+            # a text prefill's rows: padded to their batch bucket too, so the fast step sees bucketed shapes only
+            extra = batch_bucket(logits.shape[0], self.capacity) - logits.shape[0]
+            logits = torch.cat([logits, logits.new_zeros((extra, *logits.shape[1:]))])
+            hidden = torch.cat([hidden, hidden.new_zeros((extra, *hidden.shape[1:]))])
         b = logits.shape[0]
+        generators = generators + [None] * (b - len(generators))
         live = [i for i, g in enumerate(generators) if g is not None]
         sel = torch.tensor(live, device=dev)
         live_params = tuple(x[sel] for x in params)
@@ -241,35 +286,45 @@ class BatchedModel:
 
         main = draw(logits[:, -1], window[:, :, 0] if window is not None else None)
         out[:, 0] = main
-        saved = [layer.attention.kv_cache for layer in model.fast_layers]
-        try:
-            for layer, cache in zip(model.fast_layers, self._fast_cache(b), strict=True):
-                layer.attention.kv_cache = cache
-                cache.k_cache.zero_()
-                cache.v_cache.zero_()
-            model.forward_generate_fast(hidden, torch.tensor([0], device=dev, dtype=torch.long))
-            a = main - model.tokenizer.semantic_begin_id
-            a[a < 0] = 0
-            out[:, 1] = a
+        fk, fv = self._fast_cache(b)
+        for t in fk + fv:  # decode_one_token_ar zeroes the fast cache every step
+            t.zero_()
+        self._fast_step(hidden, fk, fv, 0)
+        a = main - model.tokenizer.semantic_begin_id
+        a[a < 0] = 0
+        out[:, 1] = a
+        h = model.fast_embeddings(a)
+        for cb in range(1, model.config.num_codebooks):
+            fast_logits = self._fast_step(h, fk, fv, cb)
+            a = draw(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], window[:, cb + 1] if window is not None else None)
+            out[:, cb + 1] = a
             h = model.fast_embeddings(a)
-            for cb in range(1, model.config.num_codebooks):
-                fast_logits = model.forward_generate_fast(h, torch.tensor([cb], device=dev, dtype=torch.long))
-                a = draw(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], window[:, cb + 1] if window is not None else None)
-                out[:, cb + 1] = a
-                h = model.fast_embeddings(a)
-        finally:
-            for layer, cache in zip(model.fast_layers, saved, strict=True):
-                layer.attention.kv_cache = cache
         return out
 
-    def _fast_cache(self, b: int) -> list[Any]:
-        """Fast-transformer KV caches for b rows (fish-speech's own KVCache, swapped in for the step)."""
+    def _fast_step(self, x: Any, fk: list[Any], fv: list[Any], codebook: int) -> Any:
+        import torch
+
+        pos = torch.tensor([codebook], device=self.device, dtype=torch.long)
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        x = x.reshape(x.shape[0], 1, -1)
+        if self.compiled:  # one rank and layout (a fresh tensor at offset 0) for every call: no recompiles
+            x = x.clone(memory_format=torch.contiguous_format)
+        return self._fast(self.model, fk, fv, x, pos)
+
+    def _fast_cache(self, b: int) -> tuple[list[Any], list[Any]]:
+        """Fast-transformer KV caches for b rows: (b, H, num_codebooks, D) per fast layer (a compiled session's are
+        the engine's, at fixed addresses for CUDA graphs)."""
         if b not in self._fast_caches:
             import torch
-            from fish_speech.models.text2semantic.llama import KVCache
 
             cfg = self.model.config
+            shape = (b, cfg.fast_n_local_heads, cfg.num_codebooks, cfg.fast_head_dim)
             with torch.device(self.device):
-                self._fast_caches[b] = [KVCache(b, cfg.num_codebooks, cfg.fast_n_local_heads, cfg.fast_head_dim,
-                                                dtype=self.dtype) for _ in self.model.fast_layers]
+                fk = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.fast_layers]
+                fv = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.fast_layers]
+            if self.compiled and self.device.type == "cuda":
+                for t in fk + fv:
+                    torch._dynamo.mark_static_address(t)
+            self._fast_caches[b] = (fk, fv)
         return self._fast_caches[b]

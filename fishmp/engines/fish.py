@@ -195,7 +195,7 @@ class FishSpeechEngine:
         self._prompt: tuple[Any, str] | None = None  # (tokens tensor (10, T) long on CPU, transcript) for _prompt_key
         self._fingerprint: str | None = None
         self._batch_step: Any = None  # the compiled batched decode step (FISH_COMPILE with batching), built lazily
-        self._batch_caches: tuple[int, Any, Any] | None = None  # (capacity, K, V) kept for compiled sessions
+        self._batch_caches: tuple[int, Any, Any, Any] | None = None  # (capacity, K, V, fast) for compiled sessions
         self._batch_caches_owner: Any = None
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -373,22 +373,25 @@ class FishSpeechEngine:
         compiled = self.settings.compile if compiled is None else compiled
         return FishBatchSession(self, prompt, capacity, compiled=compiled, bucketed=bucketed)
 
-    def compiled_batch_step(self) -> Any:
-        """batched_model.decode_rows under torch.compile, built once per engine: inductor with CUDA graphs
-        (mode="reduce-overhead") on CUDA, aot_eager on CPU (as the batch-1 path). Shapes come bucketed (a few
-        batch sizes x attention lengths); dynamo's automatic dynamic shapes make the second distinct shape compile
-        one dynamic graph, so a worker compiles about twice whatever the buckets, CUDA graphs record per shape."""
+    def compiled_batch_step(self, backend: str | None = None) -> tuple[Any, Any]:
+        """batched_model.decode_rows (the slow transformer's decode step) and fast_rows (one fast-transformer step)
+        under torch.compile, built once per engine: inductor with CUDA graphs (mode="reduce-overhead") on CUDA,
+        aot_eager on CPU (as the batch-1 path; `backend` overrides, e.g. "inductor" on CPU). Shapes come bucketed
+        (a few batch sizes x attention lengths); dynamo's automatic dynamic shapes make the second distinct shape
+        compile one dynamic graph, so each function compiles about twice whatever the buckets; CUDA graphs record
+        once per shape."""
         if self._batch_step is None:
             import torch
 
-            from .batched_model import decode_rows
+            from .batched_model import decode_rows, fast_rows
 
             on_cuda = self.device.startswith("cuda")
-            self._batch_step = torch.compile(decode_rows, backend="inductor" if on_cuda else "aot_eager",
-                                             mode="reduce-overhead" if on_cuda else None)
+            backend = backend or ("inductor" if on_cuda else "aot_eager")
+            mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
+            self._batch_step = tuple(torch.compile(fn, backend=backend, mode=mode) for fn in (decode_rows, fast_rows))
         return self._batch_step
 
-    def batch_caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any]] | None:
+    def batch_caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
         """The KV caches of a compiled session, kept by the engine so the compiled step (CUDA graphs) sees the same
         addresses session after session. None when another open session holds them (it then allocates its own)."""
         import torch
@@ -406,9 +409,9 @@ class FishSpeechEngine:
             if self.device.startswith("cuda"):
                 for t in ks + vs:  # mutated in place by the step: CUDA graphs need them at a fixed address
                     torch._dynamo.mark_static_address(t)
-            self._batch_caches = (capacity, ks, vs)
+            self._batch_caches = (capacity, ks, vs, {})  # fast caches by batch bucket: filled by the session
         self._batch_caches_owner = owner
-        return self._batch_caches[1], self._batch_caches[2]
+        return self._batch_caches[1:]
 
     def release_batch_caches(self, owner: Any) -> None:
         if self._batch_caches_owner is owner:
