@@ -151,7 +151,9 @@ def check_take(samples: np.ndarray, sample_rate: int, tokens: int, max_new_token
     """Judge one take. `expected_s` comes from the speaker's RateModel; `max_new_tokens` None: not checked.
 
     fish-speech drops the last frame of a take (its end token, or the frame it stopped at when tokens ran out), so a
-    take that ran out reports max_new_tokens - 1 frames: that counts as hitting the limit."""
+    take that ran out reports max_new_tokens - 1 frames: that counts as hitting the limit. A text too long for the
+    model is decoded in chunks, each with its own max_new_tokens, so a take of more frames than the limit is not
+    judged by it (a runaway chunk still makes the take too long)."""
     duration = len(samples) / sample_rate if sample_rate > 0 else 0.0
     nums = _signal_numbers(samples, sample_rate, limits)
     reasons: list[str] = []
@@ -159,7 +161,7 @@ def check_take(samples: np.ndarray, sample_rate: int, tokens: int, max_new_token
         reasons.append("nonfinite")
     if len(samples) == 0:
         reasons.append("empty")
-    if max_new_tokens is not None and max_new_tokens > 1 and tokens >= max_new_tokens - 1:
+    if max_new_tokens is not None and max_new_tokens > 1 and max_new_tokens - 1 <= tokens <= max_new_tokens:
         reasons.append("max_tokens")
     if duration > expected_s * limits.max_ratio + limits.slack_s:
         reasons.append("too_long")

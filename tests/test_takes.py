@@ -116,6 +116,7 @@ def test_max_new_tokens_and_duration_bounds() -> None:
     assert judge(tone(1.0), tokens=1023, max_new=1024).reasons == ("max_tokens",)
     assert judge(tone(1.0), tokens=1022, max_new=1024).passed
     assert judge(tone(1.0), tokens=5000, max_new=None).passed  # no limit known: not checked
+    assert judge(tone(1.0), tokens=3100, max_new=1024).passed  # a long text's chunks: each had its own limit
     # too long: above expected x 2.5 + 1.0 s slack
     assert judge(tone(3.6), expected=1.0).reasons == ("too_long",)
     assert judge(tone(3.4), expected=1.0).passed
