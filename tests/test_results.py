@@ -233,3 +233,34 @@ def test_saving_a_10000_segment_manifest_stays_fast(tmp_path) -> None:
     m.save()
     assert time.perf_counter() - t0 < 1.0  # ~50 ms on a laptop; a loose bound against an accidental O(n^2)
     assert len(Manifest.load(str(tmp_path)).segments) == 10_000
+
+
+def test_take_records_round_trip_and_survive_a_damaged_manifest(tmp_path) -> None:
+    """The take check's fields (fishmp/takes.py) are plain JSON in each record; `counts` and the header's summary."""
+    from fishmp.results import suspect_count, take_fields
+
+    m = Manifest(os.path.join(str(tmp_path), MANIFEST), job="job.json")
+    takes = [{"passed": False, "reasons": ["clipped"], "seed": None, "duration_s": 1.2},
+             {"passed": False, "reasons": ["clipped"], "seed": 1, "duration_s": 1.2}]
+    record = {"tried": 2, "kept": 1, "seed": 1, "suspect": True, "takes": takes, "over_slot_s": 0.2}
+    for i in range(3):
+        rec = SegmentRecord(status="done", path=f"/x/{i}.wav", fingerprint=f"fp{i}")
+        for name, value in take_fields(record if i == 0 else None).items():
+            setattr(rec, name, value)
+        m.segments[f"s{i}"] = rec
+    m.segments["s1"].suspect, m.segments["s2"].status = False, "failed"
+    m.summary["gpus"] = {"0": {"peak_used_gib": 1.5}}
+    m.save()
+    data = json.loads((tmp_path / MANIFEST).read_text())
+    assert data["counts"] == {"done": 2, "failed": 1, "pending": 0, "suspect": 1}
+    assert data["summary"] == {"gpus": {"0": {"peak_used_gib": 1.5}}}
+    assert data["segments"]["s0"] | {"path": None} == {
+        "status": "done", "path": None, "attempts": 0, "fingerprint": "fp0", "suspect": True, "seed": 1,
+        "kept_take": 1, "takes": takes, "over_slot_s": 0.2}
+    assert "takes" not in data["segments"]["s2"]  # unchecked: absent, not null
+    back = Manifest.load(str(tmp_path))
+    assert back.segments["s0"].takes == takes and suspect_count(back.segments) == 1
+    raw = (tmp_path / MANIFEST).read_bytes()
+    (tmp_path / MANIFEST).write_bytes(raw[: raw.rindex(b'"s2"') + 5])  # cut inside the last record
+    damaged = Manifest.load(str(tmp_path))
+    assert set(damaged.segments) == {"s0", "s1"} and damaged.segments["s0"].suspect is True
