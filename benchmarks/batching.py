@@ -20,8 +20,12 @@ short keeps what it measured), then one summary line per configuration with its 
 On cuda the peak memory per configuration (torch.cuda.max_memory_allocated) is reported. Random weights: the audio is
 noise, and rows may stop early at a random end token (frames are counted, not assumed).
 
---compile compiles fish-speech's decode step for the baseline (FISH_COMPILE); the batched session runs eager (static
-batch buckets for torch.compile are not implemented yet).
+--compile on|both (FISH_COMPILE): the engine loads with compile on (fish-speech's batch-1 decode step compiled, and
+the batched steps compiled ahead at B = max(--sizes), as a worker does), then `on` measures the compiled paths only,
+`both` measures every configuration eager AND compiled in the same run (the baseline's eager runs swap fish-speech's
+plain decode_one_token_ar back in). Compile time is reported (load) and excluded from the measurements. Summaries say
+`compiled` per configuration and `ratio_to_best_batch1` = frames/s over the best of the batch-1 configurations
+(baseline and batched B=1, eager or compiled) measured in this run.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ if ROOT not in sys.path:
 
 from fishmp.config import Settings  # noqa: E402
 from fishmp.engines.base import SpeakerPrompt, SynthesisParams  # noqa: E402
+from fishmp.engines.fish import import_fish_speech  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven singing birds watch from tall green trees near "
          "an old stone bridge").split()
@@ -101,9 +106,9 @@ def run_baseline(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: f
 
 
 def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float, size: int,
-                refill: bool) -> tuple[int, int, float]:
+                refill: bool, compiled: bool = False) -> tuple[int, int, float]:
     t0, frames, done = time.perf_counter(), 0, 0
-    session = engine.open_batch(speaker, size)
+    session = engine.open_batch(speaker, size, compiled=compiled)
     try:
         while time.perf_counter() - t0 < seconds:
             if session.free_rows() and (refill or session.active() == 0):
@@ -194,12 +199,17 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     from fishmp.engines.fish import FishSpeechEngine
 
     path = checkpoint_dir(name, args.cache_dir)
+    compiling = args.compile != "off"
     settings = Settings(checkpoint_dir=path, max_seq_len=args.max_seq_len, precision=args.precision,
-                        compile=args.compile)
+                        compile=compiling, batch_size=max(args.sizes))
     t0 = time.perf_counter()
     engine = FishSpeechEngine(settings, args.device)
     engine.load()
-    print(f"[{name}] loaded on {args.device} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    emit(dict(event="load", checkpoint=name, device=args.device, compile=args.compile,
+              seconds=round(time.perf_counter() - t0, 1)), out)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compiled_one = engine._decode_one
+    eager_one = import_fish_speech()["inference"].decode_one_token_ar
     rng = np.random.default_rng(1)
     speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
                             text="This is the reference transcript of the benchmark voice, a sentence or two long.")
@@ -208,41 +218,45 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
     warm = Segments(8, seed=99)
     for size in args.sizes:
-        session = engine.open_batch(speaker, size)
-        while session.free_rows():
-            session.add(*warm.next())
-        for _ in range(3):
-            session.step()
-        session.close()
+        for compiled in modes:
+            session = engine.open_batch(speaker, size, compiled=compiled)
+            while session.free_rows():
+                session.add(*warm.next())
+            for _ in range(3):
+                session.step()
+            session.close()
     sync(args.device)
     if args.match:
         match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out)
     for size in args.profile:
         profile_steps(engine, speaker, name, size, out)
 
-    configs: list[tuple[str, int, bool]] = [] if args.no_baseline else [("baseline", 1, False)]
+    configs: list[tuple[str, int, bool, bool]] = [] if args.no_baseline else [("baseline", 1, False, c)
+                                                                              for c in modes]
     for size in args.sizes:
-        configs += [("batched", size, refill) for refill in args.refill]
-    totals: dict[tuple[str, int, bool], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
+        configs += [("batched", size, refill, c) for refill in args.refill for c in modes]
+    totals: dict[tuple[str, int, bool, bool], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
     budget = args.seconds_per_config / args.rounds
     for rnd in range(args.rounds):
         order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
         for cfg in order:
-            kind, size, refill = cfg
+            kind, size, refill, compiled = cfg
             segs = Segments(args.max_new_tokens, seed=1000 * rnd + size)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             try:
                 if kind == "baseline":
+                    engine._decode_one = compiled_one if compiled else eager_one
                     frames, done, secs = run_baseline(engine, speaker, segs, budget)
                 else:
-                    frames, done, secs = run_batched(engine, speaker, segs, budget, size, refill)
+                    frames, done, secs = run_batched(engine, speaker, segs, budget, size, refill, compiled)
                 error = None
             except Exception as exc:  # e.g. out of memory at a large B: report it, keep measuring the others
                 frames, done, secs, error = 0, 0, 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 engine.release_memory()
             peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
             rec = dict(event="measure", checkpoint=name, device=args.device, round=rnd, config=kind, batch=size,
+                       compiled=compiled,
                        refill=refill if kind == "batched" else None, frames=frames, segments=done,
                        seconds=round(secs, 3), frames_per_s=round(frames / secs, 3) if secs else 0.0,
                        peak_memory_gib=round(peak, 3) if peak is not None else None, error=error)
@@ -253,16 +267,19 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
             acc[2] += secs
             acc[3] = max(acc[3], peak or 0)
     fps = {cfg: (t[0] / t[2] if t[2] else 0.0) for cfg, t in totals.items()}
-    b1 = fps.get(("batched", 1, True)) or fps.get(("batched", 1, False)) or 0.0
-    base = fps.get(("baseline", 1, False), 0.0)
+    first = modes[0]  # eager when measured
+    b1 = fps.get(("batched", 1, True, first)) or fps.get(("batched", 1, False, first)) or 0.0
+    base = fps.get(("baseline", 1, False, first), 0.0)
+    best1 = max([v for (kind, size, _, _), v in fps.items() if size == 1], default=0.0)
     summary = []
     for cfg in configs:
-        kind, size, refill = cfg
-        rec = dict(event="summary", checkpoint=name, device=args.device, compile=args.compile, config=kind,
+        kind, size, refill, compiled = cfg
+        rec = dict(event="summary", checkpoint=name, device=args.device, compiled=compiled, config=kind,
                    batch=size, refill=refill if kind == "batched" else None, frames=totals[cfg][0],
                    segments=totals[cfg][1], seconds=round(totals[cfg][2], 2), frames_per_s=round(fps[cfg], 3),
                    ratio_to_b1=round(fps[cfg] / b1, 2) if b1 else None,
                    ratio_to_baseline=round(fps[cfg] / base, 2) if base else None,
+                   ratio_to_best_batch1=round(fps[cfg] / best1, 2) if best1 else None,
                    peak_memory_gib=round(totals[cfg][3], 3) if args.device.startswith("cuda") else None)
         emit(rec, out)
         summary.append(rec)
@@ -280,8 +297,10 @@ def emit(rec: dict, out: Any) -> None:
     if rec["event"] == "summary":
         refill = "" if rec["refill"] is None else (" refill" if rec["refill"] else " waves ")
         mem = f"  peak {rec['peak_memory_gib']:.2f} GiB" if rec.get("peak_memory_gib") else ""
-        print(f"[{rec['checkpoint']}] {rec['config']:8s} B={rec['batch']:<3d}{refill:7s} {rec['frames_per_s']:9.2f} "
-              f"frames/s  x{rec['ratio_to_b1']} vs B=1  x{rec['ratio_to_baseline']} vs baseline{mem}", flush=True)
+        mode = "compiled" if rec["compiled"] else "eager"
+        print(f"[{rec['checkpoint']}] {rec['config']:8s} {mode:8s} B={rec['batch']:<3d}{refill:7s} "
+              f"{rec['frames_per_s']:9.2f} frames/s  x{rec['ratio_to_b1']} vs B=1  x{rec['ratio_to_baseline']} vs "
+              f"baseline  x{rec['ratio_to_best_batch1']} vs best batch-1{mem}", flush=True)
     else:
         print(line, file=sys.stderr, flush=True)
 
@@ -300,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-frames", type=int, default=100, help="frames of the random speaker prompt")
     ap.add_argument("--max-seq-len", type=int, default=4096, help="KV-cache length (FISH_MAX_SEQ_LEN)")
     ap.add_argument("--precision", default="bfloat16", help="on cuda (cpu always runs float32)")
-    ap.add_argument("--compile", action="store_true", help="FISH_COMPILE for the baseline (batched runs eager)")
+    ap.add_argument("--compile", default="off", choices=("off", "on", "both"),
+                    help="FISH_COMPILE: off, on (compiled paths only) or both (eager and compiled, one run)")
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")

@@ -161,6 +161,10 @@ class FishBatchSession:
             self._broken = f"{type(exc).__name__}: {exc}"
             raise EngineError(f"batched decoding failed: {self._broken}") from exc
 
+    def warm_up(self) -> None:
+        """Compile the session's steps ahead (FISH_COMPILE): see BatchedModel.warm_up."""
+        self._net.warm_up()
+
     def close(self) -> None:
         self._rows = [None] * self.capacity
         self._engine.release_batch_caches(self)

@@ -258,6 +258,26 @@ class BatchedModel:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: replay may reuse them
         return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
 
+    def warm_up(self) -> None:
+        """Compile ahead (FISH_COMPILE traces on first use: 25-250 s for S1-mini on a GPU, which no segment's
+        deadline should absorb): dummy steps (every row masked, writing only the scratch slot) at batch sizes 2, 4
+        and 1 and two attention lengths: the dynamic graph (b >= 2) and batch 1's, checked on a second shape."""
+        import torch
+
+        dev, cfg = self.device, self.model.config
+        shapes = [(2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET), (1, LENGTH_BUCKET)]
+        with torch.inference_mode():
+            for b, k_len in shapes:
+                b, k_len = min(b, self.capacity), min(k_len, self.max_seq_len)
+                inp = torch.zeros((b, cfg.num_codebooks + 1, 1), dtype=torch.long, device=dev)
+                slots = torch.zeros((b, 1), dtype=torch.long, device=dev)
+                mask = (torch.arange(k_len, device=dev) == 0)[None, None, None, :].expand(b, 1, 1, k_len)
+                if self.compiled and dev.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._decode(self.model, self.k, self.v, inp, slots, slots + self.scratch, mask.contiguous(), k_len)
+                fk, fv = self._fast_cache(b)
+                self._fast_step(torch.zeros((b, 1, cfg.fast_dim), dtype=self.dtype, device=dev), fk, fv, 1)
+
     def sample_frame(self, logits: Any, hidden: Any, params: tuple[Any, Any, Any], generators: list[Any | None],
                      window: Any | None) -> Any:
         """decode_one_token_ar after forward_generate, for b rows: (b, 11) long. Rows whose generator is None (free

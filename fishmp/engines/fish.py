@@ -262,6 +262,10 @@ class FishSpeechEngine:
             # torch.compile traces on the first call (25-250 s for S1-mini on a GPU): pay it here, once per worker,
             # before the worker says ready, so no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it.
             self.synthesize("Warm-up.", None, SynthesisParams(max_new_tokens=8, seed=0))
+            if self.settings.batch_size > 1:  # and the batched steps (FISH_BATCH_SIZE rows), on the kept caches
+                session = self.open_batch(None, self.settings.batch_size, compiled=True)
+                session.warm_up()
+                session.close()
 
     def _require(self) -> None:
         if self._model is None:
@@ -377,9 +381,10 @@ class FishSpeechEngine:
         """batched_model.decode_rows (the slow transformer's decode step) and fast_rows (one fast-transformer step)
         under torch.compile, built once per engine: inductor with CUDA graphs (mode="reduce-overhead") on CUDA,
         aot_eager on CPU (as the batch-1 path; `backend` overrides, e.g. "inductor" on CPU). Shapes come bucketed
-        (a few batch sizes x attention lengths); dynamo's automatic dynamic shapes make the second distinct shape
-        compile one dynamic graph, so each function compiles about twice whatever the buckets; CUDA graphs record
-        once per shape."""
+        (a few batch sizes x attention lengths) and are compiled dynamic: one graph for every batch size >= 2 and
+        attention length, one for batch 1 (torch specialises size-1 dims), so each function compiles twice whatever
+        the buckets (compile time is the GPU cost: ~tens of seconds per graph for S1-mini); CUDA graphs record once
+        per bucket shape (cheap)."""
         if self._batch_step is None:
             import torch
 
@@ -388,7 +393,8 @@ class FishSpeechEngine:
             on_cuda = self.device.startswith("cuda")
             backend = backend or ("inductor" if on_cuda else "aot_eager")
             mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
-            self._batch_step = tuple(torch.compile(fn, backend=backend, mode=mode) for fn in (decode_rows, fast_rows))
+            self._batch_step = tuple(torch.compile(fn, backend=backend, mode=mode, dynamic=True)
+                                     for fn in (decode_rows, fast_rows))
         return self._batch_step
 
     def batch_caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
