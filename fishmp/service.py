@@ -30,7 +30,6 @@ from .watchdog import LEAVE_TIMEOUT_S, Deadlines
 from .worker import Done, Failed, Leaving, LoadFailed, Ready, Started
 
 log = logging.getLogger("fishmp")
-SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
 
 
 class Service(Deadlines):
@@ -196,17 +195,6 @@ class Service(Deadlines):
         self.workers.exit_code = result.exit_code
         handle._set(None, error) if error is not None else handle._set(result)
 
-    def _settle(self, handle: JobHandle) -> None:
-        """Workers that said they are leaving (recycled after a failure) exit within moments: see those exits now, so
-        the job's events are complete (worker_died) whatever the machine's load."""
-        deadline = time.monotonic() + SETTLE_S
-        while any(h.state == "leaving" for h in self.workers.handles.values()) and time.monotonic() < deadline:
-            for kind, h, payload in self.workers.poll(max(0.0, deadline - time.monotonic())):
-                if kind == "msg":
-                    self._on_message(h, payload)
-                else:
-                    self._on_exit(h, payload)
-
     # -- dispatch ----------------------------------------------------------------------------------------------------
     def _jobs_with_work(self) -> list[JobHandle]:
         return [j for j in self.active if j._run.stopping_since is None and j._run.sched.pending_count]
@@ -362,6 +350,9 @@ class Service(Deadlines):
             if owner is None:
                 continue
             handle, sid = owner
+            if recycled and tid not in h.running:  # sent after its Leaving, never started: handed back as well
+                handle._run.sched.requeue(sid, count_attempt=False)
+                continue
             if blame is not None and tid in running:
                 handle._run.blame(sid, blame)  # before requeue: a segment that turns poison now refunds at once
             handle._run.requeue(sid, reason, h, counted=len(running) == 1 and tid in running)

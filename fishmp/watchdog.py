@@ -1,6 +1,7 @@
 """Deadlines of the job loop (split out of service.py): model loads, segments, shutdown grace, and workers that said
-they are leaving. A mixin of service.Service: it reads the loop's state (workers, owners, active jobs) and kills
-through the pool; the loop calls `_enforce_deadlines` each turn and sleeps at most `_next_timeout`.
+they are leaving (recycled, or after a failure). A mixin of service.Service: it reads the loop's state (workers,
+owners, active jobs) and kills through the pool; the loop calls `_enforce_deadlines` each turn and sleeps at most
+`_next_timeout`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from .pool import WorkerHandle
 
 LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
+SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit
 
 
 class Deadlines:
@@ -18,6 +20,8 @@ class Deadlines:
     settings: Any
     active: list[Any]
     _owner: dict[str, tuple[Any, str]]
+    _on_message: Any
+    _on_exit: Any
 
     def _leave_deadline(self, h: WorkerHandle) -> float | None:
         """When a leaving worker is overdue. A recycled one first finishes its rows (each under its own segment
@@ -25,6 +29,17 @@ class Deadlines:
         if h.kill_reason is not None or (h.recycled is not None and h.running):
             return None
         return h.leaving_since + LEAVE_TIMEOUT_S
+
+    def _settle(self, handle: Any) -> None:
+        """Workers that said they are leaving (recycled after a failure) exit within moments: see those exits now, so
+        the job's events are complete (worker_died) whatever the machine's load."""
+        deadline = time.monotonic() + SETTLE_S
+        while any(h.state == "leaving" for h in self.workers.handles.values()) and time.monotonic() < deadline:
+            for kind, h, payload in self.workers.poll(max(0.0, deadline - time.monotonic())):
+                if kind == "msg":
+                    self._on_message(h, payload)
+                else:
+                    self._on_exit(h, payload)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
