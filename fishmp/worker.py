@@ -25,6 +25,10 @@ Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.
   worker (no Started), so the main process may dispatch fewer (ignoring the message is safe).
 - A worker that leaves on purpose sends `Failed(input_error=False)` for the tasks it blames first; the other tasks
   outstanding on it were innocent (requeue them without counting an attempt).
+- `Leaving(reason, figures, handed_back)`: recycling (FISH_WORKER_MAX_SEGMENTS / FISH_WORKER_MAX_GROWTH_GB,
+  fishmp/recycle.py). No new rows; the running ones finish (Done as usual); `handed_back` were never started here and
+  are requeued at once, uncounted (so are tasks that arrive after it); then it exits 0 and the main process starts a
+  fresh worker in its slot without charging FISH_MAX_RESTARTS.
 
 What deserves a reload (a model reload costs 30 s+): only what may have broken the process or the device.
 - Input errors (bad reference, text too long, parameters the engine refuses): that segment fails, the worker stays.
