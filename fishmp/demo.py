@@ -75,7 +75,10 @@ def run_demo(output_dir: str, workers: int, settings: Settings) -> int:
     job = load_job(write_demo_job(root), os.path.join(root, "wavs"))
     settings = settings.replace(engine="fish", checkpoint_dir=ckpt, devices="cpu", cpu_workers=workers,
                                 multiprocess_mode="true", cache_dir=os.path.join(root, "cache"),
-                                precision="float32")
+                                precision="float32",
+                                # Random weights never emit end-of-speech: every take would fail the take check
+                                # (max_tokens) and be retried twice for nothing. Real weights keep it on.
+                                take_check=False)
     renderer = make_renderer("auto")
     with Pool(settings, plan=plan_for(settings, [], len(job.segments))) as pool:
         result = pool.generate(job, on_event=renderer)
