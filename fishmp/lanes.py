@@ -91,7 +91,7 @@ class LaneRunner:
         """Until the stop sentinel (after every task before it) or until the worker must leave."""
         try:
             while True:
-                if self.draining is not None and not self.rows:
+                if self.draining is not None and not self.rows and not self._started_waiting():
                     return  # recycled: its rows are finished; what it never started went back (Leaving)
                 self._pull(block=not self.rows and not self.backlog)
                 if not self.rows:
@@ -103,7 +103,7 @@ class LaneRunner:
                         continue
                     if not self._open_for(head):
                         continue
-                if self.draining is None:
+                if self.draining is None or self._started_waiting():
                     self._fill()
                 if self.rows:
                     before = list(self.rows)
@@ -134,15 +134,18 @@ class LaneRunner:
         if reason is not None and self.draining is None:
             self._drain(reason)
 
+    def _started_waiting(self) -> bool:
+        """A begun task is back in the backlog (a take retried with a new seed, a batch redone): it finishes here."""
+        return any(t is not None and t.id in self.t0 for t in self.backlog)
+
     def _drain(self, reason: str) -> None:
         """Take no new rows; hand back every task not in a row (never started here) and say so, so the main process
         requeues them at once without counting an attempt and sends nothing more."""
         self.draining = reason
         self._pull(block=False)
-        handed = [t for t in self.backlog if t is not None]
+        handed = [t for t in self.backlog if t is not None and t.id not in self.t0]  # begun ones (retries) stay
         for t in handed:
             self.backlog.remove(t)
-            self.t0.pop(t.id, None)
         self.send(Leaving(self.worker_id, reason, self.recycle.figures, tuple(t.id for t in handed)))
 
     def _wanted_capacity(self, task: SegmentTask) -> int:

@@ -184,3 +184,21 @@ def test_single_process_mode_replaces_the_worker_thread_at_once(tmp_path, voice,
     assert len(recycled) >= 2 and len(ready) >= 3 and restarts == [0]
     for r, nxt in zip(recycled, ready[1:], strict=False):  # the last recycle may end the job: no replacement
         assert nxt["time"] - r["time"] < 3.0, (r, nxt)  # load is 0.5 s; the old wait was up to 5 s
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_take_retried_while_draining_finishes_on_the_same_worker(tmp_path, voice, clean_env, batch_size) -> None:
+    """Every other segment's first take is silent (the take check retries it with a new seed): a worker that reaches
+    its bound while a retry waits finishes that retry itself, so the segment keeps its take history and is not
+    requeued."""
+    job = job_dict(voice, 12, speakers=1)
+    for seg in job["segments"][1::2]:
+        seg["text"] += " @@silent:1@@"  # rows that finish together: one kept, one retried
+    events: list[dict] = []
+    with fishmp.Pool(engine="synthetic", multiprocess_mode="true", devices="cpu", cache_dir=str(tmp_path / "cache"),
+                     cpu_workers=2, batch_size=batch_size, worker_max_segments=2, max_restarts=0) as pool:
+        res = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
+    assert_each_segment_once(res, events, 12)
+    assert len([e for e in events if e["event"] == "worker_recycled"]) >= 4
+    for sid, r in res.records.items():
+        assert len(r.takes) == 1 + int(sid[1:]) % 2 and not r.suspect, r  # "g001" had two takes
