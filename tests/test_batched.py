@@ -6,6 +6,7 @@ samples mean equal codes: the codec is deterministic on CPU, and any differing c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -222,13 +223,15 @@ def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) 
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    saved, engine._batch_step = engine._batch_step, None
+    environ = dict(os.environ)  # inductor sets TORCHINDUCTOR_CACHE_DIR in the process: not for the other tests
+    saved, engine._compiled_batch = engine._compiled_batch, None
     try:
-        engine.compiled_batch_step(backend=backend)
+        engine.compiled_batch().steps(backend=backend)
         voice = speaker("jay", 10)
-        items = compile_items() if backend == "aot_eager" else compile_items()[:3]
-        if backend == "inductor":  # compiling C++ takes ~20-40 s here: a couple of short segments
-            items = [(k, t, SynthesisParams(seed=p.seed, max_new_tokens=6)) for k, t, p in items]
+        # Short segments of mixed lengths (compiling takes ~10-40 s here; each compiled call has overhead on a CPU).
+        tokens = (10, 6, 8, 9) if backend == "aot_eager" else (6, 4, 5)
+        items = [(k, t, SynthesisParams(seed=p.seed, max_new_tokens=n, temperature=0.9))
+                 for (k, t, p), n in zip(compile_items(), tokens, strict=False)]
         ref = references(engine, voice, items)
         before = counters["stats"]["unique_graphs"]
         assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))
@@ -237,9 +240,11 @@ def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) 
         assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))  # again: no new graphs
         assert counters["stats"]["unique_graphs"] - before == graphs
     finally:
-        engine._batch_step = saved
+        engine._compiled_batch = saved
         engine.release_memory()
         torch._dynamo.reset()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_batched_codec_decode_cuts_each_row(engine: FishSpeechEngine) -> None:
@@ -247,11 +252,13 @@ def test_batched_codec_decode_cuts_each_row(engine: FishSpeechEngine) -> None:
     # the longest are bit-identical to a lone decode; padded ones differ by float32 rounding only (measured 7.5e-8).
     import torch
 
+    from fishmp.engines.batched import decode_many
+
     gen = torch.Generator().manual_seed(3)
     codes = [torch.randint(0, 1024, (10, n), generator=gen) for n in (40, 25, 40, 7, 0)]
     alone = [engine._decode(c) for c in codes]
     for batched in (True, False):
-        got = engine.decode_many(codes, batched=batched)
+        got = decode_many(engine, codes, batched=batched)
         for c, a, g in zip(codes, alone, got, strict=True):
             assert len(g) == len(a) == c.shape[1] * 2048 and g.dtype == np.float32
             if not batched or c.shape[1] in (0, 40):

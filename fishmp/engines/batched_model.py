@@ -256,6 +256,9 @@ class BatchedModel:
         mask = (torch.arange(k_len, device=dev)[None, :] <= slot_t[:, None])[:, None, None, :]
         if self.compiled and dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: replay may reuse them
+            # CUDA graph outputs live in the graphs' pool until the next step: copied out, as the fast steps follow
+            return tuple(t.clone() for t in self._decode(self.model, self.k, self.v, inp, slot_t[:, None],
+                                                          write[:, None], mask, k_len))
         return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
 
     def warm_up(self) -> None:
@@ -325,12 +328,14 @@ class BatchedModel:
         import torch
 
         pos = torch.tensor([codebook], device=self.device, dtype=torch.long)
-        if self.compiled and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         x = x.reshape(x.shape[0], 1, -1)
-        if self.compiled:  # one rank and layout (a fresh tensor at offset 0) for every call: no recompiles
-            x = x.clone(memory_format=torch.contiguous_format)
-        return self._fast(self.model, fk, fv, x, pos)
+        if not self.compiled:
+            return self._fast(self.model, fk, fv, x, pos)
+        x = x.clone(memory_format=torch.contiguous_format)  # one rank and layout (offset 0) every call: no recompiles
+        if self.device.type != "cuda":
+            return self._fast(self.model, fk, fv, x, pos)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._fast(self.model, fk, fv, x, pos).clone()  # out of the CUDA graphs' pool before the next replay
 
     def _fast_cache(self, b: int) -> tuple[list[Any], list[Any]]:
         """Fast-transformer KV caches for b rows: (b, H, num_codebooks, D) per fast layer (a compiled session's are
@@ -348,3 +353,62 @@ class BatchedModel:
                     torch._dynamo.mark_static_address(t)
             self._fast_caches[b] = (fk, fv)
         return self._fast_caches[b]
+
+
+class CompiledBatch:
+    """What the compiled batch sessions of one engine share (FISH_COMPILE with batching): decode_rows and fast_rows
+    under torch.compile, and the KV caches those steps mutate, kept from session to session so CUDA graphs see the
+    same addresses (a new address would re-record every graph)."""
+
+    def __init__(self, model: Any, device: str, dtype: Any, max_seq_len: int) -> None:
+        self.model, self.device, self.dtype, self.max_seq_len = model, device, dtype, max_seq_len
+        self._steps: tuple[Any, Any] | None = None
+        self._caches: tuple[int, list[Any], list[Any], dict[int, Any]] | None = None  # capacity, K, V, fast by b
+        self._owner: Any = None
+
+    def steps(self, backend: str | None = None) -> tuple[Any, Any]:
+        """The compiled (decode_rows, fast_rows), built once: inductor with CUDA graphs (mode="reduce-overhead") on
+        CUDA, aot_eager on CPU (as the batch-1 path; `backend` overrides, e.g. "inductor" on CPU). Shapes come
+        bucketed (a few batch sizes x attention lengths) and are compiled dynamic: one graph for every batch size
+        >= 2 and attention length, one for batch 1 (torch specialises size-1 dims), so each function compiles twice
+        whatever the buckets (tens of seconds per graph for S1-mini on a GPU); CUDA graphs record once per bucket
+        shape (cheap)."""
+        if self._steps is None:
+            import torch
+
+            on_cuda = self.device.startswith("cuda")
+            backend = backend or ("inductor" if on_cuda else "aot_eager")
+            mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
+            self._steps = (torch.compile(decode_rows, backend=backend, mode=mode, dynamic=True),
+                           torch.compile(fast_rows, backend=backend, mode=mode, dynamic=True))
+        return self._steps
+
+    def caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
+        """The kept (K, V, fast caches by batch size) for `capacity` rows, now held by `owner`; None while another
+        open session holds them (that one then allocates its own)."""
+        import torch
+
+        if self._owner is not None:
+            return None
+        if self._caches is None or self._caches[0] != capacity:
+            self._caches = None  # freed before the new ones are allocated
+            cfg = self.model.config
+            shape = (capacity, cfg.n_local_heads, self.max_seq_len, cfg.head_dim)
+            with torch.device(self.device):
+                ks = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.layers]
+                vs = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.layers]
+            if self.device.startswith("cuda"):
+                for t in ks + vs:  # mutated in place by the step: CUDA graphs need them at a fixed address
+                    torch._dynamo.mark_static_address(t)
+            self._caches = (capacity, ks, vs, {})
+        self._owner = owner
+        return self._caches[1], self._caches[2], self._caches[3]
+
+    def release(self, owner: Any) -> None:
+        if self._owner is owner:
+            self._owner = None
+
+    def drop_caches(self) -> None:
+        """Free the kept caches unless a session holds them (after an out-of-memory error)."""
+        if self._owner is None:
+            self._caches = None

@@ -52,9 +52,6 @@ CODEC_OVERRIDES_FILE = "codec_overrides.json"
 REQUIRED_FILES = ("config.json", "model.pth", "tokenizer.tiktoken", "codec.pth")
 # fish-speech's generate_long refuses a prompt of max_seq_len - 2048 tokens or more (room for 2048 new tokens).
 GENERATION_RESERVE = 2048
-# Padded frames per batched codec call (rows x longest row): bounds the decoder's activations (~2k frames is one
-# long chunk at 21.5 frames/s).
-CODEC_BATCH_FRAMES = 8192
 
 _fish: dict[str, Any] = {}
 
@@ -194,9 +191,7 @@ class FishSpeechEngine:
         self._prompt_key: str | None = None
         self._prompt: tuple[Any, str] | None = None  # (tokens tensor (10, T) long on CPU, transcript) for _prompt_key
         self._fingerprint: str | None = None
-        self._batch_step: Any = None  # the compiled batched decode step (FISH_COMPILE with batching), built lazily
-        self._batch_caches: tuple[int, Any, Any, Any] | None = None  # (capacity, K, V, fast) for compiled sessions
-        self._batch_caches_owner: Any = None
+        self._compiled_batch: Any = None  # FISH_COMPILE with batching: see compiled_batch()
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -377,51 +372,14 @@ class FishSpeechEngine:
         compiled = self.settings.compile if compiled is None else compiled
         return FishBatchSession(self, prompt, capacity, compiled=compiled, bucketed=bucketed)
 
-    def compiled_batch_step(self, backend: str | None = None) -> tuple[Any, Any]:
-        """batched_model.decode_rows (the slow transformer's decode step) and fast_rows (one fast-transformer step)
-        under torch.compile, built once per engine: inductor with CUDA graphs (mode="reduce-overhead") on CUDA,
-        aot_eager on CPU (as the batch-1 path; `backend` overrides, e.g. "inductor" on CPU). Shapes come bucketed
-        (a few batch sizes x attention lengths) and are compiled dynamic: one graph for every batch size >= 2 and
-        attention length, one for batch 1 (torch specialises size-1 dims), so each function compiles twice whatever
-        the buckets (compile time is the GPU cost: ~tens of seconds per graph for S1-mini); CUDA graphs record once
-        per bucket shape (cheap)."""
-        if self._batch_step is None:
-            import torch
+    def compiled_batch(self) -> Any:
+        """What this engine's compiled batch sessions share (batched_model.CompiledBatch): the compiled steps and the
+        KV caches they mutate, kept at fixed addresses for CUDA graphs."""
+        if self._compiled_batch is None:
+            from .batched_model import CompiledBatch
 
-            from .batched_model import decode_rows, fast_rows
-
-            on_cuda = self.device.startswith("cuda")
-            backend = backend or ("inductor" if on_cuda else "aot_eager")
-            mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
-            self._batch_step = tuple(torch.compile(fn, backend=backend, mode=mode, dynamic=True)
-                                     for fn in (decode_rows, fast_rows))
-        return self._batch_step
-
-    def batch_caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
-        """The KV caches of a compiled session, kept by the engine so the compiled step (CUDA graphs) sees the same
-        addresses session after session. None when another open session holds them (it then allocates its own)."""
-        import torch
-
-        if self._batch_caches_owner is not None:
-            return None
-        if self._batch_caches is None or self._batch_caches[0] != capacity:
-            self._batch_caches = None
-            self.release_memory()
-            cfg = self._model.config
-            shape = (capacity, cfg.n_local_heads, self.max_seq_len, cfg.head_dim)
-            with torch.device(self.device):
-                ks = [torch.zeros(shape, dtype=self._dtype) for _ in self._model.layers]
-                vs = [torch.zeros(shape, dtype=self._dtype) for _ in self._model.layers]
-            if self.device.startswith("cuda"):
-                for t in ks + vs:  # mutated in place by the step: CUDA graphs need them at a fixed address
-                    torch._dynamo.mark_static_address(t)
-            self._batch_caches = (capacity, ks, vs, {})  # fast caches by batch bucket: filled by the session
-        self._batch_caches_owner = owner
-        return self._batch_caches[1:]
-
-    def release_batch_caches(self, owner: Any) -> None:
-        if self._batch_caches_owner is owner:
-            self._batch_caches_owner = None
+            self._compiled_batch = CompiledBatch(self._model, self.device, self._dtype, self.max_seq_len)
+        return self._compiled_batch
 
     def _generate(self, text: str, prompt: tuple[Any, str] | None, params: SynthesisParams) -> Any:
         inference = import_fish_speech()["inference"]
@@ -441,38 +399,6 @@ class FishSpeechEngine:
 
         return torch.cat(codes, dim=1)
 
-    def decode_many(self, codes: list[Any], batched: bool | None = None) -> list[np.ndarray]:
-        """Audio of several rows' codes (10, n_i). batched (default: on CUDA): one padded codec call per group of up
-        to CODEC_BATCH_FRAMES padded frames, each row cut to its own n_i frames. The codec is causal (causal
-        convolutions, causally masked transformers), so the padding after a row does not reach its samples, but the
-        longer input changes float32 summation order: a padded row's samples differ from a lone decode by ~1e-7
-        (measured 7.5e-8 max on CPU), far below 16-bit PCM's step (3e-5). On CPU the codec is compute-bound (little
-        to gain) and rows decode one by one, bit-exact with `synthesize`."""
-        import torch
-
-        if batched is None:
-            batched = self.device.startswith("cuda")
-        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(codes)
-        order = sorted((i for i, c in enumerate(codes) if c.shape[1] > 0), key=lambda i: -codes[i].shape[1])
-        frame = int(self._codec.frame_length)
-        while order:
-            longest = codes[order[0]].shape[1]
-            group = order[: max(1, CODEC_BATCH_FRAMES // longest)] if batched else order[:1]
-            order = order[len(group):]
-            if len(group) == 1:
-                out[group[0]] = self._decode(codes[group[0]])
-                continue
-            batch = torch.zeros((len(group), codes[group[0]].shape[0], longest), dtype=torch.long)
-            for j, i in enumerate(group):
-                batch[j, :, : codes[i].shape[1]] = codes[i]
-            lengths = torch.tensor([codes[i].shape[1] for i in group], device=self.device)
-            with torch.inference_mode(), self._autocast():
-                audio, _ = self._codec.decode(batch.to(self.device), lengths)
-            audio = audio[:, 0].float().clamp(-1, 1).cpu().numpy()
-            for j, i in enumerate(group):
-                out[i] = audio[j, : codes[i].shape[1] * frame].copy()
-        return out
-
     def _decode(self, codes: Any) -> np.ndarray:
         import torch
 
@@ -486,8 +412,8 @@ class FishSpeechEngine:
     # -- housekeeping --------------------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
-        if self._batch_caches_owner is None:
-            self._batch_caches = None  # a compiled session's KV rows, kept between sessions
+        if self._compiled_batch is not None:
+            self._compiled_batch.drop_caches()  # a compiled session's KV rows, kept between sessions
         gc.collect()
         if self.device.startswith("cuda"):
             import torch
