@@ -25,7 +25,8 @@ def test_skip_invalid_runs_the_valid_segments_of_a_fishmp_job(tmp_path: Path, sy
     run = run_fishmp(["generate", job, "-o", "out", "--skip-invalid", "--progress", "legacy"], str(tmp_path), env)
     assert run.returncode == 1, run.stderr  # not everything in the file was done
     assert _result(run.stdout) | {"output_dir": None, "manifest": None} == {
-        "output_dir": None, "manifest": None, "done": 3, "failed": 0, "pending": 0, "invalid": 1, "exit_code": 1}
+        "output_dir": None, "manifest": None, "done": 3, "failed": 0, "pending": 0, "invalid": 1, "suspect": 0,
+        "exit_code": 1}
     assert '[Main] skipped: segment "alice-001": text is empty' in run.stderr
     assert "[BatchGen] 进度: 4/4" in run.stderr and "All done! Processed 4/4 segments" in run.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["alice-000.wav", "alice-002.wav", "bob-000.wav", "manifest.json"]
