@@ -47,7 +47,6 @@ if ROOT not in sys.path:
 
 from fishmp.config import Settings  # noqa: E402
 from fishmp.engines.base import SpeakerPrompt, SynthesisParams  # noqa: E402
-from fishmp.engines.fish import import_fish_speech  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven singing birds watch from tall green trees near "
          "an old stone bridge").split()
@@ -124,7 +123,8 @@ def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: fl
     return frames, done, time.perf_counter() - t0
 
 
-def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: int, out: Any) -> None:
+def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: int, out: Any,
+                compiled: bool = False) -> None:
     """n segments through synthesize and through one batched session of `size` rows (refill on): how many give the
     same codes (exact on CPU float32; on GPU bf16 kernels differ with the batch shape), and for the others the frame
     where the codes first differ and the share of equal codes."""
@@ -144,7 +144,7 @@ def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: in
     finally:
         engine._decode = decode
     got: dict[str, Any] = {}
-    session = engine.open_batch(speaker, size)
+    session = engine.open_batch(speaker, size, compiled=compiled)
     pending = list(segs)
     while pending or session.active():
         while pending and session.free_rows():
@@ -161,18 +161,19 @@ def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: in
         total += a.numel()
         if a.shape != b.shape or not bool(same.all()):
             first_diff.append(int((~same).nonzero()[0]) if not bool(same.all()) else m)
-    emit(dict(event="match", checkpoint=name, device=engine.device, batch=size, segments=n,
+    emit(dict(event="match", checkpoint=name, device=engine.device, batch=size, segments=n, compiled=compiled,
               identical=n - len(first_diff), first_differing_frame=first_diff,
               equal_code_share=round(equal / max(total, 1), 4), frames_ref=sum(a.shape[1] for a in ref.values()),
               frames_batched=sum(b.shape[1] for b in got.values())), out)
 
 
-def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out: Any) -> None:
+def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out: Any,
+                  compiled: bool = False) -> None:
     """Time single decode steps of a full session of `size` rows, then a torch.profiler table of 3 steps."""
     from torch.profiler import ProfilerActivity, profile
 
     segs = Segments(400, seed=5)
-    session = engine.open_batch(speaker, size)
+    session = engine.open_batch(speaker, size, compiled=compiled)
     while session.free_rows():
         session.add(*segs.next())
     times = []
@@ -182,7 +183,8 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
         session.step()
         sync(engine.device)
         times.append(round((time.perf_counter() - t0) * 1000, 1))
-    emit(dict(event="profile", checkpoint=name, device=engine.device, batch=size, step_ms=times), out)
+    emit(dict(event="profile", checkpoint=name, device=engine.device, batch=size, compiled=compiled,
+              step_ms=times), out)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
@@ -193,32 +195,74 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
     session.close()
 
 
+def compile_baseline(engine: Any, speaker: SpeakerPrompt, name: str, args: argparse.Namespace, modes: list[bool],
+                     out: Any) -> tuple[list[bool], Any]:
+    """fish-speech's batch-1 decode step compiled as FishSpeechEngine.load does under FISH_COMPILE (skipped with
+    --no-compile-baseline: 25-250 s for S1-mini on a GPU). Returns the baseline's modes and the compiled step."""
+    import torch
+
+    eager = engine._decode_one
+    if not args.compile_baseline:
+        return [m for m in modes if not m] or [False], eager
+    on_cuda = engine.device.startswith("cuda")
+    t0 = time.perf_counter()
+    try:
+        engine._decode_one = torch.compile(eager, backend="inductor" if on_cuda else "aot_eager",
+                                           mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+        engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=8, seed=0))
+        compiled = engine._decode_one
+        error = None
+    except Exception as exc:  # reported; the eager baseline is still measured
+        compiled, error = eager, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    engine._decode_one = eager
+    emit(dict(event="compile", part="batch-1", checkpoint=name, seconds=round(time.perf_counter() - t0, 1),
+              error=error), out)
+    return ([m for m in modes if not m] or [False]) if error else modes, compiled
+
+
+def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], out: Any) -> list[bool]:
+    """The batched steps compiled ahead, as load() does for FISH_BATCH_SIZE > 1 under FISH_COMPILE."""
+    t0 = time.perf_counter()
+    try:
+        session = engine.open_batch(None, capacity, compiled=True)
+        session.warm_up()
+        session.close()
+        error = None
+    except Exception as exc:  # reported; the eager configurations are still measured
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        engine.release_memory()
+    emit(dict(event="compile", part="batched", checkpoint=name, capacity=capacity,
+              seconds=round(time.perf_counter() - t0, 1), error=error), out)
+    return ([m for m in modes if not m] or [False]) if error else modes
+
+
 def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
     import torch
 
     from fishmp.engines.fish import FishSpeechEngine
 
     path = checkpoint_dir(name, args.cache_dir)
-    compiling = args.compile != "off"
-    settings = Settings(checkpoint_dir=path, max_seq_len=args.max_seq_len, precision=args.precision,
-                        compile=compiling, batch_size=max(args.sizes))
+    settings = Settings(checkpoint_dir=path, max_seq_len=args.max_seq_len, precision=args.precision)
     t0 = time.perf_counter()
     engine = FishSpeechEngine(settings, args.device)
     engine.load()
-    emit(dict(event="load", checkpoint=name, device=args.device, compile=args.compile,
-              seconds=round(time.perf_counter() - t0, 1)), out)
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    compiled_one = engine._decode_one
-    eager_one = import_fish_speech()["inference"].decode_one_token_ar
+    emit(dict(event="load", checkpoint=name, device=args.device, seconds=round(time.perf_counter() - t0, 1)), out)
     rng = np.random.default_rng(1)
     speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
                             text="This is the reference transcript of the benchmark voice, a sentence or two long.")
-    # Warm-up, not timed: one short segment, then a few steps at every batch size (the first step at a new shape
-    # pays kernel selection: seconds at B=64 on an H200).
     engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
+    eager_one = compiled_one = engine._decode_one
+    base_modes = batch_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    if args.compile != "off":
+        # As FISH_COMPILE does in load(), timed here and allowed to fail: a failure drops the compiled
+        # configurations (reported) instead of ending the run.
+        base_modes, compiled_one = compile_baseline(engine, speaker, name, args, base_modes, out)
+        batch_modes = compile_batched(engine, name, max(args.sizes), batch_modes, out)
+    # Warm-up, not timed: a few steps at every batch size (the first step at a new shape pays kernel selection:
+    # seconds at B=64 on an H200; compiled, CUDA graphs record).
     warm = Segments(8, seed=99)
     for size in args.sizes:
-        for compiled in modes:
+        for compiled in batch_modes:
             session = engine.open_batch(speaker, size, compiled=compiled)
             while session.free_rows():
                 session.add(*warm.next())
@@ -227,14 +271,16 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
             session.close()
     sync(args.device)
     if args.match:
-        match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out)
+        for compiled in batch_modes:
+            match_check(engine, speaker, name, args.match, min(8, max(args.sizes)), out, compiled)
     for size in args.profile:
-        profile_steps(engine, speaker, name, size, out)
+        for compiled in batch_modes:
+            profile_steps(engine, speaker, name, size, out, compiled)
 
     configs: list[tuple[str, int, bool, bool]] = [] if args.no_baseline else [("baseline", 1, False, c)
-                                                                              for c in modes]
+                                                                              for c in base_modes]
     for size in args.sizes:
-        configs += [("batched", size, refill, c) for refill in args.refill for c in modes]
+        configs += [("batched", size, refill, c) for refill in args.refill for c in batch_modes]
     totals: dict[tuple[str, int, bool, bool], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
     budget = args.seconds_per_config / args.rounds
     for rnd in range(args.rounds):
@@ -267,9 +313,9 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
             acc[2] += secs
             acc[3] = max(acc[3], peak or 0)
     fps = {cfg: (t[0] / t[2] if t[2] else 0.0) for cfg, t in totals.items()}
-    first = modes[0]  # eager when measured
+    first = batch_modes[0]  # eager when measured
     b1 = fps.get(("batched", 1, True, first)) or fps.get(("batched", 1, False, first)) or 0.0
-    base = fps.get(("baseline", 1, False, first), 0.0)
+    base = fps.get(("baseline", 1, False, base_modes[0]), 0.0)
     best1 = max([v for (kind, size, _, _), v in fps.items() if size == 1], default=0.0)
     summary = []
     for cfg in configs:
@@ -321,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="bfloat16", help="on cuda (cpu always runs float32)")
     ap.add_argument("--compile", default="off", choices=("off", "on", "both"),
                     help="FISH_COMPILE: off, on (compiled paths only) or both (eager and compiled, one run)")
+    ap.add_argument("--no-compile-baseline", dest="compile_baseline", action="store_false",
+                    help="with --compile: leave the batch-1 baseline eager (its compile takes 25-250 s on a GPU)")
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")

@@ -385,12 +385,13 @@ class CompiledBatch:
 
     def caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
         """The kept (K, V, fast caches by batch size) for `capacity` rows, now held by `owner`; None while another
-        open session holds them (that one then allocates its own)."""
+        open session holds them (that one then allocates its own). A smaller capacity gets the first rows of the
+        kept caches (same addresses: the CUDA graphs recorded so far stay valid)."""
         import torch
 
         if self._owner is not None:
             return None
-        if self._caches is None or self._caches[0] != capacity:
+        if self._caches is None or self._caches[0] < capacity:
             self._caches = None  # freed before the new ones are allocated
             cfg = self.model.config
             shape = (capacity, cfg.n_local_heads, self.max_seq_len, cfg.head_dim)
@@ -402,7 +403,13 @@ class CompiledBatch:
                     torch._dynamo.mark_static_address(t)
             self._caches = (capacity, ks, vs, {})
         self._owner = owner
-        return self._caches[1], self._caches[2], self._caches[3]
+        _, ks, vs, fast = self._caches
+        if ks[0].shape[0] != capacity:
+            ks, vs = [t[:capacity] for t in ks], [t[:capacity] for t in vs]
+            if self.device.startswith("cuda"):
+                for t in ks + vs:  # a view is a new tensor object: marked too (unguarded: no recompile)
+                    torch._dynamo.mark_static_address(t)
+        return ks, vs, fast
 
     def release(self, owner: Any) -> None:
         if self._owner is owner:
