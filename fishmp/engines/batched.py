@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from .fish import FishSpeechEngine
 
 WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
-# Padded frames per batched codec call (rows x longest row): bounds the decoder's activations (~2k frames is one
-# long chunk at 21.5 frames/s).
-CODEC_BATCH_FRAMES = 8192
+# Padded frames per batched codec call (rows x longest row): bounds the decoder's activations, which run at 44.1 kHz
+# (2,048 frames = 95 s of audio, e.g. 32 rows of 3 s; a few GB for the S1-mini codec).
+CODEC_BATCH_FRAMES = 2048
 
 
 def encode_prompt(engine: FishSpeechEngine, text: str, prompt: tuple[Any, str] | None) -> Any:
