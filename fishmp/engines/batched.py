@@ -1,9 +1,11 @@
 """Batched decoding on fish-speech 0.1.0's modules (no fork): many segments of one speaker decoded together.
 
 fish-speech decodes one row (its caches are set up with max_batch_size=1) and its attention repeat_interleaves the
-whole preallocated KV cache every layer, every step. This session keeps its own KV cache of `capacity` rows and runs its
-own slow forward over fish-speech's weights: attention over the filled slots only (GQA inside SDPA, `enable_gqa`),
-per-row RoPE positions and a (B, 1, Q, K) mask, so rows of different lengths and ages share one step.
+whole preallocated KV cache every layer, every step. This module is the session's bookkeeping (rows, chunks, refill,
+stop, codec decode); fishmp.engines.batched_model holds the model-facing math: its own KV cache of `capacity` rows, a
+slow forward over fish-speech's weights with attention over the filled slots only, per-row RoPE positions and a
+(B, 1, Q, K) mask (rows of different lengths and ages share one step), the fast transformer and sampling for B rows,
+and the static batch / length buckets of FISH_COMPILE.
 
 Layout of one row's cache: slots [0, P) hold the speaker prefix (prefilled once per session, written into every row);
 the row's text follows at [P, T) and its frames after it, so a row's slot is its RoPE position and its mask is simply
