@@ -242,6 +242,20 @@ def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) 
         two = {k: ref[k] for k, _, _ in items[:2]}
         assert_same(two, run_bucketed(engine, voice, items[:2], 2, compiled=True))
         assert counters["stats"]["unique_graphs"] - before == graphs
+        if backend == "aot_eager":  # two compiled sessions open at once: the second gets caches of its own
+            other = speaker("kim", 11)
+            ref_b = references(engine, other, items[2:])
+            sa, sb = (engine.open_batch(v, 2, compiled=True) for v in (voice, other))
+            assert sa._net.k[0].data_ptr() != sb._net.k[0].data_ptr()
+            pa, pb, got = list(items[:2]), list(items[2:]), {}
+            while pa or pb or sa.active() or sb.active():
+                for session, pending in ((sa, pa), (sb, pb)):
+                    while pending and session.free_rows():
+                        session.add(*pending.pop(0))
+                    got.update(session.step())
+            sa.close()
+            sb.close()
+            assert_same({**two, **ref_b}, got)
     finally:
         engine._compiled_batch = saved
         engine.release_memory()
