@@ -192,8 +192,9 @@ PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "temperature": (_check_float(0.0, 2.0, True), "a number > 0 and < 2", False),
     "top_p": (_check_float(0.0, 1.0, False), "a number > 0 and <= 1", False),
     "repetition_penalty": (_check_float(0.0, 2.0, True), "a number > 0 and < 2 (typically 1.0 to 1.5)", False),
-    "max_new_tokens": (lambda v: is_int(v) and 1 <= v <= MAX_NEW_TOKENS_LIMIT,
-                       f"an integer from 1 to {MAX_NEW_TOKENS_LIMIT}", True),
+    # 2, not 1: fish-speech's decode loop fails at 1 (UnboundLocalError), so refuse it before anything loads.
+    "max_new_tokens": (lambda v: is_int(v) and 2 <= v <= MAX_NEW_TOKENS_LIMIT,
+                       f"an integer from 2 to {MAX_NEW_TOKENS_LIMIT}", True),
     "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, "an integer >= 0", True),
 }
 

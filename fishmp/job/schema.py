@@ -33,7 +33,7 @@ def params_schema() -> dict[str, Any]:
         "temperature": {**num, "exclusiveMaximum": 2, "description": "sampling temperature"},
         "top_p": {**num, "maximum": 1, "description": "nucleus sampling"},
         "repetition_penalty": {**num, "exclusiveMaximum": 2, "description": "typically 1.0 to 1.5"},
-        "max_new_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_NEW_TOKENS_LIMIT},
+        "max_new_tokens": {"type": ["integer", "null"], "minimum": 2, "maximum": MAX_NEW_TOKENS_LIMIT},
         "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
     }, [], "sampling parameters; null or absent: the engine's default (segment params override the job's)")
 
