@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,21 @@ def make_wav() -> Callable[..., str]:
         return path
 
     return make
+
+
+@pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    """A project directory with reference files (tests/job_files.py), for the job-file tests."""
+    from job_files import make_proj
+
+    return make_proj(tmp_path)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FISH_* variable from the environment running the tests leaks into a Pool's settings."""
+    for k in [k for k in os.environ if k.startswith("FISH_")]:
+        monkeypatch.delenv(k)
 
 
 def run_fishmp(args: list[str], cwd: str, env: dict[str, str] | None = None, timeout: float = 240,

@@ -7,16 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from conftest import jsonl_events, run_fishmp, synthetic_env
-from job_files import legacy_generate, make_proj, new_job, write_job
+from job_files import legacy_generate, new_job, write_job
 
 from fishmp.job import load_job
-
-
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    return make_proj(tmp_path)
 
 
 def test_the_job_lists_each_left_out_item_with_its_reason(proj: Path) -> None:

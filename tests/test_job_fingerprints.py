@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from job_files import (
-    make_proj,
     new_job,
     one_problem,
     write_job,
@@ -26,12 +25,6 @@ from fishmp.job import (
     reference_fingerprint,
     segment_fingerprint,
 )
-
-
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    return make_proj(tmp_path)
-
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 

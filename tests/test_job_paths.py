@@ -10,7 +10,6 @@ import pytest
 from job_files import (
     legacy_encode,
     legacy_generate,
-    make_proj,
     new_job,
     one_problem,
     write_job,
@@ -23,12 +22,6 @@ from fishmp.job import (
     load_encode_config,
     load_job,
 )
-
-
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    return make_proj(tmp_path)
-
 
 # ------------------------------------------------------------------------------------------------ the output guarantee
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from job_files import (
-    make_proj,
     new_job,
     one_problem,
     problems_of,
@@ -23,12 +22,6 @@ from fishmp.job import (
     load_job,
     normalize_text,
 )
-
-
-@pytest.fixture
-def proj(tmp_path: Path) -> Path:
-    return make_proj(tmp_path)
-
 
 # ------------------------------------------------------------------------------------------------ validation
 

@@ -19,12 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("FISH_")]:
-        monkeypatch.delenv(k)
-
-
-@pytest.fixture
 def voice(tmp_path, make_wav) -> str:
     return make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
 

@@ -20,12 +20,6 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    for k in [k for k in os.environ if k.startswith("FISH_")]:
-        monkeypatch.delenv(k)
-
-
-@pytest.fixture
 def voice(tmp_path, make_wav) -> str:
     return make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
 
