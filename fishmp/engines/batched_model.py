@@ -68,6 +68,20 @@ def rotary_rows(x: Any, freqs: Any) -> Any:
     return out.flatten(3).type_as(x)
 
 
+def qkv_heads(att: Any, h_in: Any) -> tuple[Any, Any, Any]:
+    """A layer's q, k, v as upstream's Attention.forward computes them, (b, s, heads, head_dim) each, qk-normed when
+    the checkpoint says so; shared by the slow and the fast forward."""
+    b, s, _ = h_in.shape
+    q_size, kv_size = att.n_head * att.head_dim, att.n_local_heads * att.head_dim
+    q, k, v = att.wqkv(h_in).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(b, s, att.n_head, att.head_dim)
+    k = k.view(b, s, att.n_local_heads, att.head_dim)
+    v = v.view(b, s, att.n_local_heads, att.head_dim)
+    if att.attention_qk_norm:
+        q, k = att.q_norm(q), att.k_norm(k)
+    return q, k, v
+
+
 def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, positions: Any, write: Any,
                  mask: Any, k_len: int) -> tuple[Any, Any]:
     """forward_generate for rows of the caches ks / vs (one (capacity, H_kv, max_seq_len, D) tensor per layer):
@@ -96,15 +110,8 @@ def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, 
         write = write[:, None, :]  # (b, 1, Q) against heads (b, H, 1)
     for index, layer in enumerate(model.layers):
         att = layer.attention
-        h_in = layer.attention_norm(x)
-        b, s, _ = h_in.shape
-        q_size, kv_size = att.n_head * att.head_dim, att.n_local_heads * att.head_dim
-        q, k, v = att.wqkv(h_in).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, s, att.n_head, att.head_dim)
-        k = k.view(b, s, att.n_local_heads, att.head_dim)
-        v = v.view(b, s, att.n_local_heads, att.head_dim)
-        if att.attention_qk_norm:
-            q, k = att.q_norm(q), att.k_norm(k)
+        q, k, v = qkv_heads(att, layer.attention_norm(x))
+        b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
         q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
@@ -142,15 +149,8 @@ def fast_rows(model: Any, fk: list[Any], fv: list[Any], x: Any, input_pos: Any) 
     freqs = model.fast_freqs_cis[input_pos]
     for layer, kc, vc in zip(model.fast_layers, fk, fv, strict=True):
         att = layer.attention
-        h_in = layer.attention_norm(x)
-        b, s, _ = h_in.shape
-        q_size, kv_size = att.n_head * att.head_dim, att.n_local_heads * att.head_dim
-        q, k, v = att.wqkv(h_in).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, s, att.n_head, att.head_dim)
-        k = k.view(b, s, att.n_local_heads, att.head_dim)
-        v = v.view(b, s, att.n_local_heads, att.head_dim)
-        if att.attention_qk_norm:
-            q, k = att.q_norm(q), att.k_norm(k)
+        q, k, v = qkv_heads(att, layer.attention_norm(x))
+        b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         kc[:, :, input_pos] = k
