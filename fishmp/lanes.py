@@ -82,6 +82,7 @@ class LaneRunner:
         self.take_check = bool(getattr(settings, "take_check", True))
         self.take_limits = TakeLimits.from_settings(settings)
         self.takes: dict[str, _Takes] = {}  # task id -> its takes so far, while a failed take check is retried
+        self.retakes: set[str] = set()  # tasks back in the backlog for another take (their deadline restarts)
         self.rates: dict[Any, RateModel] = {}  # SpeakerRef -> its speed, learned from takes that passed
         self.recycle = RecyclePolicy()  # the worker sets it from its settings (FISH_WORKER_MAX_*)
         self.draining: str | None = None  # why this worker is being recycled: no new rows, leave when empty
@@ -194,6 +195,11 @@ class LaneRunner:
         if task.id not in self.t0:
             self.t0[task.id] = time.perf_counter()
             self.send(Started(self.worker_id, task.id))
+        elif task.id in self.retakes:
+            # A retake (new seed after a failed take check) gets the segment's full deadline again: Started restarts
+            # it, so a slow but healthy take is never killed for the takes before it; a hang is still caught.
+            self.retakes.discard(task.id)
+            self.send(Started(self.worker_id, task.id))
 
     def _fill(self) -> None:
         if self.rows and not self.refill:
@@ -286,6 +292,7 @@ class LaneRunner:
 
     def _forget(self, task_id: str) -> None:
         self.takes.pop(task_id, None)
+        self.retakes.discard(task_id)
         self.solo.discard(task_id)
         self.ooms.pop(task_id, None)
         self.errors.pop(task_id, None)
@@ -315,6 +322,7 @@ class LaneRunner:
             if cap is not None and cap < params.get("max_new_tokens", SynthesisParams().max_new_tokens):
                 params["max_new_tokens"] = cap
             self.backlog.appendleft(dataclasses.replace(task, params=params))
+            self.retakes.add(task.id)
             return None
         self.takes.pop(task.id, None)
         record = take_record(state.verdicts, state.best, state.seeds)

@@ -16,8 +16,10 @@ Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.
   to B running + 1 queued tasks outstanding on it. Tasks of one speaker share a session of up to B rows; a task of
   another speaker waits until that session drains.
 - `Started(task)` when the task's row is added (its deadline starts then), then exactly one `Done` or `Failed` per
-  task. Rows start and finish independently: several tasks are running at once, and a row that finishes is refilled
-  with the next task at the next step (FISH_BATCH_REFILL=0, a benchmarking knob: only when the session is empty).
+  task. A retake (the take check failed, fishmp/takes.py) sends `Started` again when its row is added: each take gets
+  the segment's full deadline. Rows start and finish independently: several tasks are running at once, and a row
+  that finishes is refilled with the next task at the next step (FISH_BATCH_REFILL=0, a benchmarking knob: only when
+  the session is empty).
 - `SegmentTask.solo`: run it in a session of its own. The main process sets it for a segment whose earlier attempt
   died with its worker (or came back in a `Failed` with input_error False), so a poison segment cannot take its
   batchmates down again.

@@ -330,3 +330,18 @@ def test_legacy_configs_keep_exit_0_with_suspect_segments(tmp_path, fishmp_cli) 
     assert json.loads(res.stdout.splitlines()[-1]) == {"0": tasks[0]["output_file"], "1": tasks[1]["output_file"]}
     segs = _manifest(tmp_path / "out")["segments"]
     assert sorted(r["suspect"] for r in segs.values()) == [False, True]
+
+
+def test_each_retake_gets_the_segments_full_deadline(tmp_path, make_wav, fishmp_cli) -> None:
+    # Three takes of ~1.1 s each against a 2.5 s deadline: each take alone is well inside it, all three are not. A
+    # retake restarts the deadline (Started again), so the healthy-but-retried segment is not killed as a hang.
+    job = _job(tmp_path, make_wav, [{"id": "slow", "text": f"@@silent:2@@ {LINE}"}])
+    out = str(tmp_path / "out")
+    res = fishmp_cli(["generate", job, "-o", out, "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_SYNTHETIC_SECONDS_PER_CHAR="0.03",
+                                   FISH_SEGMENT_TIMEOUT_S="2.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"))
+    assert res.returncode == 0, res.stderr
+    rec = _manifest(out)["segments"]["slow"]
+    assert [t["reasons"] for t in rec["takes"]] == [["silent"], ["silent"], []] and rec["attempts"] == 1
+    assert rec["synthesis_seconds"] > 2.5  # the three takes together did outlast one deadline
+    assert not [e for e in jsonl_events(res.stdout) if e["event"] in ("worker_died", "segment_requeued")]
