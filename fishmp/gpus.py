@@ -112,6 +112,19 @@ def nvml_inventory(environ: Mapping[str, str] | None = None) -> list[GPU]:
     return _visible_filter(gpus, env.get("CUDA_VISIBLE_DEVICES"), env.get("CUDA_DEVICE_ORDER"))
 
 
+def nvml_free_bytes(pin: str | int) -> int:
+    """Free bytes on one GPU (NVML index or UUID) as NVML sees it: reading it makes no CUDA context."""
+    import pynvml
+
+    pin = str(pin)
+    pynvml.nvmlInit()
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(pin)) if pin.isdigit() else pynvml.nvmlDeviceGetHandleByUUID(pin)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(h).free)
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def select_devices(gpus: list[GPU], devices: str | None) -> list[GPU]:
     """Apply FISH_DEVICES (indices or UUIDs, or 'cpu' for none) to the inventory."""
     if devices is None:

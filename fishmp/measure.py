@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
-from .gpus import GIB, GPU
+from .gpus import GIB, GPU, nvml_free_bytes
 from .memory import Workload, estimate
 
 log = logging.getLogger("fishmp")
@@ -35,16 +35,6 @@ log = logging.getLogger("fishmp")
 REFERENCE_S = 10.0
 TEXT = "The quick brown fox jumps over the lazy dog while the orchestra tunes its instruments."
 NEW_TOKENS = 200  # S1-mini decodes ~15 frames/s eager on a big GPU: a warm-up of about 15 s
-
-
-def nvml_free_bytes(index: int) -> int:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
-    finally:
-        pynvml.nvmlShutdown()
 
 
 REFERENCE_TEXT = "A synthetic reference voice."
@@ -207,19 +197,6 @@ class Footprint:
     source: str  # "NVML", "FISH_SYNTHETIC_FOOTPRINT_GB of the synthetic engine", or why there is no figure
 
 
-def nvml_free_for_pin(pin: str) -> int:
-    """Free bytes on the GPU a worker is pinned to (UUID or index), as NVML sees it: no CUDA context is made."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        h = (pynvml.nvmlDeviceGetHandleByIndex(int(pin)) if pin.isdigit()
-             else pynvml.nvmlDeviceGetHandleByUUID(pin))
-        return int(pynvml.nvmlDeviceGetMemoryInfo(h).free)
-    finally:
-        pynvml.nvmlShutdown()
-
-
 class FootprintProbe:
     """In a worker: `start` before the engine loads (free memory before the CUDA context), `finish(engine)` after:
     runs the warm-up segment (as `plan --measure` does) and returns the Footprint. Only under auto, in a child
@@ -235,7 +212,7 @@ class FootprintProbe:
         if not (child and pin and is_auto(settings)):
             return None
         try:
-            return cls(pin, nvml_free_for_pin(pin))
+            return cls(pin, nvml_free_bytes(pin))
         except Exception as exc:  # noqa: BLE001 - no NVML (a simulated GPU): the engine may still have a figure
             return cls(pin, None, f"NVML unavailable ({type(exc).__name__})")
 
@@ -247,7 +224,7 @@ class FootprintProbe:
         if self.before is None:
             return Footprint(0, frames, self.why)
         try:
-            return Footprint(max(0, self.before - nvml_free_for_pin(self.pin)), frames, "NVML")
+            return Footprint(max(0, self.before - nvml_free_bytes(self.pin)), frames, "NVML")
         except Exception as exc:  # noqa: BLE001
             return Footprint(0, frames, f"NVML unavailable ({type(exc).__name__})")
 

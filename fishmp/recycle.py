@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-GIB = 1024**3
+from .gpus import GIB
 
 
 def engine_memory_kind(engine: Any) -> str:

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gpus import GIB
 from .progress import make_event
 
 log = logging.getLogger("fishmp")
-GIB = 1024**3
 
 
 @dataclass(frozen=True)

@@ -176,16 +176,10 @@ def _free_gib(pin: str | None) -> float | None:
     """Free memory on the pinned GPU as NVML sees it (for load-OOM messages); None off-GPU."""
     if not pin:
         return None
-    try:
-        import pynvml
+    from .gpus import GIB, nvml_free_bytes
 
-        pynvml.nvmlInit()
-        try:
-            h = (pynvml.nvmlDeviceGetHandleByUUID(pin) if not pin.isdigit()
-                 else pynvml.nvmlDeviceGetHandleByIndex(int(pin)))
-            return pynvml.nvmlDeviceGetMemoryInfo(h).free / 1024**3
-        finally:
-            pynvml.nvmlShutdown()
+    try:
+        return nvml_free_bytes(pin) / GIB
     except Exception:  # noqa: BLE001 - only used to enrich a message
         return None
 
