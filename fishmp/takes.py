@@ -10,7 +10,8 @@ cheap to detect from the samples alone:
 
 Expected duration: characters per second per script (Han, kana, Hangul, Latin, Cyrillic, ...; letters and digits are
 counted, spaces are not, punctuation adds a short pause) plus a fixed onset/offset, times a per-speaker speed factor
-learned from the takes that passed (median of duration / prior estimate, once `FISH_TAKE_LEARN_AFTER` takes passed).
+learned from the takes that passed (median of duration / prior estimate, once 3 of its takes passed:
+TakeLimits.learn_after).
 """
 
 from __future__ import annotations
