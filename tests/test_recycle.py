@@ -193,6 +193,9 @@ def test_a_take_retried_while_draining_finishes_on_the_same_worker(tmp_path, voi
                      cpu_workers=2, batch_size=batch_size, worker_max_segments=2, max_restarts=0) as pool:
         res = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert_each_segment_once(res, events, 12)
-    assert len([e for e in events if e["event"] == "worker_recycled"]) >= 4
+    # A recycled life finishes 2 to 2 - 1 + batch_size segments (its running rows finish after the bound), and
+    # each worker's last life may end with the job, short of the bound (at most 1 segment): 12 segments give
+    # 5+ recycles at batch 1 and 3+ at batch 3 (it was ">= 4" for both, which failed ~1 run in 5 at batch 3).
+    assert len([e for e in events if e["event"] == "worker_recycled"]) >= (4 if batch_size == 1 else 3)
     for sid, r in res.records.items():
         assert len(r.takes) == 1 + int(sid[1:]) % 2 and not r.suspect, r  # "g001" had two takes
