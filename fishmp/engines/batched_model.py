@@ -5,7 +5,7 @@ fish-speech's Attention repeat_interleaves the whole preallocated cache every la
 max_seq_len slots; `forward_rows` attends over the first K slots only (GQA inside SDPA, `enable_gqa`), K = the
 furthest slot any row reads. fish-speech's weights and modules are used as they are (no fork).
 
-Static shapes for torch.compile / CUDA graphs (FISH_COMPILE): a decode step pads its rows to a batch bucket (1, 2, 4,
+Static shapes for torch.compile / CUDA graphs (FISH_COMPILE): a decode step pads its rows to a batch bucket (2, 4,
 ... capacity) with dummy rows (fed token 0, attending slot 0 only, writing the scratch slot max_seq_len - 1 of their
 own cache row, their outputs dropped) and its attention length to a multiple of LENGTH_BUCKET slots (the extra slots
 masked), so only a few shapes ever reach the compiled step. Masked slots and dummy rows cannot change a real row's
@@ -22,8 +22,9 @@ FAST_CODEBOOK_VOCAB = 1024  # decode_one_token_ar cuts the fast logits to this m
 
 
 def batch_bucket(n: int, capacity: int) -> int:
-    """The smallest power of two >= n, capped at capacity (capacity itself is always a bucket)."""
-    return min(1 << max(n - 1, 0).bit_length(), capacity)
+    """The smallest power of two >= max(n, 2), capped at capacity (capacity itself is always a bucket). Never 1
+    when capacity allows 2: torch specialises size-1 dims, so batch 1 would cost a compiled graph of its own."""
+    return min(1 << max(n - 1, 1).bit_length(), capacity)
 
 
 def length_bucket(n: int, limit: int) -> int:
@@ -82,13 +83,48 @@ def qkv_heads(att: Any, h_in: Any) -> tuple[Any, Any, Any]:
     return q, k, v
 
 
+def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: Any, mask: Any, k_len: int,
+               rows: Any = None) -> Any:
+    """One slow-transformer layer for b rows against its cache (capacity, H_kv, max_seq_len, D). The K/V of x go
+    to cache[write] (write = (row, head, slot) index tensors broadcasting to (b, H_kv, Q)), or with `write` a slot
+    slice (the shared prefix, b = 1) into every row of the `rows` slice. Attention reads the first k_len slots of
+    the first b rows (rows None: a decode step, a view) or of the `rows` ids (text prefill, a copy).
+    Under FISH_COMPILE this is the unit compiled (regional compilation): every layer has the same code and shapes,
+    so one graph serves all of them and compiling costs one layer, not the whole unrolled model."""
+    import torch.nn.functional as F
+
+    att = layer.attention
+    q, k, v = qkv_heads(att, layer.attention_norm(x))
+    b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
+    q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
+        kc, vc = kcache[rows], vcache[rows]
+        kc[:, :, write] = k
+        vc[:, :, write] = v
+        kc, vc = kc[:1, :, :k_len], vc[:1, :, :k_len]
+    else:
+        # indexed on the cache itself, not a view of it: inductor then updates it in place (through a view it
+        # copied the whole cache twice per layer and step)
+        kcache[write] = k
+        vcache[write] = v
+        if rows is None:
+            kc, vc = kcache[:b, :, :k_len], vcache[:b, :, :k_len]
+        else:
+            kc, vc = kcache[rows, :, :k_len], vcache[rows, :, :k_len]
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=att.n_head != att.n_local_heads)
+    y = y.transpose(1, 2).contiguous().view(b, s, q_size)
+    h = x + att.wo(y)
+    return h + layer.feed_forward(layer.ffn_norm(h))
+
+
 def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, positions: Any, write: Any,
-                 mask: Any, k_len: int) -> tuple[Any, Any]:
+                 mask: Any, k_len: int, layer_step: Any = layer_rows) -> tuple[Any, Any]:
     """forward_generate for rows of the caches ks / vs (one (capacity, H_kv, max_seq_len, D) tensor per layer):
-    inp (b, 11, Q), rows a slice or (b,) row ids, positions (b, Q), write = a slot slice (the shared prefix: b = 1
-    broadcast into every row of the `rows` slice) or (b, Q) slots, mask (b|1, 1, Q, K). Returns last-column logits
-    (b, 1, V) and fast-projected hidden (b, 1, fast). A pure function of its arguments, so one compiled version
-    serves every session of an engine (torch.compile guards on the tensors' shapes, not on who owns them)."""
+    inp (b, 11, Q), rows a slice (the first b rows, or every row for the prefix) or (b,) row ids, positions (b, Q),
+    write = a slot slice (the shared prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q) slots,
+    mask (b|1, 1, Q, K). Returns last-column logits (b, 1, V) and fast-projected hidden (b, 1, fast).
+    `layer_step` runs each layer (layer_rows, or its compiled version in a decode step)."""
     import torch
     import torch.nn.functional as F
 
@@ -102,33 +138,14 @@ def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, 
     if cfg.scale_codebook_embeddings:
         x = torch.where(vq_masks.unsqueeze(-1).expand_as(x), x / math.sqrt(cfg.num_codebooks + 1), x)
     freqs = model.freqs_cis[positions]  # (b, Q, D/2, 2), the bf16 table as upstream
+    read = rows
     if not isinstance(write, slice):
-        # Cache rows x heads flattened, so the write is one index_put with two adjacent leading indices.
         ids = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
-        n_kv = cfg.n_local_heads
-        heads = (ids[:, None] * n_kv + torch.arange(n_kv, device=device)[None, :])[:, :, None]
-        write = write[:, None, :]  # (b, 1, Q) against heads (b, H, 1)
-    for index, layer in enumerate(model.layers):
-        att = layer.attention
-        q, k, v = qkv_heads(att, layer.attention_norm(x))
-        b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
-        q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
-            kc, vc = ks[index][rows], vs[index][rows]
-            kc[:, :, write] = k
-            vc[:, :, write] = v
-            kc, vc = kc[:1, :, :k_len], vc[:1, :, :k_len]
-        else:
-            shape = (-1, *ks[index].shape[2:])
-            ks[index].view(shape)[heads, write] = k
-            vs[index].view(shape)[heads, write] = v
-            # decode (a slice of rows): a view of the filled slots; text prefill (row ids): a copy of them
-            kc, vc = ks[index][rows, :, :k_len], vs[index][rows, :, :k_len]
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=att.n_head != att.n_local_heads)
-        y = y.transpose(1, 2).contiguous().view(b, s, q_size)
-        h = x + att.wo(y)
-        x = h + layer.feed_forward(layer.ffn_norm(h))
+        heads = torch.arange(cfg.n_local_heads, device=device)
+        write = (ids[:, None, None], heads[None, :, None], write[:, None, :])  # (b, 1, 1), (1, H, 1), (b, 1, Q)
+        read = None if isinstance(rows, slice) else rows  # decode: rows [0, b), read as a view
+    for layer, kcache, vcache in zip(model.layers, ks, vs, strict=True):
+        x = layer_step(layer, kcache, vcache, x, freqs, write, mask, k_len, read)
     if x.size(1) > 1:
         x = x[:, -1:]
     slow = model.norm(x)
@@ -168,9 +185,9 @@ def fast_rows(model: Any, fk: list[Any], fv: list[Any], x: Any, input_pos: Any) 
 
 
 def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, write: Any, mask: Any,
-                k_len: int) -> tuple[Any, Any]:
-    """One decode step of rows [0, b) (b = inp's rows): the function FISH_COMPILE compiles."""
-    return forward_rows(model, ks, vs, inp, slice(0, inp.shape[0]), slots, write, mask, k_len)
+                k_len: int, layer_step: Any = layer_rows) -> tuple[Any, Any]:
+    """One decode step of rows [0, b) (b = inp's rows); FISH_COMPILE passes the compiled layer_rows."""
+    return forward_rows(model, ks, vs, inp, slice(0, inp.shape[0]), slots, write, mask, k_len, layer_step)
 
 
 class BatchedModel:
@@ -262,13 +279,13 @@ class BatchedModel:
         return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
 
     def warm_up(self) -> None:
-        """Compile ahead (FISH_COMPILE traces on first use: 25-250 s for S1-mini on a GPU, which no segment's
-        deadline should absorb): dummy steps (every row masked, writing only the scratch slot) at batch sizes 2, 4
-        and 1 and two attention lengths: the dynamic graph (b >= 2) and batch 1's, checked on a second shape."""
+        """Compile ahead (FISH_COMPILE traces on first use, which no segment's deadline should absorb): dummy steps
+        (every row masked, writing only the scratch slot) at two batch buckets and attention lengths, which compile
+        the static graph and the dynamic one every later shape reuses."""
         import torch
 
         dev, cfg = self.device, self.model.config
-        shapes = [(2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET), (1, LENGTH_BUCKET)]
+        shapes = [(2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET)]
         with torch.inference_mode():
             for b, k_len in shapes:
                 b, k_len = min(b, self.capacity), min(k_len, self.max_seq_len)
@@ -367,26 +384,34 @@ class CompiledBatch:
         self._owner: Any = None
 
     def steps(self, backend: str | None = None) -> tuple[Any, Any]:
-        """The compiled (decode_rows, fast_rows), built once: inductor with CUDA graphs (mode="reduce-overhead") on
-        CUDA, aot_eager on CPU (as the batch-1 path; `backend` overrides, e.g. "inductor" on CPU). Shapes come
-        bucketed (a few batch sizes x attention lengths) and are compiled dynamic: one graph for every batch size
-        >= 2 and attention length, one for batch 1 (torch specialises size-1 dims), so each function compiles twice
-        whatever the buckets (tens of seconds per graph for S1-mini on a GPU); CUDA graphs record once per bucket
-        shape (cheap)."""
+        """The compiled steps, built once: (decode_rows over a compiled layer_rows, compiled fast_rows); inductor
+        with CUDA graphs (mode="reduce-overhead") on CUDA, aot_eager on CPU (as the batch-1 path; `backend`
+        overrides, e.g. "inductor" on CPU). The slow transformer is compiled per layer (one graph for all 28 of
+        S1-mini: compiling the unrolled model took 187 s with inductor on a 2-core CPU, one layer 48 s in all, and
+        the unrolled one did not finish in ~190 s on an H200). Shapes come bucketed (batch >= 2, attention length):
+        each function compiles twice whatever the buckets (its first shape static, then one graph dynamic in batch
+        and length); CUDA graphs record once per bucket shape and layer (cheap)."""
         if self._steps is None:
+            import functools
+
             import torch
 
             on_cuda = self.device.startswith("cuda")
             backend = backend or ("inductor" if on_cuda else "aot_eager")
             mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
-            self._steps = (torch.compile(decode_rows, backend=backend, mode=mode, dynamic=True),
-                           torch.compile(fast_rows, backend=backend, mode=mode, dynamic=True))
+            # dynamic=None (automatic): the first shape compiles static, the second a graph dynamic in exactly the
+            # dims that changed (rows, attention length). dynamic=True would make every dim symbolic and unify equal
+            # sizes (batch 2 with the rotary pair's 2), which specialised the batch and compiled again.
+            layer = torch.compile(layer_rows, backend=backend, mode=mode, dynamic=None)
+            self._steps = (functools.partial(decode_rows, layer_step=layer),
+                           torch.compile(fast_rows, backend=backend, mode=mode, dynamic=None))
         return self._steps
 
     def caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
-        """The kept (K, V, fast caches by batch size) for `capacity` rows, now held by `owner`; None while another
-        open session holds them (that one then allocates its own). A smaller capacity gets the first rows of the
-        kept caches (same addresses: the CUDA graphs recorded so far stay valid)."""
+        """The kept (K, V, fast caches by batch size) for at least `capacity` rows, now held by `owner`; None while
+        another open session holds them (that one then allocates its own). A smaller session uses the first rows of
+        the kept caches as they are (same tensors and shapes: no recompile, and the CUDA graphs recorded so far stay
+        valid)."""
         import torch
 
         if self._owner is not None:
@@ -403,13 +428,7 @@ class CompiledBatch:
                     torch._dynamo.mark_static_address(t)
             self._caches = (capacity, ks, vs, {})
         self._owner = owner
-        _, ks, vs, fast = self._caches
-        if ks[0].shape[0] != capacity:
-            ks, vs = [t[:capacity] for t in ks], [t[:capacity] for t in vs]
-            if self.device.startswith("cuda"):
-                for t in ks + vs:  # a view is a new tensor object: marked too (unguarded: no recompile)
-                    torch._dynamo.mark_static_address(t)
-        return ks, vs, fast
+        return self._caches[1:]
 
     def release(self, owner: Any) -> None:
         if self._owner is owner:
