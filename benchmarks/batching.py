@@ -220,10 +220,13 @@ def compile_baseline(engine: Any, speaker: SpeakerPrompt, name: str, args: argpa
     return ([m for m in modes if not m] or [False]) if error else modes, compiled
 
 
-def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], out: Any) -> list[bool]:
-    """The batched steps compiled ahead, as load() does for FISH_BATCH_SIZE > 1 under FISH_COMPILE."""
+def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], out: Any,
+                    backend: str | None = None) -> list[bool]:
+    """The batched steps compiled ahead, as load() does for FISH_BATCH_SIZE > 1 under FISH_COMPILE (`backend`:
+    the engine's default, inductor on CUDA and aot_eager on CPU, unless given)."""
     t0 = time.perf_counter()
     try:
+        engine.compiled_batch().steps(backend=backend)
         session = engine.open_batch(None, capacity, compiled=True)
         session.warm_up()
         session.close()
@@ -231,7 +234,7 @@ def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], ou
     except Exception as exc:  # reported; the eager configurations are still measured
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         engine.release_memory()
-    emit(dict(event="compile", part="batched", checkpoint=name, capacity=capacity,
+    emit(dict(event="compile", part="batched", checkpoint=name, capacity=capacity, backend=backend,
               seconds=round(time.perf_counter() - t0, 1), error=error), out)
     return ([m for m in modes if not m] or [False]) if error else modes
 
@@ -257,7 +260,7 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
         # As FISH_COMPILE does in load(), timed here and allowed to fail: a failure drops the compiled
         # configurations (reported) instead of ending the run.
         base_modes, compiled_one = compile_baseline(engine, speaker, name, args, base_modes, out)
-        batch_modes = compile_batched(engine, name, max(args.sizes), batch_modes, out)
+        batch_modes = compile_batched(engine, name, max(args.sizes), batch_modes, out, args.backend)
     # Warm-up, not timed: a few steps at every batch size (the first step at a new shape pays kernel selection:
     # seconds at B=64 on an H200; compiled, CUDA graphs record).
     warm = Segments(8, seed=99)
@@ -369,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="FISH_COMPILE: off, on (compiled paths only) or both (eager and compiled, one run)")
     ap.add_argument("--no-compile-baseline", dest="compile_baseline", action="store_false",
                     help="with --compile: leave the batch-1 baseline eager (its compile takes 25-250 s on a GPU)")
+    ap.add_argument("--backend", default=None,
+                    help="torch.compile backend of the batched steps (default: inductor on cuda, aot_eager on cpu)")
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")

@@ -11,7 +11,8 @@ Per worker count k (1, 2, ... up to --max-workers, or until the next worker woul
      every worker synthesized at least one warm-up segment (the allocator has then reserved its working set).
   2. memory per worker = (free_before - free_after_warm_up) / k: what a worker really costs, CUDA context included
      (torch's own counters miss the context). Measured again after the timed job; the larger value is reported.
-  3. the timed job: k x --segments-per-worker segments of one speaker with fixed text, max_new_tokens and seed.
+  3. the timed job: k x --segments-per-worker (x --batch-size) segments of one speaker with fixed text,
+     max_new_tokens and seed. With --batch-size B > 1 a worker's segments overlap, so only the totals count.
      From segment_done events: per worker tokens/s = tokens / synthesis_seconds and RTF = synthesis_seconds /
      audio_seconds (below 1 = faster than real time), averaged over workers; in total tokens/s = all tokens / wall
      and RTF = wall / all audio seconds.
@@ -77,6 +78,7 @@ def make_pool(k: int, args: argparse.Namespace, ckpt: str, cache_dir: str):  # n
 
     common = dict(engine="fish", checkpoint_dir=ckpt, cache_dir=cache_dir, multiprocess_mode="true",
                   precision=args.precision, max_restarts=0, segment_timeout_s=600.0,
+                  batch_size=args.batch_size, compile=args.compile,
                   take_check=False)  # a random model's takes fail the take check: retries would be uncounted work
     if args.cpu:
         return Pool(None, devices="cpu", cpu_workers=k, **common)
@@ -94,7 +96,8 @@ def job(ref_wav: str, n: int, max_new_tokens: int, prefix: str) -> dict:
             "segments": [{"id": f"{prefix}{i:03d}", "speaker": "voice", "text": TEXT} for i in range(n)]}
 
 
-def warm_up(pool, k: int, ref_wav: str, out: str, timeout_s: float) -> tuple[float, list[dict]]:  # noqa: ANN001
+def warm_up(pool, k: int, ref_wav: str, out: str, timeout_s: float,  # noqa: ANN001
+            rows: int = 1) -> tuple[float, list[dict]]:
     """Run warm-up jobs until all k workers are ready and each has synthesized a segment. Returns (seconds, ready events)."""
     t0 = time.monotonic()
     rec = Recorder()
@@ -104,7 +107,7 @@ def warm_up(pool, k: int, ref_wav: str, out: str, timeout_s: float) -> tuple[flo
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError(f"warm-up: {len(rec.of('worker_ready'))}/{k} ready, {len(warmed)}/{k} warmed "
                                f"after {timeout_s:.0f}s")
-        res = pool.generate(job(ref_wav, 2 * k, 16, "warm"), output_dir=os.path.join(out, f"warm{i}"), on_event=rec,
+        res = pool.generate(job(ref_wav, 2 * k * rows, 16, "warm"), output_dir=os.path.join(out, f"warm{i}"), on_event=rec,
                             resume=False)
         if res.error or res.count("failed"):
             fails = [r.error for r in res.records.values() if r.status == "failed"][:2]
@@ -120,10 +123,10 @@ def measure(k: int, args: argparse.Namespace, ckpt: str, ref_wav: str, tmp: str)
     free_before = nvml_free_gib(args.gpu)[0] if not args.cpu else None
     pool = make_pool(k, args, ckpt, os.path.join(tmp, "cache"))
     try:
-        warm_s, ready = warm_up(pool, k, ref_wav, os.path.join(tmp, f"warm-{k}"), args.load_timeout)
+        warm_s, ready = warm_up(pool, k, ref_wav, os.path.join(tmp, f"warm-{k}"), args.load_timeout, args.batch_size)
         free_warm = nvml_free_gib(args.gpu)[0] if not args.cpu else None
         rec = Recorder()
-        n = k * args.segments_per_worker
+        n = k * args.segments_per_worker * args.batch_size
         t0 = time.monotonic()
         res = pool.generate(job(ref_wav, n, args.max_new_tokens, "seg"), output_dir=os.path.join(tmp, f"out-{k}"),
                             on_event=rec, resume=False)
@@ -149,7 +152,8 @@ def measure(k: int, args: argparse.Namespace, ckpt: str, ref_wav: str, tmp: str)
     if free_before is not None:
         mem = max(free_before - free_warm, free_before - free_after) / k
     return {
-        "workers": k, "segments": len(done), "wall": wall, "warm_s": warm_s,
+        "workers": k, "batch_size": args.batch_size, "compile": args.compile, "segments": len(done), "wall": wall,
+        "warm_s": warm_s,
         "load_s": float(np.mean([e["load_seconds"] for e in ready])) if ready else float("nan"),
         "mem_gib": mem, "used_gib": (free_before - min(free_warm, free_after)) if free_before is not None else None,
         "tps_worker": float(np.mean([w["tokens"] / w["synth"] for w in per_worker.values() if w["synth"] > 0])),
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-timeout", type=float, default=900.0)
     ap.add_argument("--allow-cpu", action="store_true", help="without a GPU, check the logic on CPU workers")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite README-results.md")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="FISH_BATCH_SIZE of every worker (timed segments per worker scale with it)")
+    ap.add_argument("--compile", action="store_true", help="FISH_COMPILE=true (compiled at worker load, untimed)")
     args = ap.parse_args(argv)
 
     ok, why = gpu_available()
