@@ -193,9 +193,10 @@ def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, 
 class BatchedModel:
     """A KV cache of `capacity` rows over a loaded fish-speech DualARTransformer, and the forwards that use it.
 
-    `compiled` = (decode step, fast step) compiled versions of decode_rows / fast_rows (static shapes: batch and
-    length buckets), else eager; `bucketed` pads eager steps the same way (to test that padding never changes a real
-    row). `caches` = (K, V, fast caches by batch size) kept by the engine for compiled sessions."""
+    `compiled` = (decode step, fast step): decode_rows over a compiled layer_rows and a compiled fast_rows (few
+    shapes: batch and length buckets), else eager; `bucketed` pads eager steps the same way (to test that padding
+    never changes a real row). `caches` = (K, V, fast caches by batch size) kept by the engine for compiled
+    sessions."""
 
     def __init__(self, model: Any, device: Any, dtype: Any, capacity: int, max_seq_len: int,
                  compiled: tuple[Any, Any] | None = None, bucketed: bool = False,
@@ -373,7 +374,7 @@ class BatchedModel:
 
 
 class CompiledBatch:
-    """What the compiled batch sessions of one engine share (FISH_COMPILE with batching): decode_rows and fast_rows
+    """What the compiled batch sessions of one engine share (FISH_COMPILE with batching): layer_rows and fast_rows
     under torch.compile, and the KV caches those steps mutate, kept from session to session so CUDA graphs see the
     same addresses (a new address would re-record every graph)."""
 
@@ -387,7 +388,7 @@ class CompiledBatch:
         """The compiled steps, built once: (decode_rows over a compiled layer_rows, compiled fast_rows); inductor
         with CUDA graphs (mode="reduce-overhead") on CUDA, aot_eager on CPU (as the batch-1 path; `backend`
         overrides, e.g. "inductor" on CPU). The slow transformer is compiled per layer (one graph for all 28 of
-        S1-mini: compiling the unrolled model took 187 s with inductor on a 2-core CPU, one layer 48 s in all, and
+        S1-mini: compiling the unrolled model took 176-187 s with inductor on a 2-core CPU, per layer 45-48 s in all, and
         the unrolled one did not finish in ~190 s on an H200). Shapes come bucketed (batch >= 2, attention length):
         each function compiles twice whatever the buckets (its first shape static, then one graph dynamic in batch
         and length); CUDA graphs record once per bucket shape and layer (cheap)."""
