@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The device-machine session that finishes issue 10's GPU numbers (prepared on a CPU; ~9 minutes in one call):
+# The device-machine session that finishes issue 10's GPU numbers (prepared on a CPU, never run yet). Two calls fit a
+# 15-minute device budget: `benchmarks/gpu_batching.sh compile` (~7 min), then `... workers pipeline` (~6 min).
 #   compile   benchmarks/batching.py eager AND compiled in one run at B = 1, 16, 64 against fish-speech's batch-1
 #             path eager AND compiled (its own CUDA-graph step): the "best batch-1 configuration" and the 5x goal;
 #   workers   benchmarks/gpu.py with 8 batch-1 workers on the card (1 and 4 were measured before, 8 never finished);
 #   pipeline  benchmarks/gpu.py with 1 worker at FISH_BATCH_SIZE=64 through fishmp.Pool (codec and wav writes included).
-# Usage: benchmarks/gpu_batching.sh [compile] [workers] [pipeline]   (default: all three, in that order)
+# Usage: benchmarks/gpu_batching.sh [compile] [workers] [pipeline]   (default: all three, in that order: ~12 min)
 # Run from the repository root on a machine whose image has torch + CUDA; the wheels in .whl (fish-speech 0.1.0 and
 # its pure-Python deps) are installed into /tmp/site. Results go to $OUT (default ./gpu-out); each part has its own
 # timeout (COMPILE_TIMEOUT, WORKERS_TIMEOUT, PIPELINE_TIMEOUT) so a slow part cannot eat the next one's time.
@@ -29,13 +30,13 @@ for part in $PARTS; do
         --max-new-tokens 64 --json-out "$OUT/compile.jsonl" > "$OUT/compile.log" 2>&1; echo "compile rc=$?"
       grep -E '^\[|"compile"|"match"|Recompiling|guard failure' "$OUT/compile.log" | cut -c1-300 | tail -24 ;;
     workers)
-      timeout "${WORKERS_TIMEOUT:-150}" python3 benchmarks/gpu.py --checkpoint /tmp/s1 --workers 8 \
+      timeout "${WORKERS_TIMEOUT:-200}" python3 benchmarks/gpu.py --checkpoint /tmp/s1 --workers 8 \
         --segments-per-worker 2 --max-new-tokens 96 --no-write --json-out "$OUT/workers.jsonl" \
         > "$OUT/workers.log" 2>&1; echo "workers rc=$?"
       tail -8 "$OUT/workers.log" ;;
     pipeline)
       timeout "${PIPELINE_TIMEOUT:-120}" python3 benchmarks/gpu.py --checkpoint /tmp/s1 --workers 1 --batch-size 64 \
-        --segments-per-worker 2 --max-new-tokens 96 --no-write --json-out "$OUT/pipeline.jsonl" \
+        --segments-per-worker 1 --max-new-tokens 96 --no-write --json-out "$OUT/pipeline.jsonl" \
         > "$OUT/pipeline.log" 2>&1; echo "pipeline rc=$?"
       tail -8 "$OUT/pipeline.log" ;;
     *) echo "unknown part: $part (compile, workers or pipeline)"; exit 2 ;;
