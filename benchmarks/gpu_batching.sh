@@ -5,6 +5,9 @@
 #             path eager AND compiled (its own CUDA-graph step): the "best batch-1 configuration" and the 5x goal;
 #   workers   benchmarks/gpu.py with 8 batch-1 workers on the card (1 and 4 were measured before, 8 never finished);
 #   pipeline  benchmarks/gpu.py with 1 worker at FISH_BATCH_SIZE=64 through fishmp.Pool (codec and wav writes included).
+#   cworkers  (not in the default) benchmarks/gpu.py --compile with 1, 4, 8 batch-1 workers: the first worker fills
+#             torch's inductor cache (/tmp/torchinductor_$USER), the next ones load from it. For a third call, if
+#             compiled batch 1 turns out much faster than eager: then k compiled workers are the baseline to beat.
 # Usage: benchmarks/gpu_batching.sh [compile] [workers] [pipeline]   (default: all three, in that order: ~12 min)
 # Run from the repository root on a machine whose image has torch + CUDA; the wheels in .whl (fish-speech 0.1.0 and
 # its pure-Python deps) are installed into /tmp/site. Results go to $OUT (default ./gpu-out); each part has its own
@@ -39,7 +42,12 @@ for part in $PARTS; do
         --segments-per-worker 1 --max-new-tokens 96 --no-write --json-out "$OUT/pipeline.jsonl" \
         > "$OUT/pipeline.log" 2>&1; echo "pipeline rc=$?"
       tail -8 "$OUT/pipeline.log" ;;
-    *) echo "unknown part: $part (compile, workers or pipeline)"; exit 2 ;;
+    cworkers)
+      timeout "${CWORKERS_TIMEOUT:-420}" python3 benchmarks/gpu.py --checkpoint /tmp/s1 --workers 1,4,8 --compile \
+        --segments-per-worker 2 --max-new-tokens 96 --no-write --json-out "$OUT/cworkers.jsonl" \
+        > "$OUT/cworkers.log" 2>&1; echo "cworkers rc=$?"
+      tail -8 "$OUT/cworkers.log" ;;
+    *) echo "unknown part: $part (compile, workers, pipeline or cworkers)"; exit 2 ;;
   esac
   echo "$part took $(( $(date +%s) - t0 )) s"
 done
