@@ -195,9 +195,10 @@ def test_bucketed_steps_match_batch_one(engine: FishSpeechEngine) -> None:
     voice = speaker("ida", 9)
     items = compile_items()
     ref = references(engine, voice, items)
-    for capacity in (6, 3):  # 6: buckets 2, 4, 6 as rows finish; 3: refill mid-flight, buckets 2, 3
+    for capacity in (6, 3, 1):  # 6: buckets 2, 4, 6 as rows finish; 3: refill mid-flight, buckets 2, 3; 1: one
+        # row stepped with a dummy row (a compiled step is never batch 1)
         session = engine.open_batch(voice, capacity, bucketed=True)
-        assert session._net.bucketed and not session._net.compiled
+        assert session._net.bucketed and not session._net.compiled and session._net.rows == max(capacity, 2)
         session.close()
         assert_same(ref, run_bucketed(engine, voice, items, capacity, compiled=False))
 

@@ -206,11 +206,13 @@ class BatchedModel:
         self.model, self.device, self.dtype = model, device, dtype
         self.capacity, self.max_seq_len = capacity, max_seq_len
         self.bucketed = bucketed or compiled is not None
+        # cache rows a step may touch: a bucketed session of one row still steps 2 (one dummy), never batch 1
+        self.rows = max(capacity, 2) if self.bucketed else capacity
         self._decode, self._fast = compiled or (decode_rows, fast_rows)
         self.compiled = compiled is not None
         cfg = model.config
         if caches is None:
-            shape = (capacity, cfg.n_local_heads, max_seq_len, cfg.head_dim)
+            shape = (self.rows, cfg.n_local_heads, max_seq_len, cfg.head_dim)
             with torch.device(device):
                 caches = ([torch.zeros(shape, dtype=dtype) for _ in model.layers],
                           [torch.zeros(shape, dtype=dtype) for _ in model.layers])
@@ -263,7 +265,7 @@ class BatchedModel:
         k_len = max(s for s, a in zip(slots, active, strict=True) if a) + 1
         b = hi
         if self.bucketed:
-            b, k_len = batch_bucket(hi, self.capacity), length_bucket(k_len, self.max_seq_len)
+            b, k_len = batch_bucket(hi, self.rows), length_bucket(k_len, self.max_seq_len)
             slots, active = slots + [0] * (b - hi), active + [False] * (b - hi)
         live = torch.tensor(active, device=dev)
         slot_t = torch.tensor(slots, device=dev)
@@ -289,7 +291,7 @@ class BatchedModel:
         shapes = [(2, LENGTH_BUCKET), (4, 2 * LENGTH_BUCKET)]
         with torch.inference_mode():
             for b, k_len in shapes:
-                b, k_len = min(b, self.capacity), min(k_len, self.max_seq_len)
+                b, k_len = min(b, self.rows), min(k_len, self.max_seq_len)
                 inp = torch.zeros((b, cfg.num_codebooks + 1, 1), dtype=torch.long, device=dev)
                 slots = torch.zeros((b, 1), dtype=torch.long, device=dev)
                 mask = (torch.arange(k_len, device=dev) == 0)[None, None, None, :].expand(b, 1, 1, k_len)
@@ -307,9 +309,9 @@ class BatchedModel:
         import torch
 
         model, dev = self.model, self.device
-        if self.bucketed and batch_bucket(logits.shape[0], self.capacity) > logits.shape[0]:
+        if self.bucketed and batch_bucket(logits.shape[0], self.rows) > logits.shape[0]:
             # a text prefill's rows: padded to their batch bucket too, so the fast step sees bucketed shapes only
-            extra = batch_bucket(logits.shape[0], self.capacity) - logits.shape[0]
+            extra = batch_bucket(logits.shape[0], self.rows) - logits.shape[0]
             logits = torch.cat([logits, logits.new_zeros((extra, *logits.shape[1:]))])
             hidden = torch.cat([hidden, hidden.new_zeros((extra, *hidden.shape[1:]))])
         b = logits.shape[0]
@@ -417,6 +419,7 @@ class CompiledBatch:
 
         if self._owner is not None:
             return None
+        capacity = max(capacity, 2)  # as BatchedModel.rows: a compiled step is never batch 1
         if self._caches is None or self._caches[0] < capacity:
             self._caches = None  # freed before the new ones are allocated
             cfg = self.model.config
