@@ -16,8 +16,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 PARTS=${*:-compile workers pipeline}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 3
+[ -d /tmp/site/fish_speech ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 3  # once per machine: a second call on a warm one skips it
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
 python3 -c "import torch; print('torch', torch.__version__)"
