@@ -27,6 +27,11 @@ def batch_bucket(n: int, capacity: int) -> int:
     return min(1 << max(n - 1, 1).bit_length(), capacity)
 
 
+def bucket_rows(capacity: int) -> int:
+    """Cache rows a bucketed step may touch: a session of one row steps two (one dummy), never batch 1."""
+    return max(capacity, 2)
+
+
 def length_bucket(n: int, limit: int) -> int:
     """n slots rounded up to a multiple of LENGTH_BUCKET, capped at limit."""
     return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
@@ -206,8 +211,7 @@ class BatchedModel:
         self.model, self.device, self.dtype = model, device, dtype
         self.capacity, self.max_seq_len = capacity, max_seq_len
         self.bucketed = bucketed or compiled is not None
-        # cache rows a step may touch: a bucketed session of one row still steps 2 (one dummy), never batch 1
-        self.rows = max(capacity, 2) if self.bucketed else capacity
+        self.rows = bucket_rows(capacity) if self.bucketed else capacity
         self._decode, self._fast = compiled or (decode_rows, fast_rows)
         self.compiled = compiled is not None
         cfg = model.config
@@ -419,7 +423,7 @@ class CompiledBatch:
 
         if self._owner is not None:
             return None
-        capacity = max(capacity, 2)  # as BatchedModel.rows: a compiled step is never batch 1
+        capacity = bucket_rows(capacity)
         if self._caches is None or self._caches[0] < capacity:
             self._caches = None  # freed before the new ones are allocated
             cfg = self.model.config
