@@ -8,21 +8,13 @@
 #   cworkers  (not in the default) benchmarks/gpu.py --compile with 1, 4, 8 batch-1 workers: the first worker fills
 #             torch's inductor cache (/tmp/torchinductor_$USER), the next ones load from it. For a third call, if
 #             compiled batch 1 turns out much faster than eager: then k compiled workers are the baseline to beat.
-# Usage: benchmarks/gpu_batching.sh [compile] [workers] [pipeline]   (default: all three, in that order: ~12 min)
-# Run from the repository root on a machine whose image has torch + CUDA; the wheels in .whl (fish-speech 0.1.0 and
-# its pure-Python deps) are installed into /tmp/site. Results go to $OUT (default ./gpu-out); each part has its own
-# timeout (COMPILE_TIMEOUT, WORKERS_TIMEOUT, PIPELINE_TIMEOUT) so a slow part cannot eat the next one's time.
+# Usage: benchmarks/gpu_batching.sh [compile] [workers] [pipeline] [cworkers]   (default: the first three, ~12 min)
+# Run from the repository root on a machine whose image has torch + CUDA (setup: gpu_setup.sh). Results go to $OUT
+# (default ./gpu-out); each part has its own timeout (COMPILE_TIMEOUT, WORKERS_TIMEOUT, PIPELINE_TIMEOUT,
+# CWORKERS_TIMEOUT) so a slow part cannot eat the next one's time.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_setup.sh"  # wheels, PYTHONPATH, GPU name, /tmp/s1, OUT
 PARTS=${*:-compile workers pipeline}
-[ -d /tmp/site/fish_speech ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 3  # once per machine: a second call on a warm one skips it
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
-python3 -c "import torch; print('torch', torch.__version__)"
-[ -f /tmp/s1/model.pth ] || { timeout 100 python3 -m fishmp tiny-checkpoint /tmp/s1 --size s1-mini >/dev/null 2>&1; \
-  echo "checkpoint rc=$?"; }
 
 for part in $PARTS; do
   t0=$(date +%s)

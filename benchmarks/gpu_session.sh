@@ -3,17 +3,10 @@
 #   1. FISH_MODEL_MEMORY_GB=auto on a random S1-mini-sized checkpoint: a 48-segment job through the CLI, with GPU
 #      telemetry every 2 s and worker recycling after 8 segments (issue 13 item 3, issue 15 items 4-5);
 #   2. benchmarks/batching.py eager vs FISH_COMPILE at B = 1, 16, 64 (issue 10 item 6).
-# Run from the repository root on a machine whose image has torch + CUDA; the wheels in .whl (fish-speech 0.1.0 and
-# its pure-Python deps) are installed into /tmp/site. Results go to $OUT (default ./gpu-out).
+# Run from the repository root on a machine whose image has torch + CUDA (setup: gpu_setup.sh). Results go to $OUT
+# (default ./gpu-out).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 3
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
-python3 -c "import torch; print('torch', torch.__version__)"
-timeout 100 python3 -m fishmp tiny-checkpoint /tmp/s1 --size s1-mini >/dev/null 2>&1; echo "checkpoint rc=$?"
+source "$(dirname "$0")/gpu_setup.sh"  # wheels, PYTHONPATH, GPU name, /tmp/s1, OUT
 
 # 1. auto + telemetry + recycling
 mkdir -p /tmp/auto && python3 - <<'PY'
