@@ -5,11 +5,12 @@ fish-speech's Attention repeat_interleaves the whole preallocated cache every la
 max_seq_len slots; `forward_rows` attends over the first K slots only (GQA inside SDPA, `enable_gqa`), K = the
 furthest slot any row reads. fish-speech's weights and modules are used as they are (no fork).
 
-Static shapes for torch.compile / CUDA graphs (FISH_COMPILE): a decode step pads its rows to a batch bucket (2, 4,
-... capacity) with dummy rows (fed token 0, attending slot 0 only, writing the scratch slot max_seq_len - 1 of their
-own cache row, their outputs dropped) and its attention length to a multiple of LENGTH_BUCKET slots (the extra slots
-masked), so only a few shapes ever reach the compiled step. Masked slots and dummy rows cannot change a real row's
-values: a masked slot's weight is exactly 0 (every cached K/V is finite) and rows never mix in a matmul.
+Static shapes for torch.compile / CUDA graphs (FISH_COMPILE, fishmp.engines.batched_compile): a decode step pads its
+rows to a batch bucket (2, 4, ... capacity) with dummy rows (fed token 0, attending slot 0 only, writing the scratch
+slot max_seq_len - 1 of their own cache row, their outputs dropped) and its attention length to a multiple of
+LENGTH_BUCKET slots (the extra slots masked), so only a few shapes ever reach the compiled step. Masked slots and dummy
+rows cannot change a real row's values: a masked slot's weight is exactly 0 (every cached K/V is finite) and rows never
+mix in a matmul.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def batch_bucket(n: int, capacity: int) -> int:
 def bucket_rows(capacity: int) -> int:
     """Cache rows a bucketed step may touch: a session of one row steps two (one dummy), never batch 1."""
     return max(capacity, 2)
+
+
+def mark_static(tensors: list[Any], device: Any) -> None:
+    """On CUDA, tell torch.compile these tensors (KV caches the compiled steps mutate in place) keep a fixed address:
+    CUDA graphs then record them as they are instead of copying them in or skipping the graph."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
 
 
 def length_bucket(n: int, limit: int) -> int:
@@ -220,6 +231,8 @@ class BatchedModel:
             with torch.device(device):
                 caches = ([torch.zeros(shape, dtype=dtype) for _ in model.layers],
                           [torch.zeros(shape, dtype=dtype) for _ in model.layers])
+            if self.compiled:  # a second open compiled session (the engine's kept caches are taken)
+                mark_static(caches[0] + caches[1], device)
         self.k, self.v, self._fast_caches = caches if len(caches) == 3 else (*caches, {})
         self.scratch = max_seq_len - 1  # the slot masked rows write (never read: a real row's slot stays below it)
 
@@ -372,77 +385,7 @@ class BatchedModel:
             with torch.device(self.device):
                 fk = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.fast_layers]
                 fv = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.fast_layers]
-            if self.compiled and self.device.type == "cuda":
-                for t in fk + fv:
-                    torch._dynamo.mark_static_address(t)
+            if self.compiled:
+                mark_static(fk + fv, self.device)
             self._fast_caches[b] = (fk, fv)
         return self._fast_caches[b]
-
-
-class CompiledBatch:
-    """What the compiled batch sessions of one engine share (FISH_COMPILE with batching): layer_rows and fast_rows
-    under torch.compile, and the KV caches those steps mutate, kept from session to session so CUDA graphs see the
-    same addresses (a new address would re-record every graph)."""
-
-    def __init__(self, model: Any, device: str, dtype: Any, max_seq_len: int) -> None:
-        self.model, self.device, self.dtype, self.max_seq_len = model, device, dtype, max_seq_len
-        self._steps: tuple[Any, Any] | None = None
-        self._caches: tuple[int, list[Any], list[Any], dict[int, Any]] | None = None  # capacity, K, V, fast by b
-        self._owner: Any = None
-
-    def steps(self, backend: str | None = None) -> tuple[Any, Any]:
-        """The compiled steps, built once: (decode_rows over a compiled layer_rows, compiled fast_rows); inductor
-        with CUDA graphs (mode="reduce-overhead") on CUDA, aot_eager on CPU (as the batch-1 path; `backend`
-        overrides, e.g. "inductor" on CPU). The slow transformer is compiled per layer (one graph for all 28 of
-        S1-mini: compiling the unrolled model took 176-187 s with inductor on a 2-core CPU, per layer 45-48 s in all, and
-        the unrolled one did not finish in ~190 s on an H200). Shapes come bucketed (batch >= 2, attention length):
-        each function compiles twice whatever the buckets (its first shape static, then one graph dynamic in batch
-        and length); CUDA graphs record once per bucket shape and layer (cheap)."""
-        if self._steps is None:
-            import functools
-
-            import torch
-
-            on_cuda = self.device.startswith("cuda")
-            backend = backend or ("inductor" if on_cuda else "aot_eager")
-            mode = "reduce-overhead" if on_cuda and backend == "inductor" else None
-            # dynamic=None (automatic): the first shape compiles static, the second a graph dynamic in exactly the
-            # dims that changed (rows, attention length). dynamic=True would make every dim symbolic and unify equal
-            # sizes (batch 2 with the rotary pair's 2), which specialised the batch and compiled again.
-            layer = torch.compile(layer_rows, backend=backend, mode=mode, dynamic=None)
-            self._steps = (functools.partial(decode_rows, layer_step=layer),
-                           torch.compile(fast_rows, backend=backend, mode=mode, dynamic=None))
-        return self._steps
-
-    def caches(self, capacity: int, owner: Any) -> tuple[list[Any], list[Any], dict[int, Any]] | None:
-        """The kept (K, V, fast caches by batch size) for at least `capacity` rows, now held by `owner`; None while
-        another open session holds them (that one then allocates its own). A smaller session uses the first rows of
-        the kept caches as they are (same tensors and shapes: no recompile, and the CUDA graphs recorded so far stay
-        valid)."""
-        import torch
-
-        if self._owner is not None:
-            return None
-        capacity = bucket_rows(capacity)
-        if self._caches is None or self._caches[0] < capacity:
-            self._caches = None  # freed before the new ones are allocated
-            cfg = self.model.config
-            shape = (capacity, cfg.n_local_heads, self.max_seq_len, cfg.head_dim)
-            with torch.device(self.device):
-                ks = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.layers]
-                vs = [torch.zeros(shape, dtype=self.dtype) for _ in self.model.layers]
-            if self.device.startswith("cuda"):
-                for t in ks + vs:  # mutated in place by the step: CUDA graphs need them at a fixed address
-                    torch._dynamo.mark_static_address(t)
-            self._caches = (capacity, ks, vs, {})
-        self._owner = owner
-        return self._caches[1:]
-
-    def release(self, owner: Any) -> None:
-        if self._owner is owner:
-            self._owner = None
-
-    def drop_caches(self) -> None:
-        """Free the kept caches unless a session holds them (after an out-of-memory error)."""
-        if self._owner is None:
-            self._caches = None

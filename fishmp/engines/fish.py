@@ -373,10 +373,10 @@ class FishSpeechEngine:
         return FishBatchSession(self, prompt, capacity, compiled=compiled, bucketed=bucketed)
 
     def compiled_batch(self) -> Any:
-        """What this engine's compiled batch sessions share (batched_model.CompiledBatch): the compiled steps and the
+        """What this engine's compiled batch sessions share (batched_compile.CompiledBatch): the compiled steps and the
         KV caches they mutate, kept at fixed addresses for CUDA graphs."""
         if self._compiled_batch is None:
-            from .batched_model import CompiledBatch
+            from .batched_compile import CompiledBatch
 
             self._compiled_batch = CompiledBatch(self._model, self.device, self._dtype, self.max_seq_len)
         return self._compiled_batch
