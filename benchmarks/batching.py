@@ -239,6 +239,29 @@ def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], ou
     return ([m for m in modes if not m] or [False]) if error else modes
 
 
+def compile_counters(name: str, device: str) -> dict:
+    """What torch.compile did in this run: graphs dynamo compiled, and on CUDA the graphs CUDA-graph trees recorded
+    and the graphs they skipped (each skip's reason is logged with TORCH_LOGS=perf_hints). A skip means that step
+    runs without CUDA graphs: slower, and the numbers above do not show compile at its best."""
+    from torch._dynamo.utils import counters
+
+    rec = dict(event="compile_counters", checkpoint=name, device=device,
+               dynamo_graphs=counters["stats"]["unique_graphs"],
+               cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+    if device.startswith("cuda"):
+        from torch._inductor import cudagraph_trees
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        manager = cudagraph_trees.get_container(index).tree_manager
+        nodes, recorded = list(manager.get_roots()) if manager is not None else [], 0
+        while nodes:
+            node = nodes.pop()
+            recorded += 1
+            nodes += [c for children in node.children.values() for c in children]
+        rec["cudagraphs_recorded"] = recorded
+    return rec
+
+
 def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
     import torch
 
@@ -332,6 +355,8 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
                    peak_memory_gib=round(totals[cfg][3], 3) if args.device.startswith("cuda") else None)
         emit(rec, out)
         summary.append(rec)
+    if True in base_modes + batch_modes:
+        emit(compile_counters(name, args.device), out)
     del engine
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
