@@ -69,8 +69,11 @@ def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previou
     logits = logits.masked_fill(remove, -float("Inf"))
     logits = logits / torch.clip(temperature, min=1e-5)
     probs = torch.nn.functional.softmax(logits, dim=-1)
-    # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1.
-    q = torch.stack([torch.empty_like(probs[r]).exponential_(1, generator=g) for r, g in enumerate(generators)])
+    # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1,
+    # in place into its row of one buffer (no per-row allocation and no stack copy: one op per row, not three).
+    q = torch.empty_like(probs)
+    for r, g in enumerate(generators):
+        q[r].exponential_(1, generator=g)
     return torch.argmax(probs / q, dim=-1)
 
 
