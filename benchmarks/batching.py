@@ -190,6 +190,10 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
         for _ in range(3):
             session.step()
         sync(engine.device)
+    # Ops the host dispatches per step (top-level ones): eager decoding on a GPU is bound by launching them
+    top = sum(1 for e in prof.events() if e.cpu_parent is None and e.device_type.name == "CPU")
+    emit(dict(event="profile", checkpoint=name, device=engine.device, batch=size, compiled=compiled,
+              host_ops_per_step=round(top / 3)), out)
     key = "self_cuda_time_total" if engine.device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50), flush=True)
     session.close()

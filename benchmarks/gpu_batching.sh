@@ -3,7 +3,8 @@
 # 15-minute device budget: `benchmarks/gpu_batching.sh compile` (~7 min), then `... workers pipeline` (~6 min).
 #   compile   benchmarks/batching.py eager AND compiled in one run at B = 1, 16, 64 against fish-speech's batch-1
 #             path eager AND compiled (its own CUDA-graph step): the "best batch-1 configuration" and the 5x goal;
-#             its last line counts the graphs compiled, CUDA graphs recorded and skipped (a skip's reason: perf_hints);
+#             step times and host ops per step at B=64 (--profile); its last line counts the graphs compiled,
+#             CUDA graphs recorded and skipped (a skip's reason: perf_hints);
 #   workers   benchmarks/gpu.py with 8 batch-1 workers on the card (1 and 4 were measured before, 8 never finished);
 #   pipeline  benchmarks/gpu.py with 1 worker at FISH_BATCH_SIZE=64 through fishmp.Pool (codec and wav writes included).
 #   cworkers  (not in the default) benchmarks/gpu.py --compile with 1, 4, 8 batch-1 workers: the first worker fills
@@ -23,8 +24,8 @@ for part in $PARTS; do
     compile)
       TORCH_LOGS=recompiles,perf_hints timeout "${COMPILE_TIMEOUT:-330}" python3 benchmarks/batching.py --device cuda \
         --checkpoint /tmp/s1 --sizes 1,16,64 --refill on --compile both --seconds-per-config 5 --rounds 1 --match 2 \
-        --max-new-tokens 64 --json-out "$OUT/compile.jsonl" > "$OUT/compile.log" 2>&1; echo "compile rc=$?"
-      grep -E '^\[|"compile"|"match"|compile_counters|Recompiling|guard failure|skipping cudagraphs' \
+        --profile 64 --max-new-tokens 64 --json-out "$OUT/compile.jsonl" > "$OUT/compile.log" 2>&1; echo "compile rc=$?"
+      grep -E '^\[|"compile"|"match"|"profile"|compile_counters|Recompiling|guard failure|skipping cudagraphs' \
         "$OUT/compile.log" | cut -c1-300 | tail -28 ;;
     workers)
       timeout "${WORKERS_TIMEOUT:-200}" python3 benchmarks/gpu.py --checkpoint /tmp/s1 --workers 8 \
