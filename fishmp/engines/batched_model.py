@@ -70,7 +70,7 @@ def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previou
     logits = logits / torch.clip(temperature, min=1e-5)
     probs = torch.nn.functional.softmax(logits, dim=-1)
     # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1,
-    # in place into its row of one buffer (no per-row allocation and no stack copy: one op per row, not three).
+    # in place into its row of one buffer (no per-row allocation, no stack copy: two host ops per row, not three).
     q = torch.empty_like(probs)
     for r, g in enumerate(generators):
         q[r].exponential_(1, generator=g)
