@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .base import Audio, EngineError, SynthesisParams, TextTooLongError
-from .batched_model import BatchedModel
+from .batched_model import BatchedModel, to_device
 from .fish import GENERATION_RESERVE, _guard_oom, check_params, import_fish_speech, split_text
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ class FishBatchSession:
         logits, hidden = self._net.prefill_texts(texts, indices, p)
         first = self._net.sample_frame(logits, hidden, self._params(rows), [r.generator for r in rows], None)
         first = first[: len(rows)]  # without a bucket's dummy rows
-        row_ids = torch.tensor(indices, device=self._device)
+        row_ids = to_device(indices, self._device)
         self._current[row_ids] = first
         self._history[row_ids] = 0
         for j, row in enumerate(rows):
@@ -294,13 +294,13 @@ class FishBatchSession:
         dev = self._device
         logits, hidden = self._net.decode(self._current[:hi], [r.slot if r else 0 for r in live],
                                           [r is not None for r in live])
-        decoded = torch.tensor([r.decoded if r is not None else 0 for r in live], device=dev)
+        decoded = to_device([r.decoded if r is not None else 0 for r in live], dev)
         start = torch.clamp(decoded - WINDOW, min=0)
         cols = (start[:, None] + torch.arange(WINDOW, device=dev))[:, None, :].expand(-1, self._ncb + 1, -1)
         window = torch.gather(self._history[:hi], 2, cols)
         tokens = self._net.sample_frame(logits, hidden, self._params(live), [r.generator if r else None for r in live],
                                         window)
-        sel = torch.tensor(indices, device=dev)
+        sel = to_device(indices, dev)
         self._history[sel, :, decoded[sel]] = tokens[sel]
         self._current[sel] = tokens[sel]
         mains = tokens[:hi, 0].tolist()  # one device sync per step, for the stop test
@@ -315,7 +315,7 @@ class FishBatchSession:
         params = [r.params if r is not None else SynthesisParams() for r in rows]
 
         def col(name: str) -> Any:  # bf16 like generate(); (b, 1) so each row keeps its own value
-            return torch.tensor([[getattr(p, name)] for p in params], dtype=torch.bfloat16, device=self._device)
+            return to_device([[getattr(p, name)] for p in params], self._device, torch.bfloat16)
 
         return col("temperature"), col("top_p"), col("repetition_penalty")
 

@@ -43,6 +43,17 @@ def mark_static(tensors: list[Any], device: Any) -> None:
             torch._dynamo.mark_static_address(t)
 
 
+def to_device(data: Any, device: Any, dtype: Any = None) -> Any:
+    """torch.tensor(data) on `device` without waiting: on CUDA a tensor built on the device from a Python list is a
+    blocking copy that first waits for every queued kernel (the host could not queue the next ops meanwhile); from
+    pinned memory the copy is queued like a kernel (the caching host allocator keeps the buffer until it is done)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
 def length_bucket(n: int, limit: int) -> int:
     """n slots rounded up to a multiple of LENGTH_BUCKET, capped at limit."""
     return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
@@ -238,6 +249,10 @@ class BatchedModel:
                 mark_static(caches[0] + caches[1], device)
         self.k, self.v, self._fast_caches = caches if len(caches) == 3 else (*caches, {})
         self.scratch = max_seq_len - 1  # the slot masked rows write (never read: a real row's slot stays below it)
+        # The fast step's position per codebook, made once: a tensor built from a list per call is a blocking
+        # host-to-device copy, which on CUDA waits for every queued kernel (10 per decode step)
+        with torch.device(device):
+            self._codebook_pos = [torch.tensor([i], dtype=torch.long) for i in range(cfg.num_codebooks)]
 
     def close(self) -> None:
         self.k = self.v = []
@@ -264,7 +279,7 @@ class BatchedModel:
         inp = torch.zeros((len(texts), texts[0].shape[0], width), dtype=torch.long)
         for j, t in enumerate(texts):
             inp[j, :, width - t.shape[1]:] = t
-        pad = torch.tensor([width - t.shape[1] for t in texts], device=dev)
+        pad = to_device([width - t.shape[1] for t in texts], dev)
         col = torch.arange(width, device=dev)
         real = col[None, :] >= pad[:, None]
         positions = torch.where(real, start + col[None, :] - pad[:, None], 0)
@@ -272,7 +287,7 @@ class BatchedModel:
         k_len = start + max(t.shape[1] for t in texts)
         slots = torch.arange(k_len, device=dev)
         mask = torch.where(real[:, :, None], slots[None, None, :] <= positions[:, :, None], slots[None, None, :] == 0)
-        return forward_rows(self.model, self.k, self.v, inp.to(dev), torch.tensor(row_ids, device=dev), positions,
+        return forward_rows(self.model, self.k, self.v, inp.to(dev), to_device(row_ids, dev), positions,
                             write, mask[:, None], k_len)
 
     def decode(self, tokens: Any, slots: list[int], active: list[bool]) -> tuple[Any, Any]:
@@ -287,8 +302,8 @@ class BatchedModel:
         if self.bucketed:
             b, k_len = batch_bucket(hi, self.rows), length_bucket(k_len, self.max_seq_len)
             slots, active = slots + [0] * (b - hi), active + [False] * (b - hi)
-        live = torch.tensor(active, device=dev)
-        slot_t = torch.tensor(slots, device=dev)
+        live = to_device(active, dev)
+        slot_t = to_device(slots, dev)
         inp = torch.zeros((b, tokens.shape[1]), dtype=torch.long, device=dev)
         inp[:hi] = tokens
         inp = torch.where(live[:, None], inp, 0)[:, :, None]
@@ -337,7 +352,7 @@ class BatchedModel:
         b = logits.shape[0]
         generators = generators + [None] * (b - len(generators))
         live = [i for i, g in enumerate(generators) if g is not None]
-        sel = torch.tensor(live, device=dev)
+        sel = to_device(live, dev)
         live_params = tuple(x[sel] for x in params)
         gens = [generators[i] for i in live]
         out = torch.zeros((b, model.config.num_codebooks + 1), dtype=torch.long, device=dev)
@@ -367,7 +382,7 @@ class BatchedModel:
     def _fast_step(self, x: Any, fk: list[Any], fv: list[Any], codebook: int) -> Any:
         import torch
 
-        pos = torch.tensor([codebook], device=self.device, dtype=torch.long)
+        pos = self._codebook_pos[codebook]
         x = x.reshape(x.shape[0], 1, -1)
         if not self.compiled:
             return self._fast(self.model, fk, fv, x, pos)
