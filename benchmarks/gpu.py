@@ -82,8 +82,8 @@ def make_pool(k: int, args: argparse.Namespace, ckpt: str, cache_dir: str):  # n
                   take_check=False)  # a random model's takes fail the take check: retries would be uncounted work
     if args.cpu:
         return Pool(None, devices="cpu", cpu_workers=k, **common)
-    from fishmp.gpus import nvml_inventory
-    from fishmp.plan import GpuPlan, Plan
+    from fishmp.planning.gpus import nvml_inventory
+    from fishmp.planning.plan import GpuPlan, Plan
 
     gpu = next(g for g in nvml_inventory() if g.index == args.gpu)
     plan = Plan(mode="multiprocess", gpus=(GpuPlan(gpu, gpu.total_gib * 0.9, k, k),), cpu_workers=0)

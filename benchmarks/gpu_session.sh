@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_setup.sh"  # wheels, PYTHONPATH, GPU name, /tmp/s1, 
 # 1. auto + telemetry + recycling
 mkdir -p /tmp/auto && python3 - <<'PY'
 import json, soundfile as sf
-from fishmp.demo import speech_like
+from fishmp.engines.audio import speech_like
 sf.write("/tmp/auto/ref.wav", speech_like(10.0, 44100, 140.0, seed=1), 44100)
 segs = [{"id": f"{i:03d}", "speaker": "a", "text": f"The quick brown fox jumps over the lazy dog, take {i}."}
         for i in range(48)]

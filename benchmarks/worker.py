@@ -24,11 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fishmp.config import Settings  # noqa: E402
-from fishmp.demo import speech_like  # noqa: E402
 from fishmp.engines import SpeakerPrompt, SynthesisParams  # noqa: E402
+from fishmp.engines.audio import speech_like  # noqa: E402
 from fishmp.engines.fish import FishSpeechEngine  # noqa: E402
 from fishmp.engines.tiny import write_checkpoint  # noqa: E402
-from fishmp.results import write_wav  # noqa: E402
+from fishmp.worker.files import write_wav  # noqa: E402
 
 LENGTHS = (8192, 4096, 2560)
 
@@ -78,7 +78,7 @@ def main() -> int:
             write_wav(os.path.join(tmp, f"out{n}.wav"), audio.samples, audio.sample_rate)
             writes.append(time.perf_counter() - t0)
 
-    from fishmp.references import encode_cached
+    from fishmp.worker.references import encode_cached
 
     cache = os.path.join(tmp, "cache")
     prep: dict[str, list[float]] = {"re-encode the reference": [], "disk cache lookup": [], "in-memory prompt": []}

@@ -22,16 +22,16 @@ from collections import deque
 from typing import Any
 
 from .backends import make_worker_pool
+from .backends.contract import PoolError, describe_exit, refuse_in_bootstrap
 from .config import Settings
-from .engines.checkpoint import engine_fingerprint
-from .gpus import GPU, nvml_inventory, select_devices
 from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
-from .plan import Plan, make_plan, memory_check, plan_log_lines
-from .pool import PoolError, describe_exit, refuse_in_bootstrap
-from .progress import EventCallback, make_event
-from .run import JobResult, JobRun, remaining_segments
-from .service import JobHandle, Service
-from .worker import Done, EncodeTask, Failed, LoadFailed, Ready
+from .planning.checkpoint import engine_fingerprint
+from .planning.gpus import GPU, nvml_inventory, select_devices
+from .planning.plan import Plan, make_plan, memory_check, plan_log_lines
+from .running.jobrun import JobResult, JobRun, remaining_segments
+from .running.progress import EventCallback, make_event
+from .running.service import JobHandle, Service
+from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready
 
 log = logging.getLogger("fishmp")
 
@@ -53,8 +53,8 @@ def _estimate_if_readable(settings: Settings) -> Any:
     the plan then uses FISH_MODEL_MEMORY_GB and S1-mini's row size alone)."""
     if settings.engine != "fish":
         return None
-    from .explain import estimate_for
-    from .memory import CheckpointReadError
+    from .planning.explain import estimate_for
+    from .planning.memory import CheckpointReadError
 
     try:
         return estimate_for(settings)

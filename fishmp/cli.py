@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError, Settings, load_dotenv_file
 from .job import JobError
-from .results import OutputDirError
+from .running.outputlock import OutputDirError
 
 log = logging.getLogger("fishmp")
 SUSPECT_EXIT = 4  # every segment has its wav, but some are suspect (no take passed the take check)
@@ -144,22 +144,22 @@ class _UsageError(Exception):
 
 def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from .api import plan_for
-    from .gpus import GIB, GpuSpecError, nvml_inventory, parse_gpu_spec, select_devices
-    from .memory import CheckpointReadError
-    from .plan import make_plan, plan_log_lines
+    from .planning.gpus import GIB, GpuSpecError, nvml_inventory, parse_gpu_spec, select_devices
+    from .planning.memory import CheckpointReadError
+    from .planning.plan import make_plan, plan_log_lines
 
     try:
         gpus = parse_gpu_spec(args.gpus) if args.gpus else None
         if args.measure:
             return _plan_measure(args, settings, select_devices(nvml_inventory() if gpus is None else gpus,
                                                                 settings.devices))
-        from .explain import plan_settings
+        from .planning.explain import plan_settings
 
         settings, auto_note = plan_settings(settings)  # FISH_MODEL_MEMORY_GB=auto: the estimate, nothing started
         if not args.explain:
             plan = plan_for(settings, gpus, args.segments)
         else:
-            from .explain import estimate_for, explain, explain_lines
+            from .planning.explain import estimate_for, explain, explain_lines
 
             if not (args.reference_seconds > 0 and args.max_new_tokens > 0):
                 raise _UsageError("--reference-seconds and --max-new-tokens must be greater than 0")
@@ -172,7 +172,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
             est = variant()
             inventory = select_devices(nvml_inventory() if gpus is None else gpus, settings.devices)
             plan = make_plan(inventory, settings, args.segments, row_gib=est.kv_row_bytes / GIB)
-            from .measure import cached_throughput
+            from .planning.throughput import cached_throughput
 
             measured = settings.replace(max_seq_len=est.max_seq_len)  # the key plan --measure recorded under
             details = explain(plan, est, settings, variant, {g.name: cached_throughput(measured, g.name) for g in inventory})
@@ -195,8 +195,8 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def _plan_measure(args: argparse.Namespace, settings: Settings, gpus: list) -> int:
     """plan --measure: exit 0 when measured (or when there is no GPU to measure), 1 when a worker failed."""
-    from .explain import estimate_for
     from .measure import measure, measure_lines
+    from .planning.explain import estimate_for
 
     if settings.engine != "fish":
         raise _UsageError(f"plan --measure measures Fish Speech workers; FISH_ENGINE is {settings.engine!r}")
@@ -223,10 +223,10 @@ def _install_signal_handlers(pool: Any) -> None:
 
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from .api import Pool, plan_for
-    from .gpus import GpuSpecError, parse_gpu_spec
     from .job import load_job
     from .legacy import exit_code, generate_mapping
-    from .progress import make_renderer
+    from .planning.gpus import GpuSpecError, parse_gpu_spec
+    from .running.progress import make_renderer
 
     job = load_job(args.job, args.output_dir, skip_invalid=True if args.skip_invalid else None,
                    output_root=settings.output_root)
@@ -235,7 +235,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     for problem in job.skipped:
         log.error("[Main] skipped: %s", problem)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
-    from .results import output_dir_problem, suspect_count
+    from .running.results import output_dir_problem, suspect_count
 
     if problem := output_dir_problem(job.output_dir):
         raise _UsageError(problem)
@@ -278,8 +278,8 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 def _remaining(job: Any, settings: Settings, resume: bool) -> int:
     """Segments a (resumed) job still has to do: workers are planned for those only."""
     from .api import resolve_settings
-    from .engines.checkpoint import engine_fingerprint
-    from .run import remaining_segments
+    from .planning.checkpoint import engine_fingerprint
+    from .running.jobrun import remaining_segments
 
     return remaining_segments(job, engine_fingerprint(resolve_settings(settings, job)), resume)
 
@@ -294,7 +294,7 @@ def _print_result(obj: Any) -> None:
 
 def _logs_above_the_bar(renderer: Any) -> Any:
     """While a bar is drawn, log lines are written above it instead of through it."""
-    from .progress import Bar
+    from .running.progress import Bar
 
     if isinstance(renderer, Bar):
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -309,7 +309,7 @@ def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings
         settings = settings.replace(checkpoint_dir=job_checkpoint)
     if settings.engine != "fish":
         return settings
-    from .engines.checkpoint import CHECKPOINT_FILES
+    from .planning.checkpoint import CHECKPOINT_FILES
 
     missing = [f for f in CHECKPOINT_FILES if f != "special_tokens.json"
                and not os.path.isfile(os.path.join(settings.checkpoint_dir, f))]

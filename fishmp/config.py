@@ -1,4 +1,5 @@
-"""Settings: every knob of fishmp, from the environment (and `.env`) or from keyword arguments.
+"""Layer 1, settings: every knob of fishmp, from the environment (and `.env`) or from keyword arguments.
+Imports nothing else of fishmp: every layer above reads it.
 
 The CLI loads `./.env` (the real environment wins) and calls `Settings.from_env()`; a library caller passes the
 same settings as keyword arguments (`Settings(model_memory_gb=6.0)`). Importing fishmp never reads `.env`.
@@ -97,7 +98,7 @@ class Settings:
 
     multiprocess_mode: str = _setting(
         "auto", "FISH_MULTIPROCESS_MODE", _mode, lambda v: v in MODES, "one of true, false, auto")
-    model_memory_gb: float | str = _setting(  # "auto": measure one worker per GPU, then fill (fishmp/autofill.py)
+    model_memory_gb: float | str = _setting(  # "auto": measure one worker per GPU, then fill (fishmp/running/autofill.py)
         8.0, "FISH_MODEL_MEMORY_GB", lambda s: "auto" if s.strip().lower() == "auto" else float(s),
         lambda v: v == "auto" or _gib(v),
         f"a number of GiB from {MODEL_MEMORY_GB_RANGE[0]:g} to {MODEL_MEMORY_GB_RANGE[1]:g} per worker, e.g. 8.0, "
@@ -164,7 +165,7 @@ class Settings:
         120.0, "FISH_RAY_PLACEMENT_TIMEOUT_S", float, _positive,
         "seconds Ray may take to place a worker's actor before its slot is dropped, > 0 (capped by "
         "FISH_LOAD_TIMEOUT_S)")
-    # Telemetry and worker recycling (issue 15): see fishmp/telemetry.py and fishmp/lanes.py.
+    # Telemetry and worker recycling (issue 15): see fishmp/running/telemetry.py and fishmp/worker/lanes.py.
     telemetry_interval_s: float = _setting(
         5.0, "FISH_TELEMETRY_INTERVAL_S", float, lambda v: _positive(v + 1) and v >= 0,
         "seconds between GPU samples while a job runs, >= 0 (0: no sampling)")
@@ -177,7 +178,7 @@ class Settings:
         "GiB a worker's memory (GPU reserved, or RSS on the CPU) may grow after its first segment before it is "
         "replaced, > 0 (empty: no bound)")
 
-    # The take check (issue 15): see fishmp/takes.py. A take failing a check is redone with seed + attempt.
+    # The take check (issue 15): see fishmp/worker/takes.py. A take failing a check is redone with seed + attempt.
     take_check: bool = _setting(
         True, "FISH_TAKE_CHECK", _bool, lambda v: isinstance(v, bool),
         "true or false (false: takes are written unjudged, as before the check existed)")

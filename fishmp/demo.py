@@ -12,9 +12,8 @@ import logging
 import os
 import sys
 
-import numpy as np
-
 from .config import Settings
+from .engines.audio import speech_like
 
 log = logging.getLogger("fishmp")
 
@@ -25,16 +24,6 @@ LINES = [
     "Serve it warm with fresh bread.", "Thanks for watching, everyone.", "See you next week!",
 ]
 VOICES = {"host": 120.0, "guest": 210.0, "narrator": 160.0}  # fundamental frequency of each synthetic voice
-
-
-def speech_like(seconds: float, sample_rate: int = 44100, pitch_hz: float = 140.0, seed: int = 0) -> np.ndarray:
-    """A voice-like test signal: harmonics of `pitch_hz`, syllable-rate amplitude modulation and a little noise."""
-    n = int(round(seconds * sample_rate))
-    t = np.arange(n) / sample_rate
-    voice = sum(np.sin(2 * np.pi * pitch_hz * k * t) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
-    noise = np.random.default_rng(seed).standard_normal(n)
-    return (0.2 * voice * envelope + 0.01 * noise).astype(np.float32)
 
 
 def write_demo_job(root: str) -> str:
@@ -65,7 +54,7 @@ def run_demo(output_dir: str, workers: int, settings: Settings) -> int:
     from .api import Pool, plan_for
     from .engines.tiny import write_checkpoint
     from .job import load_job
-    from .progress import make_renderer
+    from .running.progress import make_renderer
 
     root = os.path.abspath(output_dir)
     ckpt = os.path.join(root, "checkpoint")

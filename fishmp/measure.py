@@ -12,50 +12,26 @@ speaker decoded together, are kept in FISH_CACHE_DIR/throughput.json (keyed by G
 precision, max_seq_len and FISH_COMPILE) for `plan --explain` to show next to its alternatives.
 
 FISH_MODEL_MEMORY_GB=auto reuses the warm-up inside the worker (FootprintProbe): NVML free memory on its GPU before
-the engine loads, the same warm-up segment after, the drop sent in its Ready (fishmp/autofill.py fills the GPU).
+the engine loads, the same warm-up segment after, the drop sent in its Ready (fishmp/running/autofill.py fills the GPU).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from .config import Settings
-from .gpus import GIB, GPU, nvml_free_bytes
-from .memory import Workload, estimate
+from .planning.gpus import GIB, GPU, nvml_free_bytes
+from .planning.memory import estimate
+from .planning.throughput import record_throughput
+from .planning.warmup import NEW_TOKENS, REFERENCE_S, REFERENCE_TEXT, TEXT, warm_up_workload
+from .worker.footprint import write_reference
 
 log = logging.getLogger("fishmp")
-
-REFERENCE_S = 10.0
-TEXT = "The quick brown fox jumps over the lazy dog while the orchestra tunes its instruments."
-NEW_TOKENS = 200  # S1-mini decodes ~15 frames/s eager on a big GPU: a warm-up of about 15 s
-
-
-REFERENCE_TEXT = "A synthetic reference voice."
-THROUGHPUT_FILE = "throughput.json"
-
-
-def write_reference(directory: str, reference_s: float) -> str:
-    """The warm-up's synthetic voice: `reference_s` seconds of speech-like audio at 44.1 kHz."""
-    import soundfile as sf
-
-    from .demo import speech_like
-
-    ref = os.path.join(directory, "reference.wav")
-    sf.write(ref, speech_like(reference_s, 44100, 140.0, seed=1), 44100)
-    return ref
-
-
-def warm_up_workload(frames: int, reference_s: float = REFERENCE_S) -> Workload:
-    """What the warm-up segment asks of a worker, for the estimate of the same work."""
-    prompt = int(reference_s * 44100 / 2048) + 1 + len(TEXT) + 64 + len(REFERENCE_TEXT)
-    return Workload(reference_s=reference_s, prompt_tokens=prompt, new_tokens=max(frames, 1))
 
 
 def _warm_up_job(tmp: str, reference_s: float, new_tokens: int, rows: int = 1) -> dict[str, Any]:
@@ -71,7 +47,7 @@ def _run_warm_up(gpu: GPU, plan: Any, settings: Settings, tmp: str, reference_s:
     from .api import Pool
 
     free = (lambda: 0) if gpu.index < 0 else (lambda: nvml_free_bytes(gpu.index))
-    from .plan import is_auto
+    from .planning.plan import is_auto
 
     # A number instead of auto: this pool's one worker must not run auto's own warm-up, nor be grown (autofill.py).
     run_settings = settings.replace(multiprocess_mode="true", max_restarts=0, batch_size=rows,
@@ -96,7 +72,7 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
     """Start one worker on `gpu`, run the warm-up, return the NVML drop and the estimate for the same work, and the
     frames/s at batch 1 (and at FISH_BATCH_SIZE rows, a second worker, when that is > 1), also kept in the cache.
     `gpu=None` runs the same worker on the CPU (no NVML figure): the path tests can take without a GPU."""
-    from .plan import GpuPlan, Plan
+    from .planning.plan import GpuPlan, Plan
 
     if gpu is None:
         gpu = GPU(-1, "cpu", 0.0, 0.0)
@@ -126,7 +102,7 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
     tokens = int(record.tokens or 0)
     est = estimate(settings.checkpoint_dir, settings.precision, max_seq_len,
                    workload=warm_up_workload(tokens, reference_s))
-    from .plan import gpu_capacity
+    from .planning.plan import gpu_capacity
 
     per_worker = math.ceil(measured / GIB * 10) / 10  # GiB, rounded up to 0.1
     expected = est.total_bytes - est.component("safety margin")  # the margin is a planning buffer, not a prediction
@@ -139,107 +115,6 @@ def measure_gpu(gpu: GPU | None, settings: Settings, max_seq_len: int, reference
             "workers_at_measured": gpu_capacity(gpu.total_gib, per_worker, settings.memory_reserve) if measured > 0 else None,
             "tokens": tokens, "synthesis_seconds": record.synthesis_seconds, "seconds": round(seconds, 1),
             "throughput": throughput, "estimate": est.to_dict()}
-
-
-# ---- the throughput cache (plan --explain reads it) ------------------------------------------------------------
-def throughput_key(settings: Settings, gpu_name: str) -> str:
-    """GPU model + checkpoint content and precision + what changes decoding speed (KV length, torch.compile)."""
-    from .engines.checkpoint import engine_fingerprint
-
-    return f"{gpu_name}|{engine_fingerprint(settings)}|max_seq_len={settings.max_seq_len}|compile={settings.compile}"
-
-
-def _cache_path(settings: Settings) -> str:
-    return os.path.join(settings.cache_dir, THROUGHPUT_FILE)
-
-
-def _read_cache(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):  # absent, or damaged: a cache, never a reason to fail
-        return {}
-
-
-def record_throughput(settings: Settings, gpu_name: str, measured: list[dict[str, Any]]) -> None:
-    """Merge `measured` ({rows, frames_per_s, measured_gib} each) into the cache, atomically; errors only logged."""
-    path = _cache_path(settings)
-    data = _read_cache(path)
-    entry = data.setdefault(throughput_key(settings, gpu_name), {"gpu": gpu_name, "rows": {}})
-    for m in measured:
-        if m.get("frames_per_s"):
-            entry["rows"][str(m["rows"])] = {**m, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("[Measure] cannot write %s: %s", path, exc.strerror or exc)
-
-
-def cached_throughput(settings: Settings, gpu_name: str) -> dict[int, dict[str, Any]]:
-    """rows -> {frames_per_s, measured_gib, measured_at} that `plan --measure` recorded for these settings."""
-    entry = _read_cache(_cache_path(settings)).get(throughput_key(settings, gpu_name), {})
-    rows = entry.get("rows", {}) if isinstance(entry, dict) else {}
-    return {int(k): v for k, v in rows.items() if str(k).isdigit() and isinstance(v, dict)}
-
-
-# ---- FISH_MODEL_MEMORY_GB=auto: a worker measures itself ------------------------------------------------------
-@dataclass(frozen=True)
-class Footprint:
-    """What a worker measured of itself after its warm-up, sent in its Ready (FISH_MODEL_MEMORY_GB=auto)."""
-
-    bytes: int  # NVML free-memory drop on its GPU, CUDA context included; 0: no figure (`source` says why)
-    frames: int  # frames the warm-up generated (the estimate of the same work needs them)
-    source: str  # "NVML", "FISH_SYNTHETIC_FOOTPRINT_GB of the synthetic engine", or why there is no figure
-
-
-class FootprintProbe:
-    """In a worker: `start` before the engine loads (free memory before the CUDA context), `finish(engine)` after:
-    runs the warm-up segment (as `plan --measure` does) and returns the Footprint. Only under auto, in a child
-    process pinned to a GPU; `start` returns None otherwise, so the worker skips the warm-up."""
-
-    def __init__(self, pin: str, before: int | None, why: str = "") -> None:
-        self.pin, self.before, self.why = pin, before, why
-
-    @classmethod
-    def start(cls, settings: Settings, pin: str | None, child: bool) -> FootprintProbe | None:
-        from .plan import is_auto
-
-        if not (child and pin and is_auto(settings)):
-            return None
-        try:
-            return cls(pin, nvml_free_bytes(pin))
-        except Exception as exc:  # noqa: BLE001 - no NVML (a simulated GPU): the engine may still have a figure
-            return cls(pin, None, f"NVML unavailable ({type(exc).__name__})")
-
-    def finish(self, engine: Any) -> Footprint:
-        frames = run_warm_up(engine)
-        fixed = getattr(engine, "synthetic_footprint_bytes", None)
-        if fixed:
-            return Footprint(int(fixed), frames, "FISH_SYNTHETIC_FOOTPRINT_GB of the synthetic engine")
-        if self.before is None:
-            return Footprint(0, frames, self.why)
-        try:
-            return Footprint(max(0, self.before - nvml_free_bytes(self.pin)), frames, "NVML")
-        except Exception as exc:  # noqa: BLE001
-            return Footprint(0, frames, f"NVML unavailable ({type(exc).__name__})")
-
-
-def run_warm_up(engine: Any, reference_s: float = REFERENCE_S, new_tokens: int = NEW_TOKENS) -> int:
-    """`plan --measure`'s warm-up segment on a loaded engine: encode the synthetic reference, synthesize TEXT.
-    Returns the frames generated."""
-    from .engines import SpeakerPrompt, SynthesisParams
-
-    seconds = min(reference_s, float(getattr(engine, "max_reference_s", reference_s)))
-    with tempfile.TemporaryDirectory(prefix="fishmp-warm-up-") as tmp:
-        tokens = engine.encode_reference(write_reference(tmp, seconds))
-    audio = engine.synthesize(TEXT, SpeakerPrompt("fishmp-warm-up", tokens, REFERENCE_TEXT),
-                              SynthesisParams(max_new_tokens=new_tokens, seed=0))
-    return int(audio.tokens)
 
 
 def measure(gpus: list[GPU], settings: Settings, max_seq_len: int) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fishmp.demo import speech_like
+from fishmp.engines.audio import speech_like
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,13 @@ import random
 import pytest
 from conftest import jsonl_events, synthetic_env
 
-from fishmp.autofill import planned_gib
 from fishmp.config import ConfigError, Settings
-from fishmp.gpus import GIB, GPU, parse_gpu_spec
-from fishmp.measure import Footprint, FootprintProbe, cached_throughput, measure_gpu, run_warm_up
-from fishmp.plan import _deal, fill_plan, make_plan, plan_log_lines
+from fishmp.measure import measure_gpu
+from fishmp.planning.gpus import GIB, GPU, parse_gpu_spec
+from fishmp.planning.plan import _deal, fill_plan, make_plan, plan_log_lines
+from fishmp.planning.throughput import cached_throughput
+from fishmp.running.autofill import planned_gib
+from fishmp.worker.footprint import Footprint, FootprintProbe, run_warm_up
 
 AUTO = Settings(model_memory_gb="auto", multiprocess_mode="true")
 
@@ -93,9 +95,9 @@ def test_planned_gib_from_a_footprint(tiny_checkpoint: str) -> None:
     gib, how = planned_gib(synthetic, Footprint(0, 199, "NVML unavailable (NVMLError)"))
     assert gib == 8.0 and "could not measure (NVML unavailable" in how
     # Fish: the measurement plus what the estimate adds for 30 s / 1024 frames over the warm-up's work.
-    from fishmp.explain import estimate_for
-    from fishmp.measure import warm_up_workload
-    from fishmp.memory import estimate
+    from fishmp.planning.explain import estimate_for
+    from fishmp.planning.memory import estimate
+    from fishmp.planning.warmup import warm_up_workload
 
     fish = Settings(checkpoint_dir=tiny_checkpoint, model_memory_gb="auto", max_seq_len=2560)
     worst, warm = estimate_for(fish), estimate(tiny_checkpoint, "bfloat16", 2560, workload=warm_up_workload(199))
@@ -107,8 +109,8 @@ def test_planned_gib_from_a_footprint(tiny_checkpoint: str) -> None:
 
 def test_longest_work_of_the_running_jobs(tmp_path, make_wav, tiny_checkpoint: str) -> None:
     """The extra over the warm-up is sized to the job: its longest reference and largest max_new_tokens."""
-    from fishmp.autofill import LongestWork, long_work_extra_gib, longest_work
     from fishmp.job import load_job
+    from fishmp.running.autofill import LongestWork, long_work_extra_gib, longest_work
 
     make_wav(str(tmp_path / "a.wav"), 3.0)
     make_wav(str(tmp_path / "b.wav"), 1.5, 16000)
@@ -134,7 +136,7 @@ def test_auto_is_refused_with_ray_in_one_line(tmp_path, fishmp_cli) -> None:
 
 
 def test_plan_command_uses_the_estimate_under_auto(tiny_checkpoint: str, tmp_path, fishmp_cli) -> None:
-    from fishmp.explain import auto_model_memory_gb
+    from fishmp.planning.explain import auto_model_memory_gb
 
     gb = auto_model_memory_gb(Settings(checkpoint_dir=tiny_checkpoint))
     out = fishmp_cli(["plan", "--gpus", "24", "--json"], str(tmp_path),
@@ -213,7 +215,7 @@ def test_measured_throughput_is_cached_and_explained(tiny_checkpoint: str, tmp_p
 
 
 def _gpu_present() -> bool:
-    from fishmp.gpus import nvml_inventory
+    from fishmp.planning.gpus import nvml_inventory
 
     return bool(nvml_inventory())
 

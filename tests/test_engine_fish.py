@@ -17,8 +17,9 @@ from fishmp.engines.base import (
     SynthesisParams,
     TextTooLongError,
 )
-from fishmp.engines.checkpoint import checkpoint_fingerprint
-from fishmp.engines.fish import FishSpeechEngine, _guard_oom, split_text
+from fishmp.engines.fish import FishSpeechEngine
+from fishmp.engines.fish_common import guard_oom, split_text
+from fishmp.planning.checkpoint import checkpoint_fingerprint
 
 pytestmark = pytest.mark.slow
 ENV_AT_COLLECTION = dict(os.environ)  # before any test of this session imported fish_speech
@@ -117,10 +118,10 @@ def test_out_of_memory_is_translated() -> None:
 
     for fn in (cuda_oom, runtime_oom):
         with pytest.raises(EngineOutOfMemoryError, match="step: out of memory") as info:
-            _guard_oom("step", fn)
+            guard_oom("step", fn)
         assert info.value.__context__ is None  # the traceback (and its tensors) is not kept alive
     with pytest.raises(RuntimeError, match="other"):
-        _guard_oom("step", lambda: (_ for _ in ()).throw(RuntimeError("other")))
+        guard_oom("step", lambda: (_ for _ in ()).throw(RuntimeError("other")))
 
 
 def test_split_text_levels() -> None:

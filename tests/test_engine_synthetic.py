@@ -267,7 +267,7 @@ def test_batch_faults_per_row(monkeypatch, tmp_path) -> None:
     assert set(_drain(session)) == {"a"}  # fired once only, across sessions
 
 
-# ---- bad takes for the take check (fishmp/takes.py) ---------------------------------------------------------------
+# ---- bad takes for the take check (fishmp/worker/takes.py) -----------------------------------------------------------
 @pytest.mark.parametrize("kind", ["runaway", "silent", "clipped", "nan", "short"])
 def test_bad_take_markers_recover_from_seed_k(monkeypatch, kind) -> None:
     eng = _engine(monkeypatch)

@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from conftest import jsonl_events, synthetic_env
 
-from fishmp.results import TMP_PREFIX
+from fishmp.worker.files import TMP_PREFIX
 
 pytestmark = pytest.mark.timeout(120)
 

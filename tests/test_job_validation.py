@@ -278,8 +278,8 @@ def test_zero_width_only_texts_are_empty_but_joiners_inside_text_are_kept(proj: 
 
 
 def test_schema_has_the_parsers_keys_and_ranges() -> None:
-    from fishmp.job.checks import PARAM_RULES
     from fishmp.job.formats import NEW_SEGMENT_KEYS, NEW_SPEAKER_KEYS, NEW_TOP_KEYS
+    from fishmp.job.params import PARAM_RULES
     from fishmp.job.schema import job_schema
 
     schema = json.loads(json.dumps(job_schema()))  # plain JSON

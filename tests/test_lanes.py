@@ -1,8 +1,8 @@
-"""Lanes: a worker decodes up to FISH_BATCH_SIZE segments of one speaker at once (fishmp/lanes.py).
+"""Lanes: a worker decodes up to FISH_BATCH_SIZE segments of one speaker at once (fishmp/worker/lanes.py).
 
-Real worker processes: `worker_main` in a spawned process with real pipes (as fishmp/pool.py starts it), fed several
-SegmentTasks at once, and the whole CLI through the real pool. The synthetic engine's batched session models batching
-costs and injects faults per row (fishmp/engines/synthetic.py).
+Real worker processes: `worker_main` in a spawned process with real pipes (as fishmp/backends/local.py starts it), fed
+several SegmentTasks at once, and the whole CLI through the real pool. The synthetic engine's batched session models
+batching costs and injects faults per row (fishmp/engines/synthetic.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import soundfile as sf
 from conftest import jsonl_events, synthetic_env
 
 from fishmp.config import Settings
-from fishmp.worker import Done, Failed, LoadFailed, Ready, Resized, SegmentTask, SpeakerRef, Started, worker_main
+from fishmp.worker.process import worker_main
+from fishmp.worker.protocol import Done, Failed, LoadFailed, Ready, Resized, SegmentTask, SpeakerRef, Started
 
 pytestmark = pytest.mark.timeout(180)
 FAST = {"FISH_SYNTHETIC_LOAD_S": "0.3", "FISH_SYNTHETIC_SECONDS_PER_CHAR": "0.002"}

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from fishmp.memory import (
+from fishmp.planning.memory import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
     SAFETY_MARGIN,
@@ -38,7 +38,7 @@ def _exact(checkpoint: str, precision_bytes: int, max_len: int) -> dict[str, int
     import torch
     from fish_speech.tokenizer import FishTokenizer
 
-    from fishmp.engines.fish import CODEC_OVERRIDES_FILE, build_codec, import_fish_speech
+    from fishmp.engines.fish_common import CODEC_OVERRIDES_FILE, build_codec, import_fish_speech
 
     fish = import_fish_speech()
     config = fish["BaseModelArgs"].from_pretrained(checkpoint)
@@ -143,7 +143,7 @@ def test_arithmetic_against_a_hand_computed_example(tmp_path) -> None:
 
 
 def test_reading_shapes_never_imports_torch_or_runs_code(tiny_checkpoint: str, tmp_path) -> None:
-    code = ("import sys; from fishmp.memory import estimate; e = estimate(sys.argv[1]); "
+    code = ("import sys; from fishmp.planning.memory import estimate; e = estimate(sys.argv[1]); "
             "print(e.total_bytes > 0, 'torch' in sys.modules, 'fish_speech' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, tiny_checkpoint], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["True", "False", "False"], out.stderr
@@ -194,7 +194,7 @@ def test_measure_runs_one_real_worker_and_estimates_the_same_work(tiny_checkpoin
 
 def test_auto_model_memory_from_the_estimate(tiny_checkpoint: str) -> None:
     from fishmp.config import Settings
-    from fishmp.explain import auto_model_memory_gb, estimate_for
+    from fishmp.planning.explain import auto_model_memory_gb, estimate_for
 
     settings = Settings(checkpoint_dir=tiny_checkpoint)
     est = estimate_for(settings, 10.0, 300)
@@ -203,7 +203,7 @@ def test_auto_model_memory_from_the_estimate(tiny_checkpoint: str) -> None:
 
 
 def _gpu_present() -> bool:
-    from fishmp.gpus import nvml_inventory
+    from fishmp.planning.gpus import nvml_inventory
 
     return bool(nvml_inventory())
 
@@ -211,8 +211,8 @@ def _gpu_present() -> bool:
 @pytest.mark.skipif(not _gpu_present(), reason="needs a GPU (NVML): the measurement is what the estimate is checked by")
 def test_estimate_within_15_percent_of_a_real_worker_on_gpu(s1_mini_checkpoint: str) -> None:
     from fishmp.config import Settings
-    from fishmp.gpus import nvml_inventory
     from fishmp.measure import measure_gpu
+    from fishmp.planning.gpus import nvml_inventory
 
     r = measure_gpu(nvml_inventory()[0], Settings(checkpoint_dir=s1_mini_checkpoint), 8192)
     assert "error" not in r, r

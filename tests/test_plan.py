@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from fishmp.config import Settings
-from fishmp.gpus import GPU, _visible_filter, parse_gpu_spec, select_devices
-from fishmp.plan import make_plan, plan_log_lines
+from fishmp.planning.gpus import GPU, _visible_filter, parse_gpu_spec, select_devices
+from fishmp.planning.plan import make_plan, plan_log_lines
 
 GUIDE = [  # (GPUs as --gpus, FISH_MODEL_MEMORY_GB, workers per GPU)
     ("NVIDIA GeForce RTX 4090:24", 8.0, [2]),
@@ -156,7 +156,7 @@ def _greedy_deal(limits: list[int], total: int) -> list[int]:
 def test_dealing_equals_one_at_a_time_dealing() -> None:
     import random
 
-    from fishmp.plan import _deal
+    from fishmp.planning.plan import _deal
 
     rng = random.Random(7)
     for _ in range(2000):
@@ -186,7 +186,7 @@ def _batched(mem: float, batch: int, **kw: object) -> Settings:
 @pytest.mark.skipif(not hasattr(Settings(), "batch_size"), reason="Settings.batch_size (FISH_BATCH_SIZE) not there yet")
 def test_workers_times_batch_rows() -> None:
     """One more row costs its KV cache only; FISH_MODEL_MEMORY_GB stays the memory of one worker at batch 1."""
-    from fishmp.plan import DEFAULT_ROW_GIB
+    from fishmp.planning.plan import DEFAULT_ROW_GIB
 
     # 80 GB x 0.9 = 72 GiB; a worker of 8 rows at 6.5 GiB + 7 x 1.0 GiB = 13.5 GiB -> 5 workers of 8 rows.
     plan = make_plan(parse_gpu_spec("NVIDIA A100-SXM4-80GB:80"), _batched(6.5, 8), row_gib=1.0)
@@ -203,7 +203,7 @@ def test_workers_times_batch_rows() -> None:
 
 
 def test_alternatives_weigh_workers_against_rows() -> None:
-    from fishmp.plan import alternatives
+    from fishmp.planning.plan import alternatives
 
     alts = alternatives(72.0, 6.5, 1.0)  # 72 GiB available, 6.5 GiB a worker, 1 GiB a row
     assert [(a.workers, a.rows) for a in alts[:3]] == [(1, 66), (2, 30), (3, 18)]
@@ -214,7 +214,7 @@ def test_alternatives_weigh_workers_against_rows() -> None:
 
 
 def test_memory_check_names_the_short_gpu() -> None:
-    from fishmp.plan import memory_check
+    from fishmp.planning.plan import memory_check
 
     gpus = [GPU(0, "NVIDIA GeForce RTX 3060", 12.0, 12.0, "GPU-a"), GPU(1, "NVIDIA L4", 4.0, 4.0, "GPU-b")]
     plan = make_plan(gpus, Settings())

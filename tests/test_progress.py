@@ -6,7 +6,7 @@ import io
 import json
 import re
 
-from fishmp.progress import Bar, JsonLines, LegacyLines, PlainLines, make_event, make_renderer
+from fishmp.running.progress import Bar, JsonLines, LegacyLines, PlainLines, make_event, make_renderer
 
 EVENTS = [
     make_event("plan", segments=3, skipped=1, speakers=1, workers=2, mode="cpu", output_dir="/o", pid=1),

@@ -21,8 +21,8 @@ import fishmp
 from fishmp.backends import make_worker_pool
 from fishmp.backends.ray_placement import NodeInventory, cluster_slots, gpu_fraction
 from fishmp.config import ConfigError, Settings
-from fishmp.gpus import GPU
-from fishmp.plan import make_plan
+from fishmp.planning.gpus import GPU
+from fishmp.planning.plan import make_plan
 
 ray = pytest.importorskip("ray", reason="the Ray backend's tests need `pip install 'fishmp[ray]'`")
 

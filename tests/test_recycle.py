@@ -12,7 +12,7 @@ import pytest
 
 import fishmp
 from fishmp.config import ConfigError, Settings
-from fishmp.recycle import GIB, RecyclePolicy, read_memory
+from fishmp.worker.recycle import GIB, RecyclePolicy, read_memory
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,7 +11,7 @@ import pytest
 from fishmp.config import Settings
 from fishmp.engines.base import BadReferenceError
 from fishmp.engines.synthetic import SyntheticEngine
-from fishmp.references import cache_path, encode_cached, load_prompt_tokens, speaker_key
+from fishmp.worker.references import cache_path, encode_cached, load_prompt_tokens, speaker_key
 
 
 class CountingEngine(SyntheticEngine):

@@ -13,25 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from fishmp.results import (
-    LOCK_NAME,
-    MANIFEST,
-    TMP_PREFIX,
-    Manifest,
-    ManifestError,
-    OutputDirBusy,
-    OutputDirLock,
-    SegmentRecord,
-    atomic_write,
-    manifest_problem,
-    output_dir_problem,
-    remove_temp_files,
-    write_wav,
-)
+from fishmp.running.outputlock import LOCK_NAME, ManifestError, OutputDirBusy, OutputDirLock
+from fishmp.running.results import MANIFEST, Manifest, SegmentRecord, manifest_problem, output_dir_problem
+from fishmp.worker.files import TMP_PREFIX, atomic_write, remove_temp_files, write_wav
 
 HOLDER = """
 import sys, time
-from fishmp.results import OutputDirLock
+from fishmp.running.outputlock import OutputDirLock
 lock = OutputDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -236,8 +224,8 @@ def test_saving_a_10000_segment_manifest_stays_fast(tmp_path) -> None:
 
 
 def test_take_records_round_trip_and_survive_a_damaged_manifest(tmp_path) -> None:
-    """The take check's fields (fishmp/takes.py) are plain JSON in each record; `counts` and the header's summary."""
-    from fishmp.results import suspect_count, take_fields
+    """The take check's fields (fishmp/worker/takes.py) are plain JSON in each record; `counts` and the header's summary."""
+    from fishmp.running.results import suspect_count, take_fields
 
     m = Manifest(os.path.join(str(tmp_path), MANIFEST), job="job.json")
     takes = [{"passed": False, "reasons": ["clipped"], "seed": None, "duration_s": 1.2},

@@ -6,7 +6,7 @@ import heapq
 import random
 import time
 
-from fishmp.scheduler import Scheduler, Task
+from fishmp.running.scheduler import Scheduler, Task
 
 
 def tasks(spec: dict[str, list[float]]) -> list[Task]:

@@ -159,7 +159,7 @@ def test_a_pool_whose_workers_all_died_restarts_them_for_the_next_job(tmp_path, 
 
 
 def test_two_jobs_on_one_output_directory_the_second_is_refused(tmp_path, voice, clean_env) -> None:
-    from fishmp.results import OutputDirBusy
+    from fishmp.running.outputlock import OutputDirBusy
 
     with synthetic_pool(tmp_path) as pool:
         first = pool.submit(job_dict(voice, "a-", 6, slow=0.3), output_dir=str(tmp_path / "same"))

@@ -1,4 +1,4 @@
-"""The take check (fishmp/takes.py) and its retries (fishmp/lanes.py): pure checks on constructed signals with
+"""The take check (fishmp/worker/takes.py) and its retries (fishmp/worker/lanes.py): pure checks on constructed signals with
 hand-computed numbers, then whole jobs through the CLI with the synthetic engine's bad-take markers, then real takes
 of the tiny Fish Speech checkpoint through the real checks."""
 
@@ -14,7 +14,7 @@ import soundfile as sf
 from conftest import jsonl_events, synthetic_env
 
 from fishmp.config import ConfigError, Settings
-from fishmp.takes import (
+from fishmp.worker.takes import (
     RateModel,
     TakeLimits,
     best_index,

@@ -18,10 +18,10 @@ from conftest import jsonl_events, synthetic_env
 
 import fishmp
 from fishmp.config import Settings
-from fishmp.gpus import GPU
-from fishmp.plan import make_plan
-from fishmp.service import Service
-from fishmp.telemetry import GpuSample, GpuStats, NvmlReader, PoolTelemetry, Sampler, sample_fields
+from fishmp.planning.gpus import GPU
+from fishmp.planning.plan import make_plan
+from fishmp.running.service import Service
+from fishmp.running.telemetry import GpuSample, GpuStats, NvmlReader, PoolTelemetry, Sampler, sample_fields
 
 pytestmark = pytest.mark.timeout(180)
 

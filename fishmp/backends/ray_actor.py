@@ -22,7 +22,8 @@ import time
 from typing import Any
 
 from ..config import Settings
-from ..worker import Done, EncodeTask, Failed, SegmentTask, worker_main
+from ..worker.process import worker_main
+from ..worker.protocol import Done, EncodeTask, Failed, SegmentTask
 
 # What a reference travels as: original path -> (sha256 of its bytes, file suffix, Ray object ref | None, read error).
 Blobs = dict[str, tuple[str, str, Any, str | None]]

@@ -1,6 +1,6 @@
 """Where Ray workers go: fishmp's plan, computed per node from that node's GPUs. Pure: no Ray, no processes.
 
-Each node's GPUs (as NVML sees them there) go through the same formula as on one machine (fishmp.plan.make_plan,
+Each node's GPUs (as NVML sees them there) go through the same formula as on one machine (fishmp.planning.plan.make_plan,
 FISH_MODEL_MEMORY_GB, FISH_MEMORY_RESERVE, free memory). A worker on a GPU that holds N workers asks Ray for 1/N of a
 GPU, so Ray's accounting matches the plan; Ray's fractions do not cap memory, fishmp's sizing does. Nodes without GPUs
 get FISH_CPU_WORKERS workers only when no node has a usable GPU (a CPU head node of a GPU cluster runs no model).
@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 
 from ..config import Settings
-from ..gpus import GPU, select_devices
-from ..plan import GpuPlan, Plan, make_plan
+from ..planning.gpus import GPU, select_devices
+from ..planning.plan import GpuPlan, Plan, make_plan
 
 
 @dataclass(frozen=True)

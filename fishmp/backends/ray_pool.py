@@ -1,6 +1,6 @@
 """FISH_BACKEND=ray: the job loop's WorkerPool, with each worker a Ray actor somewhere in a Ray cluster.
 
-RayWorkerPool subclasses fishmp.pool.WorkerPool and replaces only the mechanism (spawn, send, kill, poll, close), so
+RayWorkerPool subclasses fishmp.backends.local.WorkerPool and replaces only the mechanism (spawn, send, kill, poll, close), so
 the slot bookkeeping (respawn, restart budget, dropped slots) and the job loop (scheduler, retries, manifest, events)
 are the same code as the local backend. Per worker:
 - an actor (max_restarts=0, max_task_retries=0: fishmp requeues and replaces, within FISH_MAX_RESTARTS), pinned to
@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, Settings
-from ..plan import Plan
-from ..pool import WorkerHandle, WorkerPool
-from ..results import atomic_write_bytes
-from ..worker import EncodeTask, Failed, SegmentTask
+from ..planning.plan import Plan
+from ..worker.files import atomic_write_bytes
+from ..worker.protocol import EncodeTask, Failed, SegmentTask
+from .contract import WorkerHandle
+from .local import WorkerPool
 from .ray_placement import NodeInventory, RaySlot, cluster_plan, cluster_slots, placement_log_lines
 
 log = logging.getLogger("fishmp")
@@ -77,7 +78,7 @@ def keep_stdout_clean() -> None:
 
 def _gpu_probe() -> list[Any]:
     """Runs on a node (a Ray task): its GPUs as NVML sees them there, honouring that node's CUDA_VISIBLE_DEVICES."""
-    from fishmp.gpus import nvml_inventory
+    from ..planning.gpus import nvml_inventory
 
     env = dict(os.environ)
     if env.get("CUDA_VISIBLE_DEVICES") == "":  # older Ray blanks it for tasks that ask for no GPU

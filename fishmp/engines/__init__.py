@@ -1,4 +1,11 @@
-"""Engines: `fish` (Fish Speech, real voice cloning) and `synthetic` (no model; a test engine for orchestration)."""
+"""Layer 4, engines: `fish` (Fish Speech, real voice cloning) and `synthetic` (no model; a test engine for orchestration).
+May import: fishmp.config, fishmp.job, fishmp.planning. The only layer that imports torch or fish_speech.
+
+Modules: `base` (the Engine and BatchSession contracts), `fish` (Fish Speech at batch 1), `fish_common` (what it
+shares with the batch sessions), `batched` (batch sessions: rows, refill, stop, codec), `batched_model` (the batched
+model math), `batched_compile` (FISH_COMPILE's compiled steps), `synthetic` (the test engine), `tiny` (random
+checkpoints), `audio` (reading references; a speech-like test signal).
+"""
 
 from __future__ import annotations
 

@@ -37,3 +37,13 @@ def read_reference(path: str) -> tuple[np.ndarray, int]:
     if peak < SILENCE_PEAK:
         raise BadReferenceError(f"reference audio {path} is silent (peak {peak:.2e} < {SILENCE_PEAK:g})")
     return mono, int(rate)
+
+
+def speech_like(seconds: float, sample_rate: int = 44100, pitch_hz: float = 140.0, seed: int = 0) -> np.ndarray:
+    """A voice-like test signal: harmonics of `pitch_hz`, syllable-rate amplitude modulation and a little noise."""
+    n = int(round(seconds * sample_rate))
+    t = np.arange(n) / sample_rate
+    voice = sum(np.sin(2 * np.pi * pitch_hz * k * t) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    noise = np.random.default_rng(seed).standard_normal(n)
+    return (0.2 * voice * envelope + 0.01 * noise).astype(np.float32)

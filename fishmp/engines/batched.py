@@ -27,16 +27,16 @@ Long texts are split exactly as synthesize splits them; chunk k is decoded after
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .base import Audio, EngineError, SynthesisParams, TextTooLongError
 from .batched_model import BatchedModel, to_device
-from .fish import GENERATION_RESERVE, _guard_oom, check_params, import_fish_speech, split_text
+from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
 
-if TYPE_CHECKING:
-    from .fish import FishSpeechEngine
+# `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
+# here would tie the two modules into a cycle.
 
 WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
 # Padded frames per batched codec call (rows x longest row): bounds the decoder's activations, which run at 44.1 kHz
@@ -44,7 +44,7 @@ WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
 CODEC_BATCH_FRAMES = 2048
 
 
-def encode_prompt(engine: FishSpeechEngine, text: str, prompt: tuple[Any, str] | None) -> Any:
+def encode_prompt(engine: Any, text: str, prompt: tuple[Any, str] | None) -> Any:
     """The (11, T) long tensor generate_long builds for this text and speaker prompt (same construction)."""
     fish = import_fish_speech()
     seq = fish["ContentSequence"](modality="interleave")
@@ -58,7 +58,7 @@ def encode_prompt(engine: FishSpeechEngine, text: str, prompt: tuple[Any, str] |
     return encoded.long()
 
 
-def decode_many(engine: FishSpeechEngine, codes: list[Any], batched: bool | None = None) -> list[np.ndarray]:
+def decode_many(engine: Any, codes: list[Any], batched: bool | None = None) -> list[np.ndarray]:
     """Audio of several rows' codes (10, n_i). batched (default: on CUDA): one padded codec call per group of up
     to CODEC_BATCH_FRAMES padded frames, each row cut to its own n_i frames. The codec is causal (causal
     convolutions, causally masked transformers), so the padding after a row does not reach its samples, but the
@@ -117,7 +117,7 @@ class _Row:
 class FishBatchSession:
     """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine, for one speaker."""
 
-    def __init__(self, engine: FishSpeechEngine, prompt: tuple[Any, str] | None, capacity: int,
+    def __init__(self, engine: Any, prompt: tuple[Any, str] | None, capacity: int,
                  compiled: bool = False, bucketed: bool = False) -> None:
         """compiled: decode steps run the engine's compiled step (FISH_COMPILE; static batch / length buckets);
         bucketed: eager steps padded to the same buckets (what the compiled step sees, for tests)."""
@@ -161,7 +161,7 @@ class FishBatchSession:
                     shared.release(self)
                 raise
 
-        _guard_oom(f"opening a batch of {capacity} rows on {engine.device}", allocate)
+        guard_oom(f"opening a batch of {capacity} rows on {engine.device}", allocate)
 
     # -- BatchSession ----------------------------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class FishBatchSession:
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")
         try:
-            return _guard_oom(f"decoding a batch of {self.active()} rows on {self._engine.device}", self._step)
+            return guard_oom(f"decoding a batch of {self.active()} rows on {self._engine.device}", self._step)
         except EngineError as exc:
             self._broken = str(exc)
             raise

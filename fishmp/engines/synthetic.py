@@ -30,7 +30,7 @@ Fault markers in the segment text (any number, acted on in order):
 Any marker may carry `-once` (`@@kill-once@@`, `@@oom-once@@`, `@@slow=2-once@@`): it fires only the first time across
 ALL processes, claimed by creating (O_EXCL) a file named by a hash of the marker and the whole text inside
 FISH_SYNTHETIC_STATE_DIR, which is then required (EngineError naming it when unset).
-Bad takes (for the take check, fishmp/takes.py): `@@<kind>@@` makes every take of the text bad; `@@<kind>:K@@` only
+Bad takes (for the take check, fishmp/worker/takes.py): `@@<kind>@@` makes every take of the text bad; `@@<kind>:K@@` only
 takes with no seed or a seed below K, so with the job's seed unset or 0 (retries use seeds base + attempt) attempts
 0..K-1 are bad and attempt K recovers (`@@silent:2@@`: bad for attempts 0 and 1). Kinds:
   runaway   the take runs to max_new_tokens (like a missed end token): max_new_tokens - 1 frames of tone

@@ -35,7 +35,7 @@ import json
 import os
 from typing import Any
 
-from .fish import CODEC_OVERRIDES_FILE, build_codec, import_fish_speech
+from .fish_common import CODEC_OVERRIDES_FILE, build_codec, import_fish_speech
 
 SEMANTIC_CODEBOOK = 4096
 

@@ -1,4 +1,5 @@
-"""The job model: what to synthesize, in whose voice, and where to write it. Pure: no processes, no torch.
+"""Layer 2, the job: what to synthesize, in whose voice, and where to write it. Pure: no processes, no torch.
+May import: fishmp.config (nothing else of fishmp).
 
 Three input formats are read:
 
@@ -7,8 +8,9 @@ Three input formats are read:
 * the legacy encode config (``{"mode": "encode", "speakers": [...]}``), which has no segments and loads as an
   `EncodeJob` (`load_encode_config`; `load_config` dispatches on the format).
 
-Modules: `model` (dataclasses, JobError, fingerprints), `checks` (field checks, text, the output guarantee),
-`formats` (one parser per format), `load` (files and entry points), `schema` (JSON Schema of fishmp's format).
+Modules, bottom to top: `checks` (Problems, JobError, field checks, text, the output guarantee), `params` (sampling
+parameters and their ranges), `model` (dataclasses, fingerprints), `formats` (one parser per format), `load`
+(files and entry points), `schema` (JSON Schema of fishmp's format).
 Parsing collects every problem and raises one `JobError` listing them all, each naming its item; with
 `skip_invalid` the items that have a problem are left out instead (their problems kept in `Job.skipped`). Every
 output path in a loaded job is absolute and resolves to a file strictly inside the output directory. Writers should
@@ -16,7 +18,7 @@ still replace files atomically (temp file + ``os.replace``) so a symlink planted
 followed.
 """
 
-from .checks import MAX_NEW_TOKENS_LIMIT, MAX_SEED, normalize_text
+from .checks import JobError, normalize_text
 from .load import (
     default_output_dir,
     detect_format,
@@ -28,18 +30,15 @@ from .load import (
     output_dir_escape,
 )
 from .model import (
-    LEGACY_PARAMS,
-    PARAM_KEYS,
     EncodeItem,
     EncodeJob,
     Job,
-    JobError,
-    Params,
     Segment,
     Speaker,
     reference_fingerprint,
     segment_fingerprint,
 )
+from .params import LEGACY_PARAMS, MAX_NEW_TOKENS_LIMIT, MAX_SEED, PARAM_KEYS, Params
 
 __all__ = [
     "LEGACY_PARAMS",

@@ -1,5 +1,6 @@
 """Field checks shared by the three formats. Each check records what is wrong in a `Problems` list (naming the item
-and what is allowed) and returns None instead of raising, so one pass over a file finds every problem.
+and what is allowed) and returns None instead of raising, so one pass over a file finds every problem; `JobError`
+raises them all at once.
 
 The output guarantee lives in `Outputs.resolve`: every accepted output path is absolute, ends in the required suffix
 and resolves (symlinks included, via ``os.path.realpath``) to a file strictly inside the output directory.
@@ -7,18 +8,13 @@ and resolves (symlinks included, via ``os.path.realpath``) to a file strictly in
 
 from __future__ import annotations
 
-import math
 import os
 import unicodedata
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
-from .model import PARAM_KEYS, Params
-
-MAX_NEW_TOKENS_LIMIT = 8192
-MAX_SEED = 2**63 - 1
 MAX_SECONDS_LIMIT = 3600.0  # a subtitle slot (max_seconds) longer than an hour is a mistake
 _MAX_NAME_BYTES = 255  # one path component, as most filesystems allow
 _CURRENT: Any = object()
@@ -99,7 +95,7 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -182,64 +178,15 @@ def opt_dir(data: dict, key: str, base: str, p: Problems) -> str | None:
 # --------------------------------------------------------------------------------------------------- params
 
 
-def _check_float(lo_open: float, hi: float, hi_open: bool) -> Callable[[Any], bool]:
-    return lambda v: _is_number(v) and math.isfinite(v) and lo_open < v and (v < hi if hi_open else v <= hi)
-
-
-PARAM_RULES: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    # key: (check, allowed, is_integer). Ranges are fish-speech's own asserts in generate_long, so a job that
-    # validates never fails inside the engine.
-    "temperature": (_check_float(0.0, 2.0, True), "a number > 0 and < 2", False),
-    "top_p": (_check_float(0.0, 1.0, False), "a number > 0 and <= 1", False),
-    "repetition_penalty": (_check_float(0.0, 2.0, True), "a number > 0 and < 2 (typically 1.0 to 1.5)", False),
-    # 2, not 1: fish-speech's decode loop fails at 1 (UnboundLocalError), so refuse it before anything loads.
-    "max_new_tokens": (lambda v: is_int(v) and 2 <= v <= MAX_NEW_TOKENS_LIMIT,
-                       f"an integer from 2 to {MAX_NEW_TOKENS_LIMIT}", True),
-    "seed": (lambda v: is_int(v) and 0 <= v <= MAX_SEED, "an integer >= 0", True),
-}
-
-
-def parse_params(raw: Any, where: str, p: Problems, *, keys: Iterable[str] | None = None) -> Params:
-    """Params from a mapping. With `keys`, only those keys are read and others ignored (legacy tasks, whose
-    objects carry other fields); without, every key must be a parameter."""
-    if raw is None:
-        return Params()
-    if not isinstance(raw, dict):
-        p.add(f"{where}: params must be an object, not {typename(raw)}")
-        return Params()
-    if keys is None:
-        check_duplicate_keys(raw, where, p)
-        for k in raw:
-            if k not in PARAM_RULES:
-                p.add(f"{where}: unknown parameter {k!r} (known: {', '.join(PARAM_KEYS)})")
-    values: dict[str, Any] = {}
-    for key in PARAM_KEYS:
-        if (keys is not None and key not in keys) or raw.get(key) is None:
-            continue
-        value = raw[key]
-        check, allowed, is_integer = PARAM_RULES[key]
-        if not check(value):
-            p.add(f"{where}: {key} must be {allowed}, not {value!r}")
-            continue
-        values[key] = int(value) if is_integer else float(value)
-    return Params(**values)
-
-
 def max_seconds_field(obj: dict, where: str, p: Problems) -> float | None:
     """Optional per-segment `max_seconds` (a subtitle slot): a take longer than it fails the take check."""
     value = obj.get("max_seconds")
     if value is None:
         return None
-    if not _is_number(value) or not 0 < value <= MAX_SECONDS_LIMIT:
+    if not is_number(value) or not 0 < value <= MAX_SECONDS_LIMIT:
         p.add(f"{where}: max_seconds must be a number of seconds > 0 and <= {MAX_SECONDS_LIMIT:g}, not {value!r}")
         return None
     return float(value)
-
-
-def params_in(obj: dict, where: str, p: Problems) -> Params:
-    """Legacy objects: parameter keys given directly on the object, overridden by a nested "params" object."""
-    flat = parse_params(obj, where, p, keys=PARAM_KEYS)
-    return flat.merged(parse_params(obj.get("params"), f"{where} params", p))
 
 
 # --------------------------------------------------------------------------------------------------- references
@@ -382,3 +329,15 @@ class Outputs:
                                f"{self.owner[parent][0]}", tag)
                     break
                 parent = os.path.dirname(parent)
+
+
+class JobError(ValueError):
+    """A job cannot be used. `.problems` lists every problem found; str() gives them one per line."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)

@@ -9,6 +9,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from .checks import (
+    JobError,
     Outputs,
     Problems,
     check_duplicate_keys,
@@ -19,8 +20,6 @@ from .checks import (
     normalize_text,
     objects,
     opt_dir,
-    params_in,
-    parse_params,
     reference_file,
     reference_text,
     required_list,
@@ -28,7 +27,8 @@ from .checks import (
     typename,
     unknown_keys,
 )
-from .model import LEGACY_PARAMS, EncodeItem, EncodeJob, Job, JobError, Params, Segment, Speaker
+from .model import EncodeItem, EncodeJob, Job, Segment, Speaker
+from .params import LEGACY_PARAMS, Params, params_in, parse_params
 
 NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
 NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}

@@ -8,9 +8,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .checks import Problems, bad_name_chars, check_output_dir, typename
+from .checks import JobError, Problems, bad_name_chars, check_output_dir, typename
 from .formats import parse_encode, parse_generate, parse_new
-from .model import EncodeJob, Job, JobError
+from .model import EncodeJob, Job
 
 
 class _Obj(dict):

@@ -1,52 +1,13 @@
-"""What a loaded job is: frozen dataclasses, the error that lists every problem, and the fingerprints resume uses."""
+"""What a loaded job is: frozen dataclasses (speakers, segments, the job) and the fingerprints resume uses."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-# The sampling the dubbing backends' own scripts used; legacy configs keep it so switching does not change voices.
-LEGACY_PARAMS = {"temperature": 0.7, "top_p": 0.7, "repetition_penalty": 1.2}
-
-
-@dataclass(frozen=True)
-class Params:
-    """Sampling parameters; None means the engine's default."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
-    seed: int | None = None
-
-    def merged(self, override: Params) -> Params:
-        """These params with every non-None value of `override` taking precedence (segment over job)."""
-        return Params(**{
-            f.name: getattr(override, f.name) if getattr(override, f.name) is not None else getattr(self, f.name)
-            for f in dataclasses.fields(self)
-        })
-
-    def to_dict(self) -> dict:
-        """Only the values that are set."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "params") -> Params:
-        """Validated params from a mapping; raises JobError listing every bad key or value."""
-        from .checks import Problems, parse_params
-
-        problems = Problems()
-        params = parse_params(data, where, problems)
-        if problems:
-            raise JobError(problems)
-        return params
-
-
-PARAM_KEYS = tuple(f.name for f in dataclasses.fields(Params))
+from .params import Params
 
 
 @dataclass(frozen=True)
@@ -70,7 +31,7 @@ class Segment:
     params: Params  # already merged with the job's params
     order: int  # position in the job file (0-based)
     legacy_index: int | None = None  # segment_index of the legacy generate config
-    max_seconds: float | None = None  # subtitle slot: a longer take fails the take check (fishmp/takes.py)
+    max_seconds: float | None = None  # subtitle slot: a longer take fails the take check (fishmp/worker/takes.py)
 
 
 @dataclass(frozen=True)
@@ -104,18 +65,6 @@ class EncodeJob:
     legacy: str = "encode"
     skipped: tuple[str, ...] = ()  # problems of the speakers left out when loaded with skip_invalid
     listed: int | None = None  # speakers the file lists, skipped ones included; None: len(items)
-
-
-class JobError(ValueError):
-    """A job cannot be used. `.problems` lists every problem found; str() gives them one per line."""
-
-    def __init__(self, problems: Iterable[str], source: str | None = None) -> None:
-        self.problems: list[str] = list(problems)
-        self.source = source
-        super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 def reference_fingerprint(speaker: Speaker) -> str:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checks import MAX_NEW_TOKENS_LIMIT, MAX_SECONDS_LIMIT, MAX_SEED
+from .checks import MAX_SECONDS_LIMIT
+from .params import MAX_NEW_TOKENS_LIMIT, MAX_SEED
 
 # no control, bidi, zero-width or other invisible characters (the common ones; the loader checks every Cc/Cf)
 _VISIBLE = r"[^\u0000-\u001f\u007f-\u009f\u00ad\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060-\u2064\u2066-\u206f\ufeff]"

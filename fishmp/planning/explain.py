@@ -1,5 +1,5 @@
 """`plan --explain`: the memory estimate per component, what each GPU then holds, the workers x rows alternatives
-and concrete suggestions. Pure: an Estimate (fishmp.memory) and a Plan in, a dict and text lines out."""
+and concrete suggestions. Pure: an Estimate (fishmp.planning.memory) and a Plan in, a dict and text lines out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .config import Settings
+from ..config import Settings
 from .memory import GIB, Estimate
 from .plan import Alternative, Plan, alternatives, gpu_capacity, is_auto, memory_check, worker_gib
 
@@ -39,7 +39,7 @@ def explain(plan: Plan, est: Estimate, settings: Settings,
             throughput: dict[str, dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Everything --explain shows, as JSON-ready data. `variant(precision=..., max_seq_len=..., new_tokens=...)`
     re-estimates with one thing changed, for the suggestions (None: no what-if suggestions). `throughput`: GPU name
-    -> rows -> what `plan --measure` recorded (fishmp.measure.cached_throughput), shown next to the alternatives."""
+    -> rows -> what `plan --measure` recorded (fishmp.planning.throughput.cached_throughput), shown next to the alternatives."""
     rows = int(getattr(settings, "batch_size", 1) or 1)
     est_gib, row_gib = est.total_gib, est.kv_row_bytes / GIB
     suggested = _round_up(est_gib)
@@ -116,7 +116,7 @@ def explain_lines(data: dict[str, Any]) -> list[str]:
 def estimate_for(settings: Settings, reference_s: float = 30.0, new_tokens: int = 1024) -> Estimate:
     """The estimate for these settings' checkpoint, precision and max_seq_len ('auto' without a job: the checkpoint's),
     for a worker whose longest reference is `reference_s` and longest output `new_tokens` frames (fishmp's
-    max_new_tokens default). Raises fishmp.memory.CheckpointReadError naming what is missing."""
+    max_new_tokens default). Raises fishmp.planning.memory.CheckpointReadError naming what is missing."""
     from .memory import Workload, estimate
 
     seq = settings.max_seq_len if isinstance(settings.max_seq_len, int) else None

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .gpus import GIB
+from ..planning.gpus import GIB
 
 
 def engine_memory_kind(engine: Any) -> str:

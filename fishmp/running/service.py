@@ -21,13 +21,13 @@ import threading
 import time
 from typing import Any
 
+from ..backends.contract import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPoolContract, describe_exit
+from ..worker.protocol import Done, Failed, Leaving, LoadFailed, Ready, Started
 from . import autofill
-from .pool import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPool, describe_exit
+from .jobrun import Blame, JobHandle, JobRun
 from .progress import make_event
-from .run import Blame, JobHandle, JobRun
 from .telemetry import GpuStats, PoolTelemetry
 from .watchdog import LEAVE_TIMEOUT_S, Deadlines
-from .worker import Done, Failed, Leaving, LoadFailed, Ready, Started
 
 log = logging.getLogger("fishmp")
 
@@ -35,7 +35,7 @@ log = logging.getLogger("fishmp")
 class Service(Deadlines):
     """Runs jobs on a WorkerPool from one loop thread; `submit` is safe from any thread."""
 
-    def __init__(self, workers: WorkerPool) -> None:
+    def __init__(self, workers: WorkerPoolContract) -> None:
         self.workers, self.settings = workers, workers.settings
         self._lock = threading.Lock()
         self._incoming: list[JobHandle] = []
@@ -298,7 +298,7 @@ class Service(Deadlines):
             h.leaving_since = time.monotonic()  # its rows are done: it has LEAVE_TIMEOUT_S to exit from now
 
     def _on_leaving(self, h: WorkerHandle, msg: Leaving) -> None:
-        """Recycled (fishmp/recycle.py): nothing more is sent to it; what it handed back (never started there) goes
+        """Recycled (fishmp/worker/recycle.py): nothing more is sent to it; what it handed back (never started there) goes
         back to its job's queue at once, uncounted. Its rows finish as usual; then it exits 0 and is replaced."""
         h.state, h.leaving, h.leaving_since, h.recycled = "leaving", True, time.monotonic(), msg.reason
         for tid in msg.handed_back:

@@ -7,7 +7,7 @@ only when the session is empty (the benchmark's baseline, FISH_BATCH_REFILL=0). 
 the backlog only, so a task of another speaker (or a solo task, an encode task, the stop sentinel) ends the refill and
 waits until the session drains: nothing waits behind an endless stream of one voice.
 
-Faults are per segment (see fishmp/worker.py's docstring for the table and the reasons).
+Faults are per segment (see fishmp/worker/process.py's docstring for the table and the reasons).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import traceback
 from collections import deque
 from typing import Any
 
-from .engines import (
+from ..engines import (
     Audio,
     BadReferenceError,
     EngineError,
@@ -29,18 +29,9 @@ from .engines import (
     SynthesisParams,
     TextTooLongError,
 )
+from .protocol import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
-from .takes import (
-    RateModel,
-    TakeLimits,
-    Verdict,
-    best_index,
-    check_take,
-    retry_max_new_tokens,
-    retry_seed,
-    take_record,
-)
-from .worker import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
+from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
@@ -124,7 +115,7 @@ class LaneRunner:
             except queue.Empty:
                 return
 
-    # -- recycling (fishmp/recycle.py) -----------------------------------------------------------------------------
+    # -- recycling (fishmp/worker/recycle.py) -----------------------------------------------------------------------------
     def _after_step(self, before: list[str]) -> None:
         """Count the rows that finished in this step (not those sent back to the backlog to be redone)."""
         waiting = {t.id for t in self.backlog if t is not None}
@@ -297,7 +288,7 @@ class LaneRunner:
         self.ooms.pop(task_id, None)
         self.errors.pop(task_id, None)
 
-    # -- the take check (fishmp/takes.py) ------------------------------------------------------------------------------
+    # -- the take check (fishmp/worker/takes.py) -----------------------------------------------------------------------
     def _judge(self, task: SegmentTask, audio: Audio) -> Audio | None:
         """Check a finished take. None: it failed and is retried (task back at the head of the backlog with seed +
         attempt, rejoining its speaker's session as a row); else the take to write (the first that passed, or the

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .gpus import GIB
+from ..planning.gpus import GIB
 from .progress import make_event
 
 log = logging.getLogger("fishmp")

@@ -1,13 +1,13 @@
 """FISH_MODEL_MEMORY_GB=auto: fill each GPU once its first worker has measured itself. Main process, no torch.
 
-The start plan (fishmp.plan.make_plan under auto) runs one worker per GPU. Each, after loading, runs `plan --measure`'s
-warm-up segment and sends its footprint in its Ready (fishmp.measure.FootprintProbe: the NVML free-memory drop on its
+The start plan (fishmp.planning.plan.make_plan under auto) runs one worker per GPU. Each, after loading, runs `plan --measure`'s
+warm-up segment and sends its footprint in its Ready (fishmp.worker.footprint.FootprintProbe: the NVML free-memory drop on its
 GPU, CUDA context and the allocator's reserve included; on a simulated GPU the synthetic engine's
 FISH_SYNTHETIC_FOOTPRINT_GB). When every GPU that is still starting a first worker has reported, the job loop calls
-`on_ready`, which plans with the measured figures (fishmp.plan.fill_plan) and starts the extra workers
+`on_ready`, which plans with the measured figures (fishmp.planning.plan.fill_plan) and starts the extra workers
 (WorkerPool.grow). The first workers keep running: their model is not loaded twice.
 
-What a worker is planned to take: the measurement, plus what the estimate (fishmp.memory) says the longest work
+What a worker is planned to take: the measurement, plus what the estimate (fishmp.planning.memory) says the longest work
 needs beyond the warm-up's (10 s reference, ~200 frames): activations grow with the segment, and a GPU filled by the
 warm-up alone would run out of memory on a long one. The longest work is the running jobs' (their longest reference
 audio, their largest max_new_tokens; 1024 when unset), or `plan --explain`'s defaults (30 s, 1024 frames) when no job
@@ -24,9 +24,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import MODEL_MEMORY_GB_RANGE, Settings
-from .gpus import GIB
-from .plan import fill_plan, is_auto, plan_log_lines
+from ..config import MODEL_MEMORY_GB_RANGE, Settings
+from ..planning.gpus import GIB
+from ..planning.plan import fill_plan, is_auto, plan_log_lines
 
 log = logging.getLogger("fishmp")
 FALLBACK_GB = 8.0  # FISH_MODEL_MEMORY_GB's default, when neither a measurement nor the estimate is at hand
@@ -34,7 +34,7 @@ FALLBACK_GB = 8.0  # FISH_MODEL_MEMORY_GB's default, when neither a measurement 
 
 @dataclass
 class _State:
-    measured: dict[int, Any] = field(default_factory=dict)  # GPU index -> measure.Footprint
+    measured: dict[int, Any] = field(default_factory=dict)  # GPU index -> fishmp.worker.footprint.Footprint
     done: bool = False
 
 
@@ -82,9 +82,9 @@ def long_work_extra_gib(settings: Settings, frames: int, work: LongestWork | Non
     0 without a readable Fish checkpoint (the synthetic engine), never below 0."""
     if settings.engine != "fish":
         return 0.0
-    from .explain import estimate_for
-    from .measure import warm_up_workload
-    from .memory import CheckpointReadError, estimate
+    from ..planning.explain import estimate_for
+    from ..planning.memory import CheckpointReadError, estimate
+    from ..planning.warmup import warm_up_workload
 
     work = work or LongestWork()
     try:
@@ -100,8 +100,8 @@ def long_work_extra_gib(settings: Settings, frames: int, work: LongestWork | Non
 def fallback_gib(settings: Settings) -> tuple[float, str]:
     """The figure for a GPU whose worker could not measure: the estimate, else the default."""
     if settings.engine == "fish":
-        from .explain import auto_model_memory_gb
-        from .memory import CheckpointReadError
+        from ..planning.explain import auto_model_memory_gb
+        from ..planning.memory import CheckpointReadError
 
         try:
             return auto_model_memory_gb(settings), "the estimate"
@@ -178,8 +178,8 @@ def _row_gib(settings: Settings) -> float | None:
     """The checkpoint's exact KV row (as the start plan used), or None: S1-mini's."""
     if settings.engine != "fish":
         return None
-    from .explain import estimate_for
-    from .memory import CheckpointReadError
+    from ..planning.explain import estimate_for
+    from ..planning.memory import CheckpointReadError
 
     try:
         return estimate_for(settings).kv_row_bytes / GIB

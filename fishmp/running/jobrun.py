@@ -16,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends.contract import WorkerHandle
+from ..config import Settings
+from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
+from ..worker.files import remove_temp_files, wav_ok
+from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
 from . import results
-from .config import Settings
-from .job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
-from .pool import WorkerHandle
 from .progress import EventCallback, make_event
-from .results import Manifest, SegmentRecord, output_dir_problem, wav_ok
+from .results import Manifest, SegmentRecord, output_dir_problem
 from .scheduler import Scheduler, Task
-from .worker import Done, Failed, SegmentTask, SpeakerRef
 
 log = logging.getLogger("fishmp")
 
@@ -197,7 +198,7 @@ class JobRun:
             "done", round(msg.audio_seconds, 3), round(msg.synthesis_seconds, 3), msg.tokens)
         rec.worker, rec.device, rec.finished_at = h.id, h.device, time.time()
         rec.attempts, rec.error, rec.error_kind = self.sched.tasks[sid].attempts + 1, None, None
-        take = results.take_fields(getattr(msg, "take", None))  # the take check's record (fishmp/takes.py)
+        take = results.take_fields(getattr(msg, "take", None))  # the take check's record (fishmp/worker/takes.py)
         for name, value in take.items():
             setattr(rec, name, value)
         self.emit(make_event("segment_done", id=sid, path=msg.path, audio_seconds=rec.audio_seconds,
@@ -261,7 +262,7 @@ class JobRun:
         try:
             self.save_manifest()
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
-            results.remove_temp_files(dirs, worker_pids)
+            remove_temp_files(dirs, worker_pids)
         finally:
             if self.lock is not None:
                 self.lock.release()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .pool import WorkerHandle
+from ..backends.contract import WorkerHandle
 
 LEAVE_TIMEOUT_S = 30.0  # a worker that said it is leaving but hangs (e.g. in CUDA teardown) is killed after this
 SETTLE_S = 3.0  # after a job's last segment, how long to wait for workers that announced their exit

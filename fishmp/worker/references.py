@@ -1,7 +1,7 @@
 """Speaker references: prompt tokens from .npy files, or encoded from audio through an engine with a disk cache.
 
 Cache entries live in `cache_dir/<sha256 of audio bytes>-<engine fingerprint>.npy`: a changed file or another
-checkpoint misses. Writes go through fishmp.results.atomic_write (a unique temp file in the same directory, renamed
+checkpoint misses. Writes go through fishmp.worker.files.atomic_write (a unique temp file in the same directory, renamed
 into place), so concurrent workers never see a half-written entry, and entries get mode 0666 minus the umask like the
 wavs (a cache directory shared by several users stays readable). A corrupt or malformed entry is ignored and rewritten.
 """
@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from .engines.base import BadReferenceError, Engine
-from .results import atomic_write
+from ..engines.base import BadReferenceError, Engine
+from .files import atomic_write
 
 NUM_CODEBOOKS = 10
 

@@ -12,88 +12,18 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import signal
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
-from .config import Settings
-from .plan import Plan
-from .worker import worker_main
+from ..config import Settings
+from ..planning.plan import Plan
+from ..worker.process import worker_main
+from .contract import WorkerHandle
 
 log = logging.getLogger("fishmp")
-
-# A spawned worker re-imports the caller's main module. Without `if __name__ == "__main__":` that module builds a Pool
-# again inside the child; fishmp recognises this and the child exits with this code, so the parent stops at once.
-BOOTSTRAP_EXIT = 87
-MISSING_GUARD = ("fishmp's worker processes re-import your main module, and it starts a fishmp.Pool (or "
-                 "fishmp.generate) at import time: put that code under `if __name__ == \"__main__\":` "
-                 "(multiprocessing's spawn method needs it)")
-
-
-class PoolError(RuntimeError):
-    """The pool cannot run jobs: it is closed, or its workers cannot start (the message says why)."""
-
-
-def refuse_in_bootstrap() -> None:
-    """Called when a Pool is built: inside a worker that is still being spawned, say what to add and exit."""
-    if getattr(mp.current_process(), "_inheriting", False):
-        sys.stderr.write(f"fishmp: {MISSING_GUARD}\n")
-        sys.stderr.flush()
-        os._exit(BOOTSTRAP_EXIT)
-
-
-def describe_exit(code: int | None) -> str:
-    """What an exit code probably means, for the person reading the log."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        hint = {
-            "SIGKILL": " (not by fishmp: the kernel's out-of-memory killer or another process; see dmesg)",
-            "SIGSEGV": " (segmentation fault in native code)",
-            "SIGABRT": " (aborted, often a CUDA or driver error)",
-        }.get(name, "")
-        return f"killed by {name}{hint}"
-    return f"exited with code {code}"
-
-
-@dataclass
-class WorkerHandle:
-    id: str
-    slot: int
-    device: str
-    pin: str | None
-    task_conn: Connection
-    result_conn: Connection
-    process: Any = None  # SpawnProcess, or None for the in-process worker
-    thread: threading.Thread | None = None
-    state: str = "starting"  # starting -> ready -> leaving -> dead
-    pid: int | None = None
-    spawned_at: float = field(default_factory=time.monotonic)
-    outstanding: deque[str] = field(default_factory=deque)  # task ids sent and not finished, in order
-    running: dict[str, float] = field(default_factory=dict)  # begun tasks (Started seen) -> when each began
-    batch_size: int = 1  # tasks it runs at once (its Ready says; lanes)
-    job: Any = None  # the job it last took work from (fair sharing between jobs)
-    load_seconds: float = 0.0
-    solo: set[str] = field(default_factory=set)  # outstanding tasks sent to run alone (suspects of a death)
-    leave_blame: Any = None  # service.Blame: it is leaving because of the segments it reported Failed
-    kill_reason: str | None = None
-    ever_ready: bool = False
-    leaving: bool = False  # it said it is exiting on purpose (after a failure): its exit is not a crash
-    leaving_since: float = 0.0
-    recycled: str | None = None  # why it is being recycled (its Leaving): its exit is planned, not charged
-
-    @property
-    def live(self) -> bool:
-        return self.state in ("starting", "ready")
-
-    def exitcode(self) -> int | None:
-        return self.process.exitcode if self.process is not None else 0
 
 
 _IN_PROCESS: list[WorkerPool] = []
@@ -198,7 +128,7 @@ class WorkerPool:
             self.restarts[slot] = max(0, self.restarts[slot] - 1)
 
     def grow(self, plan: Plan, settings: Settings) -> list[WorkerHandle]:
-        """FISH_MODEL_MEMORY_GB=auto (fishmp/autofill.py): `plan` has at least as many workers on each GPU as the
+        """FISH_MODEL_MEMORY_GB=auto (fishmp/running/autofill.py): `plan` has at least as many workers on each GPU as the
         current one; append a slot per extra worker and start them. `settings` (a measured number instead of auto)
         is what every worker started from now on gets, so replacements do not measure again."""
         have = {g.gpu.index: g.workers for g in self.plan.gpus}

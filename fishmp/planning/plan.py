@@ -14,14 +14,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .config import Settings
+from ..config import Settings
 from .gpus import GPU
 
 AUTO = "auto"  # FISH_MODEL_MEMORY_GB=auto
 # Guards floor() against float noise: 80 x 0.9 / 8 must be 9, not 8.999999.
 _EPS = 1e-9
 # One batch row's KV cache when the checkpoint is not at hand: S1-mini (28 layers x 2 x 8 kv heads x 128 x bf16 =
-# 114,688 bytes per token) at its full 8192 tokens, plus its 4 fast layers; fishmp.memory gives the exact figure.
+# 114,688 bytes per token) at its full 8192 tokens, plus its 4 fast layers; fishmp.planning.memory gives the exact figure.
 DEFAULT_ROW_GIB = (114_688 * 8192 + 4 * 2 * 10 * 8 * 128 * 2) / 1024**3
 
 
@@ -115,13 +115,13 @@ def worker_gib(model_memory_gb: float, rows: int, row_gib: float) -> float:
 
 
 def is_auto(settings: Settings) -> bool:
-    """FISH_MODEL_MEMORY_GB=auto: measure one worker per GPU after its warm-up, then fill (fishmp/autofill.py)."""
+    """FISH_MODEL_MEMORY_GB=auto: measure one worker per GPU after its warm-up, then fill (fishmp/running/autofill.py)."""
     return getattr(settings, "model_memory_gb", None) == AUTO
 
 
 def make_plan(gpus: list[GPU], settings: Settings, n_segments: int | None = None,
               row_gib: float | None = None) -> Plan:
-    """`row_gib`: one batch row's KV cache (fishmp.memory.Estimate.kv_row_bytes); S1-mini's when not given.
+    """`row_gib`: one batch row's KV cache (fishmp.planning.memory.Estimate.kv_row_bytes); S1-mini's when not given.
     FISH_MODEL_MEMORY_GB=auto: one worker per GPU (its start plan; fill_plan makes the full one once it measured)."""
     if is_auto(settings) and gpus:
         return _plan(gpus, settings, n_segments, row_gib, dict.fromkeys((g.index for g in gpus), None))

@@ -11,12 +11,12 @@ Data flow (per worker, two one-way pipes, so a killed worker can never corrupt a
 - Failures travel as data (kind, message, traceback text). Input problems keep the worker; anything else makes it
   leave on purpose (after saying so) so that the main process starts a clean replacement.
 
-Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.py runs the loop):
+Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/worker/lanes.py runs the loop):
 - `Ready.batch_size` = B, the lanes this worker offers (1 when the engine cannot batch). The main process may have up
   to B running + 1 queued tasks outstanding on it. Tasks of one speaker share a session of up to B rows; a task of
   another speaker waits until that session drains.
 - `Started(task)` when the task's row is added (its deadline starts then), then exactly one `Done` or `Failed` per
-  task. A retake (the take check failed, fishmp/takes.py) sends `Started` again when its row is added: each take gets
+  task. A retake (the take check failed, fishmp/worker/takes.py) sends `Started` again when its row is added: each take gets
   the segment's full deadline. Rows start and finish independently: several tasks are running at once, and a row
   that finishes is refilled with the next task at the next step (FISH_BATCH_REFILL=0, a benchmarking knob: only when
   the session is empty).
@@ -28,7 +28,7 @@ Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/lanes.
 - A worker that leaves on purpose sends `Failed(input_error=False)` for the tasks it blames first; the other tasks
   outstanding on it were innocent (requeue them without counting an attempt).
 - `Leaving(reason, figures, handed_back)`: recycling (FISH_WORKER_MAX_SEGMENTS / FISH_WORKER_MAX_GROWTH_GB,
-  fishmp/recycle.py). No new rows; the running ones finish (Done as usual); `handed_back` were never started here and
+  fishmp/worker/recycle.py). No new rows; the running ones finish (Done as usual); `handed_back` were never started here and
   are requeued at once, uncounted (so are tasks that arrive after it); then it exits 0 and the main process starts a
   fresh worker in its slot without charging FISH_MAX_RESTARTS.
 
@@ -54,111 +54,11 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .config import Settings
-
-
-# ---- messages (frozen dataclasses, matched by id) -------------------------------------------------------------
-@dataclass(frozen=True)
-class SpeakerRef:
-    id: str
-    reference_text: str
-    reference_audio: str | None = None
-    prompt_tokens: str | None = None
-    # Content hash of the reference file + transcript: a pool reused across jobs must not mistake a new "speaker 3"
-    # (dubbing backends reuse ids and paths per video) for the last job's.
-    fingerprint: str = ""
-
-
-@dataclass(frozen=True)
-class SegmentTask:
-    id: str
-    text: str
-    speaker: SpeakerRef
-    params: dict[str, Any]  # SynthesisParams fields; absent = engine default
-    output: str
-    solo: bool = False  # run in a session of its own: an earlier attempt died with its worker (maybe in a batch)
-    max_seconds: float | None = None  # the segment's subtitle slot: a longer take fails the take check
-
-
-@dataclass(frozen=True)
-class EncodeTask:
-    id: str
-    audio_path: str
-    output_npy: str
-
-
-@dataclass(frozen=True)
-class Ready:
-    worker: str
-    pid: int
-    device: str
-    load_seconds: float
-    batch_size: int = 1  # lanes: the main process may have batch_size running + 1 queued tasks outstanding here
-    footprint: Any = None  # FISH_MODEL_MEMORY_GB=auto: measure.Footprint after a warm-up segment (autofill.py)
-
-
-@dataclass(frozen=True)
-class Resized:
-    """The worker's batch shrank after running out of memory: it now offers `batch_size` lanes (for good)."""
-
-    worker: str
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class Leaving:
-    """Worker recycling (FISH_WORKER_MAX_SEGMENTS / FISH_WORKER_MAX_GROWTH_GB, fishmp/recycle.py): the worker takes no
-    new rows, finishes the ones it runs, hands back `handed_back` (tasks it will never start: requeue them without
-    counting an attempt) and exits 0. Not a failure: the main process replaces it without charging the slot."""
-
-    worker: str
-    reason: str  # one line with the figures, e.g. "finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)"
-    figures: dict[str, Any]  # segments, memory_kind, baseline_gib, current_gib, growth_gib
-    handed_back: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    worker: str
-    kind: str
-    message: str
-    traceback: str
-
-
-@dataclass(frozen=True)
-class Started:
-    worker: str
-    task: str
-
-
-@dataclass(frozen=True)
-class Done:
-    worker: str
-    task: str
-    path: str
-    audio_seconds: float
-    synthesis_seconds: float
-    tokens: int
-    # The take check (fishmp/takes.py): {"tried", "kept", "seed", "suspect", "takes": [verdicts], "over_slot_s"?};
-    # None when takes are not checked (FISH_TAKE_CHECK=false, encode tasks).
-    take: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Failed:
-    worker: str
-    task: str
-    kind: str
-    message: str
-    traceback: str
-    input_error: bool  # True: the input is bad (do not retry); False: the worker is leaving, requeue the task
-
-
-INPUT_ERRORS = ("bad_reference", "text_too_long", "write_error", "out_of_memory")
+from ..config import Settings
+from .protocol import INPUT_ERRORS, Done, EncodeTask, Failed, LoadFailed, Ready, SegmentTask, SpeakerRef
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -176,7 +76,7 @@ def _free_gib(pin: str | None) -> float | None:
     """Free memory on the pinned GPU as NVML sees it (for load-OOM messages); None off-GPU."""
     if not pin:
         return None
-    from .gpus import GIB, nvml_free_bytes
+    from ..planning.gpus import GIB, nvml_free_bytes
 
     try:
         return nvml_free_bytes(pin) / GIB
@@ -224,8 +124,8 @@ def worker_main(worker_id: str, device: str, pin: str | None, settings: Settings
 
     threading.Thread(target=reader, name="fishmp-reader", daemon=True).start()
 
-    from .engines import EngineOutOfMemoryError, create_engine, torch_device_for
-    from .measure import FootprintProbe
+    from ..engines import EngineOutOfMemoryError, create_engine, torch_device_for
+    from .footprint import FootprintProbe
 
     t0 = time.perf_counter()
     try:
@@ -289,7 +189,7 @@ class _SegmentRunner:
         self.send(Failed(self.worker_id, task_id, kind, message, tb, kind in INPUT_ERRORS))
 
     def _prompt(self, ref: SpeakerRef) -> Any:
-        from .engines import SpeakerPrompt
+        from ..engines import SpeakerPrompt
         from .references import encode_cached, load_prompt_tokens, speaker_key
 
         if ref not in self.prompts:
@@ -305,7 +205,7 @@ class _SegmentRunner:
     def _write_loop(self) -> None:
         import numpy as np
 
-        from .results import atomic_write, write_wav
+        from .files import atomic_write, write_wav
 
         while (item := self.writes.get()) is not None:
             task, payload, busy_s = item

@@ -1,0 +1,111 @@
+"""The messages between the main process and a worker: frozen dataclasses matched by id, failures as data.
+
+Both sides import this module alone: the worker process (fishmp/worker/process.py, its lanes) and every worker pool
+(fishmp/backends/: the local processes and the Ray actors) exchange exactly these classes. What each message means
+in the conversation (lanes, Started/Done/Failed, Resized, Leaving) is told in fishmp/worker/process.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+# ---- messages (frozen dataclasses, matched by id) -------------------------------------------------------------
+@dataclass(frozen=True)
+class SpeakerRef:
+    id: str
+    reference_text: str
+    reference_audio: str | None = None
+    prompt_tokens: str | None = None
+    # Content hash of the reference file + transcript: a pool reused across jobs must not mistake a new "speaker 3"
+    # (dubbing backends reuse ids and paths per video) for the last job's.
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class SegmentTask:
+    id: str
+    text: str
+    speaker: SpeakerRef
+    params: dict[str, Any]  # SynthesisParams fields; absent = engine default
+    output: str
+    solo: bool = False  # run in a session of its own: an earlier attempt died with its worker (maybe in a batch)
+    max_seconds: float | None = None  # the segment's subtitle slot: a longer take fails the take check
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    id: str
+    audio_path: str
+    output_npy: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    worker: str
+    pid: int
+    device: str
+    load_seconds: float
+    batch_size: int = 1  # lanes: the main process may have batch_size running + 1 queued tasks outstanding here
+    footprint: Any = None  # FISH_MODEL_MEMORY_GB=auto: fishmp.worker.footprint.Footprint after a warm-up segment (autofill.py)
+
+
+@dataclass(frozen=True)
+class Resized:
+    """The worker's batch shrank after running out of memory: it now offers `batch_size` lanes (for good)."""
+
+    worker: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """Worker recycling (FISH_WORKER_MAX_SEGMENTS / FISH_WORKER_MAX_GROWTH_GB, fishmp/worker/recycle.py): the worker takes no
+    new rows, finishes the ones it runs, hands back `handed_back` (tasks it will never start: requeue them without
+    counting an attempt) and exits 0. Not a failure: the main process replaces it without charging the slot."""
+
+    worker: str
+    reason: str  # one line with the figures, e.g. "finished 50 segments (FISH_WORKER_MAX_SEGMENTS=50)"
+    figures: dict[str, Any]  # segments, memory_kind, baseline_gib, current_gib, growth_gib
+    handed_back: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    worker: str
+    kind: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Started:
+    worker: str
+    task: str
+
+
+@dataclass(frozen=True)
+class Done:
+    worker: str
+    task: str
+    path: str
+    audio_seconds: float
+    synthesis_seconds: float
+    tokens: int
+    # The take check (fishmp/worker/takes.py): {"tried", "kept", "seed", "suspect", "takes": [verdicts], "over_slot_s"?};
+    # None when takes are not checked (FISH_TAKE_CHECK=false, encode tasks).
+    take: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    worker: str
+    task: str
+    kind: str
+    message: str
+    traceback: str
+    input_error: bool  # True: the input is bad (do not retry); False: the worker is leaving, requeue the task
+
+
+INPUT_ERRORS = ("bad_reference", "text_too_long", "write_error", "out_of_memory")
