@@ -29,6 +29,7 @@ from .planning.checkpoint import engine_fingerprint
 from .planning.gpus import GPU, nvml_inventory, select_devices
 from .planning.plan import Plan, make_plan, memory_check, plan_log_lines
 from .running.jobrun import JobResult, JobRun, remaining_segments
+from .running.delivery import current as current_delivery
 from .running.progress import EventCallback, make_event
 from .running.service import JobHandle, Service
 from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready
@@ -143,7 +144,8 @@ class Pool:
     def submit(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
                on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobHandle:
         """Start a job next to any others running; returns at once. `priority` weighs its share of the workers
-        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from the pool's thread."""
+        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from a thread of this
+        job's own (fishmp/running/delivery.py): in order, `finished` last and before the result is returned."""
         if not priority > 0:
             raise ValueError(f"priority={priority!r} is not valid: a number greater than 0")
         with self._lock:
@@ -158,7 +160,12 @@ class Pool:
 
     def generate(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
                  on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobResult:
-        """Run a job and wait for its result (= `submit(...).result()`)."""
+        """Run a job and wait for its result (= `submit(...).result()`). Not from inside an on_event callback
+        (PoolError): waiting there would hold back the events of the callback's own job; use `submit` there."""
+        if current_delivery() is not None:
+            raise PoolError("pool.generate() was called from an on_event callback: it would wait for a job while "
+                            "holding back the events (and so the result) of the job the callback belongs to; call "
+                            "pool.submit() there and wait for its handle from another thread")
         return self.submit(job, output_dir=output_dir, on_event=on_event, resume=resume, priority=priority).result()
 
     def cancel(self, handle: JobHandle) -> None:

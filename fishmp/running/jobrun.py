@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.contract import WorkerHandle
+from ..backends.contract import PoolError, WorkerHandle
 from ..config import Settings
 from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
 from . import results
+from .delivery import EventDelivery
+from .delivery import current as current_delivery
 from .progress import EventCallback, make_event
 from .results import Manifest, SegmentRecord, output_dir_problem
 from .scheduler import Scheduler, Task
@@ -39,6 +41,7 @@ class JobResult:
     interrupted: int | None = None  # the signal that stopped the job (SIGTERM for a cancelled one)
     error: str | None = None  # why the job could not go on (no worker could load the model...)
     cancelled: bool = False  # stopped by JobHandle.cancel(), not by a signal to the whole pool
+    callback_error: str | None = None  # the job's on_event raised this; it got no events after it (delivery.py)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records.values() if r.status == status)
@@ -89,7 +92,9 @@ class JobRun:
                  resume: bool = True, number: int = 0, priority: float = 1.0) -> None:
         self.job, self.settings, self.resume, self.number = job, settings, resume, number
         self.priority = priority
-        self.emit = on_event or (lambda ev: None)
+        # Events go to the callback from a thread of their own (delivery.py), never from the loop's.
+        self.delivery = EventDelivery(on_event, job.output_dir) if on_event else None
+        self.emit: EventCallback = self.delivery.put if self.delivery else (lambda ev: None)
         self.segments: dict[str, Segment] = {s.id: s for s in job.segments}
         ref_fp, self.fingerprints = _fingerprints(job, engine_fingerprint)
         self.refs = {sid: SpeakerRef(sid, sp.reference_text, sp.reference_audio, sp.prompt_tokens, ref_fp[sid])
@@ -308,6 +313,7 @@ class JobHandle:
         self._done = threading.Event()
         self._result: JobResult | None = None
         self._error: BaseException | None = None
+        self._outcome_set = False
 
     @property
     def job(self) -> Any:
@@ -321,6 +327,9 @@ class JobHandle:
         self._service.cancel(self)
 
     def result(self, timeout: float | None = None) -> JobResult:
+        if self._run.delivery is not None and current_delivery() is self._run.delivery:
+            raise PoolError("JobHandle.result() was called from this job's own on_event callback: the result comes "
+                            "after its last event, which cannot be delivered while the callback waits")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.2):  # short waits: the main thread stays responsive to signals
             if deadline is not None and time.monotonic() > deadline:
@@ -331,5 +340,19 @@ class JobHandle:
         return self._result
 
     def _set(self, result: JobResult | None, error: BaseException | None = None) -> None:
+        """The job's outcome. With a callback, the caller gets it once the callback has had every event."""
+        if self._outcome_set:
+            return
+        self._outcome_set = True
         self._result, self._error = result, error
-        self._done.set()
+        delivery = self._run.delivery
+        if delivery is None:
+            self._done.set()
+            return
+
+        def release() -> None:
+            if self._result is not None:
+                self._result.callback_error = delivery.error
+            self._done.set()
+
+        delivery.close(release)

@@ -104,13 +104,16 @@ class Service(Deadlines):
                 self._turn()
         except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers blocked forever
             log.exception("[Main] the job loop failed")
-            for handle in list(self.active):
-                self.active.remove(handle)
-                handle._set(None, exc)
             with self._lock:
                 self._closing = True
-                for handle in self._incoming:
-                    handle._set(None, exc)
+                incoming, self._incoming = self._incoming, []
+            for handle in list(self.active):
+                self.active.remove(handle)
+                with contextlib.suppress(BaseException):  # keep what is done: manifest written, directory released
+                    handle._run.finish(set())
+                handle._set(None, exc)
+            for handle in incoming:
+                handle._set(None, exc)
 
     def _start(self, handle: JobHandle) -> None:
         run = handle._run
