@@ -163,12 +163,43 @@ def test_hung_segment_is_killed_and_requeued(tmp_path, synthetic_job, fishmp_cli
     job = synthetic_job({"a": ["Hangs once @@hang-once@@.", "Fine."], "b": ["Fine as well."]})
     t0 = time.monotonic()
     out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_S="1.5",
-                            FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0")
+                            FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0", FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0")
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - t0 < 30
     died = [e for e in events if e["event"] == "worker_died"]
     assert len(died) == 1 and "deadline" in died[0]["reason"] and "FISH_SEGMENT_TIMEOUT_S" in died[0]["reason"]
     assert segs["a-000"]["attempts"] == 2
+
+
+def test_the_segment_deadline_scales_with_max_new_tokens(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25: a segment allowed many frames gets time for them (FISH_SEGMENT_TIMEOUT_PER_FRAME_S x max_new_tokens),
+    so a healthy long take is not killed as a hang; one allowed few frames is still caught at its (short) deadline."""
+    job = synthetic_job({"a": ["Long take @@slow=2.5-once@@.", "Short take @@slow=2.5-once@@."]})
+    data = json.loads(open(job).read())
+    data["segments"][0]["params"] = {"max_new_tokens": 1000}  # 1 + 0.006 x 1000 = 7 s
+    data["segments"][1]["params"] = {"max_new_tokens": 20}  # 1 + 0.006 x 20 = 1.12 s
+    open(job, "w").write(json.dumps(data))
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_S="1", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                            FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0.006")
+    assert out.returncode == 0, out.stderr
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert len(died) == 1 and "segment a-001 ran past its 1s deadline" in died[0]["reason"], died
+    assert "FISH_SEGMENT_TIMEOUT_PER_FRAME_S x max_new_tokens" in died[0]["reason"]
+    assert segs["a-000"]["attempts"] == 1 and segs["a-001"]["attempts"] == 2
+
+
+def test_the_default_deadline_formula(tmp_path, synthetic_job) -> None:
+    from fishmp.config import Settings
+    from fishmp.job import load_job
+    from fishmp.running.jobrun import JobRun
+
+    job = synthetic_job({"a": ["x" * 20, "y" * 20]})
+    data = json.loads(open(job).read())
+    data["segments"][1]["params"] = {"max_new_tokens": 2048}
+    open(job, "w").write(json.dumps(data))
+    run = JobRun(load_job(job, str(tmp_path / "out")), "synthetic", Settings())
+    assert run.timeout_for("a-000") == pytest.approx(120 + 1.0 * 20 + 0.2 * 1024)  # 344.8 s
+    assert run.timeout_for("a-001") == pytest.approx(120 + 1.0 * 20 + 0.2 * 2048)
 
 
 def start(job, tmp_path, **env) -> subprocess.Popen:

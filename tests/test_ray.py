@@ -213,7 +213,8 @@ def test_hung_segment_past_its_deadline_kills_the_actor_and_is_redone(tmp_path, 
     monkeypatch.setenv("FISH_SYNTHETIC_STATE_DIR", str(tmp_path / "state"))
     job = _job(tmp_path, make_wav, n=2, fault=" @@hang-once@@")
     events: list[dict] = []
-    with ray_pool(cache_dir=str(tmp_path / "c"), segment_timeout_s=2.0, segment_timeout_per_char_s=0.0, **SYNTH) as pool:
+    with ray_pool(cache_dir=str(tmp_path / "c"), segment_timeout_s=2.0, segment_timeout_per_char_s=0.0,
+                  segment_timeout_per_frame_s=0.0, **SYNTH) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 4, result.error
     died = [e for e in events if e["event"] == "worker_died"]

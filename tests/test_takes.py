@@ -339,7 +339,8 @@ def test_each_retake_gets_the_segments_full_deadline(tmp_path, make_wav, fishmp_
     out = str(tmp_path / "out")
     res = fishmp_cli(["generate", job, "-o", out, "--progress", "jsonl"], str(tmp_path),
                      synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_SYNTHETIC_SECONDS_PER_CHAR="0.03",
-                                   FISH_SEGMENT_TIMEOUT_S="2.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"))
+                                   FISH_SEGMENT_TIMEOUT_S="2.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                                   FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"))
     assert res.returncode == 0, res.stderr
     rec = _manifest(out)["segments"]["slow"]
     assert [t["reasons"] for t in rec["takes"]] == [["silent"], ["silent"], []] and rec["attempts"] == 1

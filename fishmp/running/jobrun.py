@@ -18,6 +18,7 @@ from typing import Any
 
 from ..backends.contract import PoolError, WorkerHandle
 from ..config import Settings
+from ..engines import SynthesisParams
 from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
@@ -29,6 +30,7 @@ from .results import Manifest, SegmentRecord, output_dir_problem
 from .scheduler import Scheduler, Task
 
 log = logging.getLogger("fishmp")
+DEFAULT_MAX_NEW_TOKENS = SynthesisParams().max_new_tokens  # the engines' default, for a segment that sets none
 
 
 @dataclass
@@ -177,8 +179,12 @@ class JobRun:
                            **args)
 
     def timeout_for(self, segment_id: str) -> float:
-        text = self.segments[segment_id].text
-        return self.settings.segment_timeout_s + self.settings.segment_timeout_per_char_s * len(text)
+        """FISH_SEGMENT_TIMEOUT_S + _PER_CHAR_S x characters + _PER_FRAME_S x the frames it may decode (its
+        max_new_tokens, 1024 unless set): a healthy 1023-frame take must not be killed as a hang."""
+        seg = self.segments[segment_id]
+        frames = seg.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        s = self.settings
+        return s.segment_timeout_s + s.segment_timeout_per_char_s * len(seg.text) + s.segment_timeout_per_frame_s * frames
 
     @property
     def finished(self) -> bool:

@@ -62,7 +62,7 @@ class Deadlines:
         owner = self._owner.get(tid)
         name = owner[1] if owner else tid
         reason = (f"segment {name} ran past its {limit:.0f}s deadline (FISH_SEGMENT_TIMEOUT_S + "
-                  "FISH_SEGMENT_TIMEOUT_PER_CHAR_S x characters)")
+                  "FISH_SEGMENT_TIMEOUT_PER_CHAR_S x characters + FISH_SEGMENT_TIMEOUT_PER_FRAME_S x max_new_tokens)")
         if h.process is not None:
             self.workers.kill(h, reason)
             return
