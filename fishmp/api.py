@@ -28,8 +28,8 @@ from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
 from .planning.checkpoint import engine_fingerprint
 from .planning.gpus import GPU, nvml_inventory, select_devices
 from .planning.plan import Plan, make_plan, memory_check, plan_log_lines
-from .running.jobrun import JobResult, JobRun, remaining_segments
 from .running.delivery import current as current_delivery
+from .running.jobrun import JobResult, JobRun, remaining_segments
 from .running.progress import EventCallback, make_event
 from .running.service import JobHandle, Service
 from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready

@@ -7,6 +7,7 @@ The synthetic engine's text markers inject the faults (see fishmp/engines/synthe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -384,3 +385,65 @@ def test_a_backend_that_stops_reading_costs_nothing(tmp_path, synthetic_job) -> 
     assert proc.returncode == 0 and "Traceback" not in err
     assert {r["status"] for r in check_outputs(tmp_path / "out").values()} == {"done"}
     assert_no_workers_left(tmp_path)
+
+
+def _pool(tmp_path, **kw):
+    import fishmp
+
+    return fishmp.Pool(engine="synthetic", multiprocess_mode="true", devices="cpu", cache_dir=str(tmp_path / "cache"),
+                       **{"cpu_workers": 2, **kw})
+
+
+def _voice_job(make_wav, tmp_path, prefix: str, texts: list[str], speakers: int = 1) -> dict:
+    voice = make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
+    return {"speakers": {f"s{k}": {"reference_audio": voice, "reference_text": "hi"} for k in range(speakers)},
+            "segments": [{"id": f"{prefix}{i}", "speaker": f"s{i % speakers}", "text": t} for i, t in enumerate(texts)]}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_worker_frozen_while_idle_is_replaced_and_its_segment_done_elsewhere(n, tmp_path, make_wav, clean_env):
+    """Issue 25 item 3: a task sent to a SIGSTOPped idle worker never starts; past FISH_START_TIMEOUT_S it is taken
+    back (not blamed) and done by the other worker, and the frozen one is killed and replaced."""
+    events: list[dict] = []
+    with _pool(tmp_path, start_timeout_s=2.0) as pool:
+        warm = pool.submit(_voice_job(make_wav, tmp_path, "w", ["Warm one.", "Warm two."]), output_dir=str(tmp_path / "w"),
+                           on_event=events.append)
+        assert warm.result(timeout=60).exit_code == 0
+        ready = {e["worker"]: e["pid"] for e in events if e["event"] == "worker_ready"}
+        frozen = ready["w0"]  # the first worker: the one a lone segment is sent to
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            events.clear()
+            t0 = time.monotonic()
+            result = pool.generate(_voice_job(make_wav, tmp_path, "j", [f"Line {i}." for i in range(n)]),
+                                   output_dir=str(tmp_path / "out"), on_event=events.append)
+            took = time.monotonic() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+    assert result.exit_code == 0 and result.count("done") == n
+    assert {r.attempts for r in result.records.values()} == {1}  # not blamed
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert [e["pid"] for e in died] == [frozen] and "FISH_START_TIMEOUT_S=2s" in died[0]["reason"]
+    requeued = [e for e in events if e["event"] == "segment_requeued"]
+    assert len(requeued) == 1 and requeued[0]["attempts"] == 0 and requeued[0]["pid"] == frozen
+    assert took < 40, took
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{frozen}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{frozen}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_busy_worker_whose_queued_task_waits_is_not_taken_for_frozen(batch, tmp_path, make_wav, clean_env):
+    """A task queued behind running rows (another speaker's at batch 2, the next one at batch 1) has no Started for
+    longer than FISH_START_TIMEOUT_S: that is not a frozen worker."""
+    events: list[dict] = []
+    texts = ["Slow one @@slow=3@@.", "Slow two @@slow=3@@.", "Then this."]
+    job = _voice_job(make_wav, tmp_path, "j", texts, speakers=2 if batch > 1 else 1)
+    if batch > 1:  # two rows of s0 run, s1's task waits for that session to drain
+        job["segments"][1]["speaker"], job["segments"][2]["speaker"] = "s0", "s1"
+    with _pool(tmp_path, cpu_workers=1, batch_size=batch, start_timeout_s=2.0) as pool:
+        result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
+    assert result.exit_code == 0 and result.count("done") == 3
+    assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]

@@ -249,11 +249,13 @@ class Service(Deadlines):
                     run.sched.requeue(task.id, count_attempt=False)
                     continue
                 self._owner[msg.id] = (handle, task.id)
+                h.sent_at[msg.id] = time.monotonic()  # it must start within FISH_START_TIMEOUT_S once due (watchdog)
                 if solo:
                     h.solo.add(msg.id)
 
     # -- messages -----------------------------------------------------------------------------------------------------
     def _on_message(self, h: WorkerHandle, msg: Any) -> None:
+        h.last_heard = time.monotonic()
         if isinstance(msg, Ready):
             h.state, h.pid, h.ever_ready, h.load_seconds = "ready", msg.pid, True, msg.load_seconds
             h.batch_size = max(1, int(getattr(msg, "batch_size", 1) or 1))
@@ -294,6 +296,7 @@ class Service(Deadlines):
     @staticmethod
     def _finish_task(h: WorkerHandle, tid: str) -> None:
         h.running.pop(tid, None)
+        h.sent_at.pop(tid, None)
         h.solo.discard(tid)
         with contextlib.suppress(ValueError):
             h.outstanding.remove(tid)
@@ -361,6 +364,7 @@ class Service(Deadlines):
             handle._run.requeue(sid, reason, h, counted=len(running) == 1 and tid in running)
         h.outstanding.clear()
         h.running.clear()
+        h.sent_at.clear()
         if h.job is not None:
             h.job._run.sched.worker_gone(h.id)
             h.job = None
