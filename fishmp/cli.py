@@ -327,7 +327,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
 
     job = load_encode_config(args.config, skip_invalid=None, output_root=settings.output_root)
     for problem in job.skipped:
-        log.error("[Encode] skipped: %s", problem)
+        log.error("[Main] skipped: %s", problem)  # [Main]: what legacy clients echo
     settings = _with_checkpoint(settings, job.checkpoint_dir)
     total = job.listed or len(job.items)
     finished = [total - len(job.items)]
@@ -335,7 +335,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     def progress(ev: dict) -> None:
         if ev["event"] == "speaker_encoded":
             finished[0] += 1
-            log.info("[Encode] %d/%d speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
+            log.info("[Main] encoded %d/%d: speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
 
     # Encoding is a short codec pass per speaker: one worker, never the full plan.
     with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
@@ -343,7 +343,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
         errors = pool.encode(job, on_event=progress)
         interrupted = pool.interrupted
     for sid, msg in errors.items():
-        log.error("[Encode] speaker %s failed: %s", sid, msg)
+        log.error("[Main] speaker %s failed: %s", sid, msg)
     sys.stderr.flush()
     _print_result([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
                    if str(it.speaker_id) not in errors])
