@@ -173,6 +173,9 @@ class _SegmentRunner:
 
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
+        from .references import codebook_sizes
+
+        self.codebooks = codebook_sizes(settings)  # prompt codes beyond them: that speaker fails bad_reference
         # Bounded (back-pressure on generation when the disk is slow), but a whole batch finishing at once fits.
         self.writes: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
@@ -194,9 +197,9 @@ class _SegmentRunner:
 
         if ref not in self.prompts:
             if ref.prompt_tokens:
-                tokens = load_prompt_tokens(ref.prompt_tokens)
+                tokens = load_prompt_tokens(ref.prompt_tokens, self.codebooks)
             else:
-                tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir)
+                tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir, self.codebooks)
             if len(self.prompts) >= 64:  # bounded: a long-lived pool sees many voices
                 self.prompts.pop(next(iter(self.prompts)))
             self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
