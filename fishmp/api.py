@@ -29,7 +29,7 @@ from .planning.checkpoint import engine_fingerprint
 from .planning.gpus import GPU, nvml_inventory, select_devices
 from .planning.plan import Plan, make_plan, memory_check, plan_log_lines
 from .running.delivery import current as current_delivery
-from .running.jobrun import JobResult, JobRun, remaining_segments
+from .running.jobrun import JobResult, JobRun, remaining_segments, warn_if_no_cache
 from .running.progress import EventCallback, make_event
 from .running.service import JobHandle, Service
 from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready
@@ -184,6 +184,7 @@ class Pool:
             if self._service is not None:
                 raise PoolError("encode needs a Pool of its own (this one has run generate jobs)")
         emit = on_event or (lambda ev: None)
+        warn_if_no_cache(self.settings.cache_dir)
         items = {str(it.speaker_id): it for it in job.items}
         todo = deque(items)
         attempts: dict[str, int] = dict.fromkeys(items, 0)

@@ -447,3 +447,32 @@ def test_a_busy_worker_whose_queued_task_waits_is_not_taken_for_frozen(batch, tm
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 3
     assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
+
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only", "full"])
+def test_an_unusable_cache_dir_costs_one_warning_not_the_segments(kind, tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25 item 7: every segment failed as poison after 3 reloads each; the cache is only an optimisation."""
+    cache = tmp_path / "cache-here"
+    if kind == "a-file":
+        cache.write_text("not a directory")
+    else:
+        cache.mkdir()
+        opts = "ro,size=64k" if kind == "read-only" else "size=16k"
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(cache)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        if kind == "full":
+            with contextlib.suppress(OSError), open(cache / "filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+    try:
+        job = synthetic_job({"a": ["One.", "Two."], "b": ["Three."]})
+        out, events, segs = run(fishmp_cli, job, tmp_path, FISH_CACHE_DIR=str(cache))
+    finally:
+        if kind != "a-file":
+            subprocess.run(["umount", "-l", str(cache)], check=False)
+    assert out.returncode == 0, out.stderr
+    assert {r["status"] for r in segs.values()} == {"done"} and {r["attempts"] for r in segs.values()} == {1}
+    assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
+    warnings = [line for line in out.stderr.splitlines() if "FISH_CACHE_DIR" in line]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "without the cache" in warnings[0], out.stderr

@@ -22,6 +22,7 @@ from ..engines import SynthesisParams
 from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
+from ..worker.references import cache_dir_problem
 from . import results
 from .delivery import EventDelivery
 from .delivery import current as current_delivery
@@ -78,6 +79,14 @@ def _already_done(manifest: Manifest, seg: Segment, fingerprint: str, resume: bo
             and rec.fingerprint == fingerprint and wav_ok(seg.output))
 
 
+def warn_if_no_cache(cache_dir: str) -> None:
+    """One warning when FISH_CACHE_DIR cannot hold encoded references: the job runs without the cache (workers encode
+    each voice they meet), and no segment is blamed for it."""
+    if problem := cache_dir_problem(cache_dir):
+        log.warning("[Main] FISH_CACHE_DIR %s cannot be used (%s): reference audio is encoded without the cache, "
+                    "again by each worker and each job; fix or change FISH_CACHE_DIR", cache_dir, problem)
+
+
 def remaining_segments(job: Job, engine_fingerprint: str, resume: bool = True) -> int:
     """How many segments a run of `job` would synthesize (the rest resume from the manifest): plan workers for these."""
     if not resume:
@@ -118,6 +127,8 @@ class JobRun:
         problem = output_dir_problem(self.job.output_dir)
         if problem:
             raise JobError([problem], self.job.source)
+        if any(sp.reference_audio for sp in self.job.speakers.values()):
+            warn_if_no_cache(self.settings.cache_dir)
         # Held for the whole job, released in finish(); OutputDirBusy names the holder when another job has it.
         self.lock = results.OutputDirLock(self.job.output_dir).acquire()
         try:

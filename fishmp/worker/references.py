@@ -4,6 +4,7 @@ Cache entries live in `cache_dir/<sha256 of audio bytes>-<engine fingerprint>.np
 checkpoint misses. Writes go through fishmp.worker.files.atomic_write (a unique temp file in the same directory, renamed
 into place), so concurrent workers never see a half-written entry, and entries get mode 0666 minus the umask like the
 wavs (a cache directory shared by several users stays readable). A corrupt or malformed entry is ignored and rewritten.
+An unusable cache directory (a file, read-only, full) is never a segment's fault: the tokens are used uncached.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import numpy as np
 
 from ..engines.base import BadReferenceError, Engine
-from .files import atomic_write
+from .files import atomic_write, new_temp
 
 NUM_CODEBOOKS = 10
 # S1's codec: codes of the semantic codebook (row 0) are < 4096, of each of the 9 residual ones (rows 1-9) < 1024.
@@ -99,8 +100,29 @@ def encode_cached(engine: Engine, audio_path: str, cache_dir: str,
         except Exception:
             pass  # corrupt or foreign entry: encode again and overwrite it
     tokens = _check_tokens(np.asarray(engine.encode_reference(audio_path)), audio_path, sizes)
-    atomic_write(entry, lambda tmp: np.save(tmp, tokens), suffix=".npy")  # not mkstemp: its 0600 ignores the umask
+    try:
+        atomic_write(entry, lambda tmp: np.save(tmp, tokens), suffix=".npy")  # not mkstemp: 0600 ignores the umask
+    except OSError:
+        pass  # an unusable cache (a file, read-only, full) only costs the next encode; the main process warned once
     return tokens, False
+
+
+def cache_dir_problem(cache_dir: str) -> str | None:
+    """Why FISH_CACHE_DIR cannot hold cache entries (not a directory, read-only, full), or None. Probed with a real
+    write of a few KiB (an empty file still fits on a full disk), removed at once."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        probe = new_temp(cache_dir, ".npy")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as exc:
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if getattr(exc, "filename", None) else "")
+    return None
 
 
 def speaker_key(tokens: np.ndarray, text: str) -> str:
