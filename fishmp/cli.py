@@ -3,6 +3,8 @@
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
 4 every segment written but some are suspect (no take passed the take check; legacy configs keep 0);
+5 the final manifest.json could not be written (disk full...: the result line says why; it wins over 0, 1, 4 and
+the interruption codes; legacy configs keep their own codes and say so on stderr);
 130 / 143 interrupted by SIGINT / SIGTERM. Legacy configs: 0 whenever something was done (see legacy.py).
 Logs go to stderr; stdout carries only machine output.
 """
@@ -28,8 +30,9 @@ SUSPECT_EXIT = 4  # every segment has its wav, but some are suspect (no take pas
 EPILOG = """environment (also read from ./.env; the real environment wins): FISH_MULTIPROCESS_MODE, FISH_MODEL_MEMORY_GB,
 FISH_CHECKPOINT_DIR, FISH_PRECISION, FISH_COMPILE, FISH_DEVICES, FISH_MAX_WORKERS, FISH_MEMORY_RESERVE,
 FISH_CPU_WORKERS, FISH_ENGINE ... see .env.example. Exit codes: 0 ok, 1 some segments failed, 2 invalid job or
-configuration, 3 output directory in use by another job, 4 all written but some suspect (take check), 130/143
-interrupted (legacy configs: 0 when anything was done). FISH_BATCH_SIZE, FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
+configuration, 3 output directory in use by another job, 4 all written but some suspect (take check), 5 the final
+manifest could not be written, 130/143 interrupted (legacy configs: 0 when anything was done). FISH_BATCH_SIZE,
+FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,9 +260,12 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
             renderer.close()
     if result.error:
         log.error("[Main] %s", result.error)
-    log.info("[Main] wavs and manifest: %s", result.output_dir)
+    if result.manifest_error:
+        log.error("[Main] wavs: %s; manifest.json NOT written (%s)", result.output_dir, result.manifest_error)
+    else:
+        log.info("[Main] wavs and manifest: %s", result.output_dir)
     if legacy:  # the contract of the scripts fishmp replaces: the LAST stdout line, exit 0 with what succeeded
-        code = exit_code(result.count("done"), result.exit_code)
+        code = exit_code(result.count("done"), result.outcome_exit_code)  # their contract: no exit 5 (said on stderr)
         sys.stderr.flush()  # a backend reads stderr merged into stdout: nothing may follow the result line
         _print_result(generate_mapping(job, result.records))
         return code
@@ -271,7 +277,8 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         code = SUSPECT_EXIT if code == 0 else code  # failures (1) and interruptions say more
     _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
                    "failed": result.count("failed"), "pending": result.count("pending"), "invalid": invalid,
-                   "suspect": suspect, "exit_code": code})
+                   "suspect": suspect, "exit_code": code,
+                   **({"manifest_error": result.manifest_error} if result.manifest_error else {})})
     return code
 
 

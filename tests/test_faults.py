@@ -476,3 +476,37 @@ def test_an_unusable_cache_dir_costs_one_warning_not_the_segments(kind, tmp_path
     assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
     warnings = [line for line in out.stderr.splitlines() if "FISH_CACHE_DIR" in line]
     assert len(warnings) == 1 and str(cache) in warnings[0] and "without the cache" in warnings[0], out.stderr
+
+
+def test_a_final_manifest_the_disk_cannot_hold_is_said_and_exit_5(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25 item 8: the result line said done while manifest.json on disk said pending, exit 0. The disk is filled
+    up front to leave room for exactly the lock, the first manifest and the one wav: the final write cannot fit."""
+    import math
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        text = "Hello there."
+        wav_pages = math.ceil((44 + 2 * round(len(text) * 0.06 * 44100)) / 4096)  # the synthetic engine's output
+        free = os.statvfs(mnt).f_bavail
+        (mnt / "filler").write_bytes(b"\0" * ((free - wav_pages - 2) * 4096))  # + the lock and the first manifest
+        job = synthetic_job({"a": [text]})
+        out = fishmp_cli(["generate", job, "-o", str(mnt / "out"), "--progress", "jsonl"], str(tmp_path),
+                         synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert out.returncode == 5, out.stderr
+        assert result["exit_code"] == 5 and result["done"] == 1 and "No space left" in result["manifest_error"]
+        assert "manifest.json NOT written" in out.stderr and "wavs and manifest" not in out.stderr
+        assert sf.info(str(mnt / "out" / "a-000.wav")).frames > 0  # the work is on disk
+        assert jsonl_events(out.stdout)[-1]["manifest_error"] == result["manifest_error"]
+        assert not [f for f in os.listdir(mnt / "out") if f.startswith(TMP_PREFIX)]
+        os.unlink(mnt / "filler")  # room again: the re-run redoes what the manifest lacked, and writes it
+        again = fishmp_cli(["generate", job, "-o", str(mnt / "out"), "--progress", "jsonl"], str(tmp_path),
+                           synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+        assert again.returncode == 0 and "manifest_error" not in again.stdout.splitlines()[-1]
+        assert {r["status"] for r in check_outputs(mnt / "out").values()} == {"done"}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert_no_workers_left(tmp_path)

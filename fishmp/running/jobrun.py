@@ -32,6 +32,8 @@ from .scheduler import Scheduler, Task
 
 log = logging.getLogger("fishmp")
 DEFAULT_MAX_NEW_TOKENS = SynthesisParams().max_new_tokens  # the engines' default, for a segment that sets none
+MANIFEST_EXIT = 5  # the job ran, but its final manifest.json could not be written
+FINAL_SAVE_RETRIES_S = (0.5, 2.0)  # waits between the final manifest write's attempts (a disk freeing up)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class JobResult:
     error: str | None = None  # why the job could not go on (no worker could load the model...)
     cancelled: bool = False  # stopped by JobHandle.cancel(), not by a signal to the whole pool
     callback_error: str | None = None  # the job's on_event raised this; it got no events after it (delivery.py)
+    manifest_error: str | None = None  # the final manifest.json could not be written (after retries): exit code 5
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records.values() if r.status == status)
@@ -55,6 +58,13 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
+        """5 when the final manifest could not be written (the wavs are there, resume cannot know it: said first),
+        else `outcome_exit_code`."""
+        return MANIFEST_EXIT if self.manifest_error is not None else self.outcome_exit_code
+
+    @property
+    def outcome_exit_code(self) -> int:
+        """What the segments say: 128 + signal when interrupted, 0 all done, 1 otherwise."""
         if self.interrupted is not None:
             return 128 + self.interrupted
         return 0 if self.ok else 1
@@ -171,7 +181,7 @@ class JobRun:
         except OSError as exc:
             if not self.manifest_error:
                 log.error("[Main] cannot write %s: %s (will keep trying)", self.manifest.path, exc.strerror or exc)
-            self.manifest_error = str(exc)
+            self.manifest_error = exc.strerror or str(exc)
         else:
             self.manifest_error = None
 
@@ -282,22 +292,36 @@ class JobRun:
         if gpus and isinstance(getattr(self.manifest, "summary", None), dict):
             self.manifest.summary["gpus"] = gpus
         try:
-            self.save_manifest()
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
-            remove_temp_files(dirs, worker_pids)
+            remove_temp_files(dirs, worker_pids)  # first: on a full disk that may be the room the manifest needs
+            self._save_final()
         finally:
             if self.lock is not None:
                 self.lock.release()
         result = JobResult(self.job.output_dir, self.manifest.path, self.manifest.segments, self.skipped,
-                           time.monotonic() - self.t0, self.stop_signal, self.error, self.cancelled)
+                           time.monotonic() - self.t0, self.stop_signal, self.error, self.cancelled,
+                           manifest_error=self.manifest_error)
         self.emit(make_event("finished", done=result.count("done"), failed=result.count("failed"),
                              suspect=results.suspect_count(self.manifest.segments),
                              pending=result.count("pending"), skipped=self.skipped,
                              audio_seconds=sum(r.audio_seconds or 0 for r in self.manifest.segments.values()),
                              wall_seconds=round(result.wall_seconds, 3), exit_code=result.exit_code,
                              interrupted=signal.Signals(result.interrupted).name if result.interrupted else None,
-                             cancelled=self.cancelled, manifest=self.manifest.path, **({"gpus": gpus} if gpus else {})))
+                             cancelled=self.cancelled, manifest=self.manifest.path, **({"gpus": gpus} if gpus else {}),
+                             **({"manifest_error": self.manifest_error} if self.manifest_error else {})))
         return result
+
+    def _save_final(self) -> None:
+        """The manifest resume trusts: retried, and when it still cannot be written the result says so (exit 5)."""
+        for wait in (*FINAL_SAVE_RETRIES_S, None):
+            self.save_manifest()
+            if self.manifest_error is None or wait is None:
+                break
+            time.sleep(wait)
+        if self.manifest_error is not None:
+            log.error("[Main] the final %s could NOT be written: %s; the wavs are on disk, but a re-run redoes the "
+                      "segments it does not list as done (free space and re-run)", self.manifest.path,
+                      self.manifest_error)
 
 
 class Blame:

@@ -125,7 +125,8 @@ class PlainLines:
             line = f"[Main] {gpu_brief(ev)}"
         elif kind == "finished":
             line = "\n".join([f"[Main] finished: {ev['done']} done, {ev['failed']} failed, {ev['pending']} pending, "
-                              f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s",
+                              f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s"
+                              + (f"; manifest NOT written: {ev['manifest_error']}" if ev.get("manifest_error") else ""),
                               *gpu_summary_lines(ev.get("gpus") or {})])
         else:
             return
