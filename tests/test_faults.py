@@ -510,3 +510,29 @@ def test_a_final_manifest_the_disk_cannot_hold_is_said_and_exit_5(tmp_path, synt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_single_process_mode_blames_a_hang_only_on_a_segment_that_ran_alone(batch, tmp_path, synthetic_job,
+                                                                             fishmp_cli) -> None:
+    """Issue 25 item 9: in FISH_MULTIPROCESS_MODE=false a hang in a batch failed every batchmate as `timeout` (and,
+    at batch 1, every other segment of the job too). Only a segment that ran alone is known to have hung."""
+    mate = "a line long enough to outlast the first steps of the batch it is decoded in."
+    job = synthetic_job({"a": [f"Mate one, {mate}", f"Mate two, {mate}", f"Mate three, {mate}", "Hangs @@hang@@.",
+                               "Later.", "Last."]})  # longest first: the mates start before the hang joins them
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_MULTIPROCESS_MODE="false", FISH_BATCH_SIZE=str(batch),
+                                   FISH_SEGMENT_TIMEOUT_S="1", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                                   FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"), timeout=60)
+    assert out.returncode == 1, out.stderr
+    segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
+    kinds = {sid: r.get("error_kind") or r["status"] for sid, r in segs.items()}
+    if batch == 1:  # the mates ran (alone) before it; the hang ran alone: it is the culprit
+        assert kinds == {"a-000": "done", "a-001": "done", "a-002": "done", "a-003": "timeout",
+                         "a-004": "no_workers", "a-005": "no_workers"}
+    else:  # it hung a batch of four: nobody is blamed, the four are named
+        assert set(kinds.values()) == {"no_workers"}
+        mates = [sid for sid, r in segs.items() if "one of these 4 segments hung" in r["error"]]
+        assert sorted(mates) == ["a-000", "a-001", "a-002", "a-003"]
+    assert all("FISH_MULTIPROCESS_MODE" in r["error"] for r in segs.values() if r["status"] == "failed")
+    assert "Traceback" not in out.stderr and "terminate called" not in out.stderr

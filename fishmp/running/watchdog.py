@@ -94,13 +94,25 @@ class Deadlines:
         if h.process is not None:
             self.workers.kill(h, reason)
             return
-        # In-process (FISH_MULTIPROCESS_MODE=false) the model runs in this process and cannot be stopped: fail the
-        # segment, stop the job; the hung thread is left behind and the process exits past it (see pool.py).
+        # In-process (FISH_MULTIPROCESS_MODE=false) the model runs in this process and cannot be stopped: the jobs
+        # stop; the hung thread is left behind and the process exits past it (see backends/local.py). Only a segment
+        # that ran alone is known to have hung (timeout); batchmates stall with the culprit and are not blamed.
         h.kill_reason = reason
         h.state = "dead"
-        error = reason + "; in single-process mode (FISH_MULTIPROCESS_MODE=false) it cannot be stopped: use auto"
+        mode = "in single-process mode (FISH_MULTIPROCESS_MODE=false) it cannot be stopped: use auto"
+        running = [self._owner[t] for t in h.running if t in self._owner]
+        if len(running) == 1:
+            handle, sid = running[0]
+            handle._run.fail(sid, "timeout", f"{reason}; {mode}", h)
+        else:
+            names = ", ".join(sid for _, sid in running)
+            for handle, sid in running:
+                handle._run.fail(sid, "no_workers", f"it was decoding in one batch with {names} when the batch "
+                                 f"stopped ({reason}): one of these {len(running)} segments hung, which one cannot "
+                                 f"be told {mode}, which runs them alone until the culprit is found", h)
+        error = f"the only worker hung ({reason}); {mode}"
         for handle in list(self.active):
-            handle._run.fail_rest("timeout" if handle is (owner[0] if owner else None) else "no_workers", error)
+            handle._run.fail_rest("no_workers", error)
         self.workers.broken = error
 
     def _next_timeout(self) -> float:
