@@ -205,6 +205,14 @@ class _SegmentRunner:
             self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
         return self.prompts[ref]
 
+    def _not_audio(self, task: SegmentTask, take: dict | None) -> None:
+        """A take with NaN or inf samples is not audio: the segment fails (`nonfinite`) and nothing is written. The
+        take check keeps such a take only when every take was one."""
+        tried = f"all {take['tried']} takes (FISH_TAKE_RETRIES={self.settings.take_retries})" if take else \
+            "its take (FISH_TAKE_CHECK=false)"
+        self.send(Failed(self.worker_id, task.id, "nonfinite", f"{tried} had NaN or inf samples: not audio, nothing "
+                         f"was written to {task.output}", "", True))  # the engine is intact: the worker stays
+
     def _write_loop(self) -> None:
         import numpy as np
 
@@ -216,6 +224,9 @@ class _SegmentRunner:
                 if isinstance(task, EncodeTask):
                     atomic_write(task.output_npy, lambda tmp, a=payload: np.save(tmp, a), ".npy")
                     self.send(Done(self.worker_id, task.id, task.output_npy, 0.0, busy_s, 0))
+                    continue
+                if not np.isfinite(payload.samples).all():  # NaN/inf become full-scale spikes in 16-bit PCM
+                    self._not_audio(task, getattr(payload, "take", None))
                     continue
                 write_wav(task.output, payload.samples, payload.sample_rate)
                 self.send(Done(self.worker_id, task.id, task.output, payload.seconds, busy_s, payload.tokens,
