@@ -246,14 +246,36 @@ class Pool:
     shutdown = close
 
 
+NO_WORKERS_PLAN = {"workers": 0, "mode": "none", "cpu_workers": 0, "gpus": [], "warnings": []}
+
+
+def finish_without_workers(job: Job, settings: Settings, *, on_event: EventCallback | None = None,
+                           resume: bool = True) -> JobResult | None:
+    """A job with nothing left to do (every segment resumes): the same events (`plan` with 0 workers, a skipped
+    `segment_done` per segment, `finished`), manifest and result as a run, but no worker is started and no model
+    loaded. None (nothing done, the directory released) when a segment turned out to need work after all."""
+    run = JobRun(job, engine_fingerprint(settings), settings, on_event, resume, number=0)
+    run.prepare(0, NO_WORKERS_PLAN, "none")
+    if run.sched.pending_count:
+        run.lock.release()
+        return None
+    log.info("[Main] nothing left to do: all %d segments are done (resumed); no worker started", run.skipped)
+    handle = JobHandle(run, None)
+    handle._set(run.finish(set()))
+    return handle.result()
+
+
 def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = None, on_event: EventCallback | None = None,
              resume: bool = True, **settings: Any) -> JobResult:
-    """One-off: plan for the segments left to do (resume), start workers, run the job, stop the workers."""
+    """One-off: plan for the segments left to do (resume), start workers, run the job, stop the workers. With none
+    left, no worker is started (finish_without_workers)."""
     job = as_job(job, output_dir)
     base = Settings.from_env(**settings)
     todo = remaining_segments(job, engine_fingerprint(base), resume)
+    if not todo and (done := finish_without_workers(job, base, on_event=on_event, resume=resume)) is not None:
+        return done
     with Pool(n_segments=max(todo, 1), job=job, **settings) as pool:
         return pool.generate(job, on_event=on_event, resume=resume)
 
 
-__all__ = ["JobHandle", "Pool", "PoolError", "generate", "plan_for", "remaining_segments"]
+__all__ = ["JobHandle", "Pool", "PoolError", "finish_without_workers", "generate", "plan_for", "remaining_segments"]

@@ -225,10 +225,9 @@ def _install_signal_handlers(pool: Any) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from .api import Pool, plan_for
+    from .api import finish_without_workers
     from .job import load_job
     from .legacy import exit_code, generate_mapping
-    from .planning.gpus import GpuSpecError, parse_gpu_spec
     from .running.progress import make_renderer
 
     job = load_job(args.job, args.output_dir, skip_invalid=True if args.skip_invalid else None,
@@ -242,20 +241,16 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     if problem := output_dir_problem(job.output_dir):
         raise _UsageError(problem)
-    try:
-        gpus = parse_gpu_spec(args.gpus) if args.gpus else None
-        plan = plan_for(settings, gpus, max(_remaining(job, settings, args.resume), 1))
-    except GpuSpecError as exc:
-        raise _UsageError(str(exc)) from None
+    todo = _remaining(job, settings, args.resume)
     mode = "legacy" if legacy and args.progress == "auto" else args.progress
     renderer = make_renderer(mode, items=job.items, already=invalid)
-    pool = Pool(settings, plan=plan, job=job)
     try:
-        _install_signal_handlers(pool)
-        with _logs_above_the_bar(renderer):
-            result = pool.generate(job, on_event=renderer, resume=args.resume)
+        # Nothing left (a re-run of a finished job): no worker starts, no model loads (README: workers only for
+        # the segments left). A segment undone since the count (its wav deleted meanwhile) falls back to workers.
+        result = finish_without_workers(job, settings, on_event=renderer, resume=args.resume) if not todo else None
+        if result is None:
+            result = _run_with_workers(args, settings, job, max(todo, 1), renderer)
     finally:
-        pool.close()
         if renderer is not None:
             renderer.close()
     if result.error:
@@ -280,6 +275,25 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
                    "suspect": suspect, "exit_code": code,
                    **({"manifest_error": result.manifest_error} if result.manifest_error else {})})
     return code
+
+
+def _run_with_workers(args: argparse.Namespace, settings: Settings, job: Any, todo: int, renderer: Any) -> Any:
+    """Plan workers for `todo` segments, start them, run the job with the CLI's signal handlers."""
+    from .api import Pool, plan_for
+    from .planning.gpus import GpuSpecError, parse_gpu_spec
+
+    try:
+        gpus = parse_gpu_spec(args.gpus) if args.gpus else None
+        plan = plan_for(settings, gpus, todo)
+    except GpuSpecError as exc:
+        raise _UsageError(str(exc)) from None
+    pool = Pool(settings, plan=plan, job=job)
+    try:
+        _install_signal_handlers(pool)
+        with _logs_above_the_bar(renderer):
+            return pool.generate(job, on_event=renderer, resume=args.resume)
+    finally:
+        pool.close()
 
 
 def _remaining(job: Any, settings: Settings, resume: bool) -> int:

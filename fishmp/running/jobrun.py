@@ -137,8 +137,6 @@ class JobRun:
         problem = output_dir_problem(self.job.output_dir)
         if problem:
             raise JobError([problem], self.job.source)
-        if any(sp.reference_audio for sp in self.job.speakers.values()):
-            warn_if_no_cache(self.settings.cache_dir)
         # Held for the whole job, released in finish(); OutputDirBusy names the holder when another job has it.
         self.lock = results.OutputDirLock(self.job.output_dir).acquire()
         try:
@@ -146,6 +144,8 @@ class JobRun:
         except BaseException:
             self.lock.release()
             raise
+        if self.sched.pending_count and any(sp.reference_audio for sp in self.job.speakers.values()):
+            warn_if_no_cache(self.settings.cache_dir)
 
     def _queue(self, workers: int, plan: dict, mode: str) -> None:
         self.manifest = Manifest.load(self.job.output_dir)
