@@ -14,10 +14,13 @@ The library never prints, never exits and never installs signal handlers: errors
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
 import threading
+import weakref
 from collections import deque
 from typing import Any
 
@@ -35,6 +38,27 @@ from .running.service import JobHandle, Service
 from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready
 
 log = logging.getLogger("fishmp")
+_open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # closed at interpreter exit if the caller did not
+_exit_hook = threading.Lock()
+_exit_hook_set = False
+
+
+def _close_open_pools() -> None:
+    """At interpreter exit, a Pool the script never closed is closed as `close()` would: its running jobs end
+    interrupted with manifests that say what is on disk (not the last periodic save), and its workers stop."""
+    for pool in list(_open_pools):
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+def _close_at_exit(pool: Pool) -> None:
+    """Registered after the backend's own exit hooks (LIFO: it runs before them, while workers still answer)."""
+    global _exit_hook_set
+    with _exit_hook:
+        _open_pools.add(pool)
+        if not _exit_hook_set:
+            atexit.register(_close_open_pools)
+            _exit_hook_set = True
 
 
 def plan_for(settings: Settings, gpus: list[GPU] | None = None, n_segments: int | None = None) -> Plan:
@@ -121,6 +145,7 @@ class Pool:
             log.info(line)
         self.engine_fingerprint = engine_fingerprint(self.settings)
         self._workers = make_worker_pool(self.plan, self.settings, n_segments)  # local processes, or Ray actors
+        _close_at_exit(self)
         self._service: Service | None = None  # started by the first job (encode drives the workers itself)
         self._lock = threading.Lock()
         self._closed = False
@@ -242,6 +267,7 @@ class Pool:
         if service is not None:
             service.close()
         self._workers.close(grace_s)
+        _open_pools.discard(self)
 
     shutdown = close
 
