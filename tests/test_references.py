@@ -198,8 +198,11 @@ def test_a_prompt_with_out_of_range_codes_fails_its_speaker_not_the_worker(tmp_p
 
 
 @pytest.mark.slow
-def test_out_of_range_codes_with_the_fish_engine_cost_no_model_load(tiny_checkpoint, tmp_path, clean_env) -> None:
-    """The real path: before the check such a code crashed the worker (poison after 3 reloads for one segment)."""
+def test_bad_references_with_the_fish_engine_fail_their_speaker_by_name(tiny_checkpoint, tmp_path, make_wav,
+                                                                        clean_env) -> None:
+    """The real path, one worker: out-of-range prompt codes crashed it (poison after 3 reloads for one segment);
+    a transcript too long for the model was reported as `speaker <content hash>`. Both now fail their speaker
+    (bad_reference), by its name, without a model reload."""
     import fishmp
 
     rng = np.random.default_rng(0)
@@ -208,16 +211,22 @@ def test_out_of_range_codes_with_the_fish_engine_cost_no_model_load(tiny_checkpo
     bad[0, 5] = 5000
     np.save(tmp_path / "good.npy", good)
     np.save(tmp_path / "bad.npy", bad)
+    make_wav(str(tmp_path / "v.wav"), 1.0)
     params = {"max_new_tokens": 8, "seed": 1}
     job = {"speakers": {"good": {"prompt_tokens": str(tmp_path / "good.npy"), "reference_text": "Good."},
-                        "bad": {"prompt_tokens": str(tmp_path / "bad.npy"), "reference_text": "Bad."}},
-           "segments": [{"id": "b", "speaker": "bad", "text": "Hello.", "params": params},
-                        {"id": "g", "speaker": "good", "text": "Hello.", "params": params}]}
+                        "bad": {"prompt_tokens": str(tmp_path / "bad.npy"), "reference_text": "Bad."},
+                        "narrator": {"reference_audio": str(tmp_path / "v.wav"), "reference_text": "Long. " * 120}},
+           "segments": [{"id": sid, "speaker": sid, "text": "Hello.", "params": params}
+                        for sid in ("bad", "narrator", "good")]}
     events: list[dict] = []
     with fishmp.Pool(engine="fish", checkpoint_dir=tiny_checkpoint, devices="cpu", cpu_workers=1, take_check=False,
                      multiprocess_mode="true", precision="float32", cache_dir=str(tmp_path / "c")) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
-    assert result.records["g"].status == "done"
-    assert result.records["b"].error_kind == "bad_reference" and "bad.npy" in result.records["b"].error
+    assert result.records["good"].status == "done"
+    assert result.records["bad"].error_kind == "bad_reference" and "bad.npy" in result.records["bad"].error
+    narrator = result.records["narrator"]
+    assert narrator.error_kind == "bad_reference" and 'speaker "narrator"' in narrator.error, narrator.error
+    words = narrator.error.replace(":", " ").split()
+    assert not any(len(w) == 32 and all(c in "0123456789abcdef" for c in w) for w in words)  # no content hash
     assert sum(e["event"] == "worker_ready" for e in events) == 1 and not any(e["event"] == "worker_died"
                                                                               for e in events)

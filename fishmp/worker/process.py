@@ -48,6 +48,7 @@ What deserves a reload (a model reload costs 30 s+): only what may have broken t
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import queue
 import signal
@@ -180,13 +181,23 @@ class _SegmentRunner:
         self.writes: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
         self.writer.start()
-        self.lanes = LaneRunner(worker_id, engine, inbox, send, self.writes, self._prompt, settings.cache_dir,
-                                batch_size, refill)
+        self.lanes = LaneRunner(worker_id, engine, inbox, self._send_named, self.writes, self._prompt,
+                                settings.cache_dir, batch_size, refill)
         self.lanes.recycle = RecyclePolicy.from_settings(settings, engine_memory_kind(engine))
 
     def close(self) -> None:
         self.writes.put(None)
         self.writer.join()
+
+    def _send_named(self, msg: object) -> None:
+        """Engines name a voice by its content key (SpeakerPrompt.key, a hash); the person reading a failure needs
+        the speaker's id from the job, which this worker knows."""
+        if isinstance(msg, Failed) and any(p.key in msg.message for p in self.prompts.values()):
+            text = msg.message
+            for ref, prompt in self.prompts.items():
+                text = text.replace(f"speaker {prompt.key}", f'speaker "{ref.id}"').replace(prompt.key, f'"{ref.id}"')
+            msg = dataclasses.replace(msg, message=text)
+        self.send(msg)
 
     def _fail(self, task_id: str, kind: str, message: str, tb: str = "") -> None:
         self.send(Failed(self.worker_id, task_id, kind, message, tb, kind in INPUT_ERRORS))
