@@ -157,6 +157,12 @@ class Pool:
         self.close()
 
     @property
+    def cluster_lost(self) -> str | None:
+        """FISH_BACKEND=ray: why the cluster was lost (its head node unreachable), else None. Ray ends a driver that
+        cannot reach its head within about 60 s (gcs_rpc_server_reconnect_timeout_s); fishmp ends its jobs first."""
+        return getattr(self._workers, "head_lost", None)
+
+    @property
     def interrupted(self) -> int | None:
         """The signal that stopped the last job, if any."""
         return self._workers.stop_signal

@@ -248,8 +248,9 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         # Nothing left (a re-run of a finished job): no worker starts, no model loads (README: workers only for
         # the segments left). A segment undone since the count (its wav deleted meanwhile) falls back to workers.
         result = finish_without_workers(job, settings, on_event=renderer, resume=args.resume) if not todo else None
+        lost = None
         if result is None:
-            result = _run_with_workers(args, settings, job, max(todo, 1), renderer)
+            result, lost = _run_with_workers(args, settings, job, max(todo, 1), renderer)
     finally:
         if renderer is not None:
             renderer.close()
@@ -263,7 +264,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         code = exit_code(result.count("done"), result.outcome_exit_code)  # their contract: no exit 5 (said on stderr)
         sys.stderr.flush()  # a backend reads stderr merged into stdout: nothing may follow the result line
         _print_result(generate_mapping(job, result.records))
-        return code
+        return _exit_now(code) if lost else code
     code = 1 if invalid and result.exit_code == 0 else result.exit_code
     suspect = suspect_count(result.records)
     if suspect:
@@ -274,11 +275,22 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
                    "failed": result.count("failed"), "pending": result.count("pending"), "invalid": invalid,
                    "suspect": suspect, "exit_code": code,
                    **({"manifest_error": result.manifest_error} if result.manifest_error else {})})
-    return code
+    return _exit_now(code) if lost else code
 
 
-def _run_with_workers(args: argparse.Namespace, settings: Settings, job: Any, todo: int, renderer: Any) -> Any:
-    """Plan workers for `todo` segments, start them, run the job with the CLI's signal handlers."""
+def _exit_now(code: int) -> int:
+    """After the Ray cluster's head was lost: Ray's own teardown at interpreter exit waits for the lost GCS until
+    Ray ends the process with its code. Everything is written and said: leave now, with ours."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _run_with_workers(args: argparse.Namespace, settings: Settings, job: Any, todo: int,
+                      renderer: Any) -> tuple[Any, str | None]:
+    """Plan workers for `todo` segments, start them, run the job with the CLI's signal handlers. Returns the result
+    and, with FISH_BACKEND=ray, why the cluster was lost (None when it was not)."""
     from .api import Pool, plan_for
     from .planning.gpus import GpuSpecError, parse_gpu_spec
 
@@ -291,9 +303,10 @@ def _run_with_workers(args: argparse.Namespace, settings: Settings, job: Any, to
     try:
         _install_signal_handlers(pool)
         with _logs_above_the_bar(renderer):
-            return pool.generate(job, on_event=renderer, resume=args.resume)
+            result = pool.generate(job, on_event=renderer, resume=args.resume)
     finally:
         pool.close()
+    return result, pool.cluster_lost
 
 
 def _remaining(job: Any, settings: Settings, resume: bool) -> int:

@@ -408,5 +408,5 @@ class Service(Deadlines):
             error = "every worker slot used its restarts"
         for handle in list(self.active):
             handle._run.fail_rest("no_workers", error)
-            if self.workers.broken:
+            if self.workers.broken == MISSING_GUARD:  # the caller's program must change: raised, not a result
                 self._end(handle, PoolError(error))
