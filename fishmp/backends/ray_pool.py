@@ -372,14 +372,12 @@ class RayWorkerPool(WorkerPool):
         if self._closed:
             return
         self._closed = True
-        if self.head_lost is not None:
-            self._close_lost()
-            return
+        lost = self.head_lost is not None
         live = [(h, self._remote[h.id]) for h in self.handles.values() if h.state != "dead" and h.id in self._remote]
-        stops = [r.actor.stop.remote(grace_s) for h, r in live if r.placed]
+        stops = [] if lost else [r.actor.stop.remote(grace_s) for h, r in live if r.placed]
         if stops:
             self.ray.wait(stops, num_returns=len(stops), timeout=grace_s + 2.0)
-        for _h, r in live:
+        for _h, r in [] if lost else live:
             with contextlib.suppress(Exception):
                 self.ray.kill(r.actor, no_restart=True)
         for h in self.handles.values():
@@ -390,24 +388,15 @@ class RayWorkerPool(WorkerPool):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
-        if self._owns_ray:
+        if lost:  # ray.shutdown, ours or at interpreter exit, would wait for the GCS until Ray ends this process
+            import atexit
+
+            with contextlib.suppress(Exception):
+                from ray._private import worker as ray_worker
+
+                atexit.unregister(ray_worker.shutdown)
+        elif self._owns_ray:
             self.ray.shutdown()
-
-    def _close_lost(self) -> None:
-        import atexit
-
-        for h in self.handles.values():
-            h.state = "dead"
-        self._remote.clear()
-        self._blobs.clear()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
-        with contextlib.suppress(Exception):  # ray.shutdown at exit would wait for the GCS until Ray kills us
-            from ray._private import worker as ray_worker
-
-            atexit.unregister(ray_worker.shutdown)
 
 
 class _HeadProbe:
