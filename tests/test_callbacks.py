@@ -74,9 +74,9 @@ def test_a_slow_callback_does_not_stall_the_deadlines(tmp_path, voice, clean_env
     def slow(ev: dict) -> None:
         events.append(ev)
         if ev["event"] == "segment_done" and sum(e["event"] == "segment_done" for e in events) == 1:
-            time.sleep(3.0)
+            time.sleep(5.0)
 
-    with synthetic_pool(tmp_path, segment_timeout_s=2.0, segment_timeout_per_char_s=0.0,
+    with synthetic_pool(tmp_path, segment_timeout_s=3.0, segment_timeout_per_char_s=0.0,
                         segment_timeout_per_frame_s=0.0) as pool:
         result = pool.generate(job_dict(voice, "a-", 6, slow=0.6), output_dir=str(tmp_path / "a"), on_event=slow)
     assert result.exit_code == 0 and result.count("done") == 6

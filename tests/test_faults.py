@@ -405,7 +405,7 @@ def test_a_worker_frozen_while_idle_is_replaced_and_its_segment_done_elsewhere(n
     """Issue 25 item 3: a task sent to a SIGSTOPped idle worker never starts; past FISH_START_TIMEOUT_S it is taken
     back (not blamed) and done by the other worker, and the frozen one is killed and replaced."""
     events: list[dict] = []
-    with _pool(tmp_path, start_timeout_s=2.0) as pool:
+    with _pool(tmp_path, start_timeout_s=3.0) as pool:
         warm = pool.submit(_voice_job(make_wav, tmp_path, "w", ["Warm one.", "Warm two."]), output_dir=str(tmp_path / "w"),
                            on_event=events.append)
         assert warm.result(timeout=60).exit_code == 0
@@ -424,7 +424,7 @@ def test_a_worker_frozen_while_idle_is_replaced_and_its_segment_done_elsewhere(n
     assert result.exit_code == 0 and result.count("done") == n
     assert {r.attempts for r in result.records.values()} == {1}  # not blamed
     died = [e for e in events if e["event"] == "worker_died"]
-    assert [e["pid"] for e in died] == [frozen] and "FISH_START_TIMEOUT_S=2s" in died[0]["reason"]
+    assert [e["pid"] for e in died] == [frozen] and "FISH_START_TIMEOUT_S=3s" in died[0]["reason"]
     requeued = [e for e in events if e["event"] == "segment_requeued"]
     assert len(requeued) == 1 and requeued[0]["attempts"] == 0 and requeued[0]["pid"] == frozen
     assert took < 40, took
@@ -439,11 +439,11 @@ def test_a_busy_worker_whose_queued_task_waits_is_not_taken_for_frozen(batch, tm
     """A task queued behind running rows (another speaker's at batch 2, the next one at batch 1) has no Started for
     longer than FISH_START_TIMEOUT_S: that is not a frozen worker."""
     events: list[dict] = []
-    texts = ["Slow one @@slow=3@@.", "Slow two @@slow=3@@.", "Then this."]
+    texts = ["Slow one @@slow=4@@.", "Slow two @@slow=4@@.", "Then this."]
     job = _voice_job(make_wav, tmp_path, "j", texts, speakers=2 if batch > 1 else 1)
     if batch > 1:  # two rows of s0 run, s1's task waits for that session to drain
         job["segments"][1]["speaker"], job["segments"][2]["speaker"] = "s0", "s1"
-    with _pool(tmp_path, cpu_workers=1, batch_size=batch, start_timeout_s=2.0) as pool:
+    with _pool(tmp_path, cpu_workers=1, batch_size=batch, start_timeout_s=3.0) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 3
     assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
@@ -517,7 +517,7 @@ def test_single_process_mode_blames_a_hang_only_on_a_segment_that_ran_alone(batc
                                                                              fishmp_cli) -> None:
     """Issue 25 item 9: in FISH_MULTIPROCESS_MODE=false a hang in a batch failed every batchmate as `timeout` (and,
     at batch 1, every other segment of the job too). Only a segment that ran alone is known to have hung."""
-    mate = "a line long enough to outlast the first steps of the batch it is decoded in."
+    mate = "a line long enough to outlast the first steps of the batch it is decoded in, " * 2
     job = synthetic_job({"a": [f"Mate one, {mate}", f"Mate two, {mate}", f"Mate three, {mate}", "Hangs @@hang@@.",
                                "Later.", "Last."]})  # longest first: the mates start before the hang joins them
     out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
