@@ -108,8 +108,9 @@ class Deadlines:
             names = ", ".join(sid for _, sid in running)
             for handle, sid in running:
                 handle._run.fail(sid, "no_workers", f"it was decoding in one batch with {names} when the batch "
-                                 f"stopped ({reason}): one of these {len(running)} segments hung, which one cannot "
-                                 f"be told {mode}, which runs them alone until the culprit is found", h)
+                                 f"stopped ({reason}): one of these {len(running)} segments hung; single-process mode "
+                                 "(FISH_MULTIPROCESS_MODE=false) can neither stop it nor tell which: use auto, which "
+                                 "retries them alone until the culprit is found", h)
         error = f"the only worker hung ({reason}); {mode}"
         for handle in list(self.active):
             handle._run.fail_rest("no_workers", error)
