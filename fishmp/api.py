@@ -14,10 +14,13 @@ The library never prints, never exits and never installs signal handlers: errors
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
 import threading
+import weakref
 from collections import deque
 from typing import Any
 
@@ -28,12 +31,34 @@ from .job import EncodeJob, Job, default_output_dir, job_from_dict, load_job
 from .planning.checkpoint import engine_fingerprint
 from .planning.gpus import GPU, nvml_inventory, select_devices
 from .planning.plan import Plan, make_plan, memory_check, plan_log_lines
-from .running.jobrun import JobResult, JobRun, remaining_segments
+from .running.delivery import current as current_delivery
+from .running.jobrun import JobResult, JobRun, remaining_segments, warn_if_no_cache
 from .running.progress import EventCallback, make_event
 from .running.service import JobHandle, Service
 from .worker.protocol import Done, EncodeTask, Failed, LoadFailed, Ready
 
 log = logging.getLogger("fishmp")
+_open_pools: weakref.WeakSet[Pool] = weakref.WeakSet()  # closed at interpreter exit if the caller did not
+_exit_hook = threading.Lock()
+_exit_hook_set = False
+
+
+def _close_open_pools() -> None:
+    """At interpreter exit, a Pool the script never closed is closed as `close()` would: its running jobs end
+    interrupted with manifests that say what is on disk (not the last periodic save), and its workers stop."""
+    for pool in list(_open_pools):
+        with contextlib.suppress(Exception):
+            pool.close()
+
+
+def _close_at_exit(pool: Pool) -> None:
+    """Registered after the backend's own exit hooks (LIFO: it runs before them, while workers still answer)."""
+    global _exit_hook_set
+    with _exit_hook:
+        _open_pools.add(pool)
+        if not _exit_hook_set:
+            atexit.register(_close_open_pools)
+            _exit_hook_set = True
 
 
 def plan_for(settings: Settings, gpus: list[GPU] | None = None, n_segments: int | None = None) -> Plan:
@@ -120,6 +145,7 @@ class Pool:
             log.info(line)
         self.engine_fingerprint = engine_fingerprint(self.settings)
         self._workers = make_worker_pool(self.plan, self.settings, n_segments)  # local processes, or Ray actors
+        _close_at_exit(self)
         self._service: Service | None = None  # started by the first job (encode drives the workers itself)
         self._lock = threading.Lock()
         self._closed = False
@@ -129,6 +155,12 @@ class Pool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def cluster_lost(self) -> str | None:
+        """FISH_BACKEND=ray: why the cluster was lost (its head node unreachable), else None. Ray ends a driver that
+        cannot reach its head within about 60 s (gcs_rpc_server_reconnect_timeout_s); fishmp ends its jobs first."""
+        return getattr(self._workers, "head_lost", None)
 
     @property
     def interrupted(self) -> int | None:
@@ -143,7 +175,8 @@ class Pool:
     def submit(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
                on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobHandle:
         """Start a job next to any others running; returns at once. `priority` weighs its share of the workers
-        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from the pool's thread."""
+        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from a thread of this
+        job's own (fishmp/running/delivery.py): in order, `finished` last and before the result is returned."""
         if not priority > 0:
             raise ValueError(f"priority={priority!r} is not valid: a number greater than 0")
         with self._lock:
@@ -158,7 +191,12 @@ class Pool:
 
     def generate(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
                  on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobResult:
-        """Run a job and wait for its result (= `submit(...).result()`)."""
+        """Run a job and wait for its result (= `submit(...).result()`). Not from inside an on_event callback
+        (PoolError): waiting there would hold back the events of the callback's own job; use `submit` there."""
+        if current_delivery() is not None:
+            raise PoolError("pool.generate() was called from an on_event callback: it would wait for a job while "
+                            "holding back the events (and so the result) of the job the callback belongs to; call "
+                            "pool.submit() there and wait for its handle from another thread")
         return self.submit(job, output_dir=output_dir, on_event=on_event, resume=resume, priority=priority).result()
 
     def cancel(self, handle: JobHandle) -> None:
@@ -177,6 +215,7 @@ class Pool:
             if self._service is not None:
                 raise PoolError("encode needs a Pool of its own (this one has run generate jobs)")
         emit = on_event or (lambda ev: None)
+        warn_if_no_cache(self.settings.cache_dir)
         items = {str(it.speaker_id): it for it in job.items}
         todo = deque(items)
         attempts: dict[str, int] = dict.fromkeys(items, 0)
@@ -234,18 +273,41 @@ class Pool:
         if service is not None:
             service.close()
         self._workers.close(grace_s)
+        _open_pools.discard(self)
 
     shutdown = close
 
 
+NO_WORKERS_PLAN = {"workers": 0, "mode": "none", "cpu_workers": 0, "gpus": [], "warnings": []}
+
+
+def finish_without_workers(job: Job, settings: Settings, *, on_event: EventCallback | None = None,
+                           resume: bool = True) -> JobResult | None:
+    """A job with nothing left to do (every segment resumes): the same events (`plan` with 0 workers, a skipped
+    `segment_done` per segment, `finished`), manifest and result as a run, but no worker is started and no model
+    loaded. None (nothing done, the directory released) when a segment turned out to need work after all."""
+    run = JobRun(job, engine_fingerprint(settings), settings, on_event, resume, number=0)
+    run.prepare(0, NO_WORKERS_PLAN, "none")
+    if run.sched.pending_count:
+        run.lock.release()
+        return None
+    log.info("[Main] nothing left to do: all %d segments are done (resumed); no worker started", run.skipped)
+    handle = JobHandle(run, None)
+    handle._set(run.finish(set()))
+    return handle.result()
+
+
 def generate(job: Job | str | os.PathLike | dict, *, output_dir: str | None = None, on_event: EventCallback | None = None,
              resume: bool = True, **settings: Any) -> JobResult:
-    """One-off: plan for the segments left to do (resume), start workers, run the job, stop the workers."""
+    """One-off: plan for the segments left to do (resume), start workers, run the job, stop the workers. With none
+    left, no worker is started (finish_without_workers)."""
     job = as_job(job, output_dir)
     base = Settings.from_env(**settings)
     todo = remaining_segments(job, engine_fingerprint(base), resume)
+    if not todo and (done := finish_without_workers(job, base, on_event=on_event, resume=resume)) is not None:
+        return done
     with Pool(n_segments=max(todo, 1), job=job, **settings) as pool:
         return pool.generate(job, on_event=on_event, resume=resume)
 
 
-__all__ = ["JobHandle", "Pool", "PoolError", "generate", "plan_for", "remaining_segments"]
+__all__ = ["JobHandle", "Pool", "PoolError", "finish_without_workers", "generate", "plan_for", "remaining_segments"]

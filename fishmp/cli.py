@@ -3,6 +3,8 @@
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
 4 every segment written but some are suspect (no take passed the take check; legacy configs keep 0);
+5 the final manifest.json could not be written (disk full...: the result line says why; it wins over 0, 1, 4 and
+the interruption codes; legacy configs keep their own codes and say so on stderr);
 130 / 143 interrupted by SIGINT / SIGTERM. Legacy configs: 0 whenever something was done (see legacy.py).
 Logs go to stderr; stdout carries only machine output.
 """
@@ -28,8 +30,9 @@ SUSPECT_EXIT = 4  # every segment has its wav, but some are suspect (no take pas
 EPILOG = """environment (also read from ./.env; the real environment wins): FISH_MULTIPROCESS_MODE, FISH_MODEL_MEMORY_GB,
 FISH_CHECKPOINT_DIR, FISH_PRECISION, FISH_COMPILE, FISH_DEVICES, FISH_MAX_WORKERS, FISH_MEMORY_RESERVE,
 FISH_CPU_WORKERS, FISH_ENGINE ... see .env.example. Exit codes: 0 ok, 1 some segments failed, 2 invalid job or
-configuration, 3 output directory in use by another job, 4 all written but some suspect (take check), 130/143
-interrupted (legacy configs: 0 when anything was done). FISH_BATCH_SIZE, FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
+configuration, 3 output directory in use by another job, 4 all written but some suspect (take check), 5 the final
+manifest could not be written, 130/143 interrupted (legacy configs: 0 when anything was done). FISH_BATCH_SIZE,
+FISH_BACKEND, FISH_OUTPUT_ROOT: see README."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -222,10 +225,9 @@ def _install_signal_handlers(pool: Any) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
-    from .api import Pool, plan_for
+    from .api import finish_without_workers
     from .job import load_job
     from .legacy import exit_code, generate_mapping
-    from .planning.gpus import GpuSpecError, parse_gpu_spec
     from .running.progress import make_renderer
 
     job = load_job(args.job, args.output_dir, skip_invalid=True if args.skip_invalid else None,
@@ -239,30 +241,30 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     if problem := output_dir_problem(job.output_dir):
         raise _UsageError(problem)
-    try:
-        gpus = parse_gpu_spec(args.gpus) if args.gpus else None
-        plan = plan_for(settings, gpus, max(_remaining(job, settings, args.resume), 1))
-    except GpuSpecError as exc:
-        raise _UsageError(str(exc)) from None
+    todo = _remaining(job, settings, args.resume)
     mode = "legacy" if legacy and args.progress == "auto" else args.progress
     renderer = make_renderer(mode, items=job.items, already=invalid)
-    pool = Pool(settings, plan=plan, job=job)
     try:
-        _install_signal_handlers(pool)
-        with _logs_above_the_bar(renderer):
-            result = pool.generate(job, on_event=renderer, resume=args.resume)
+        # Nothing left (a re-run of a finished job): no worker starts, no model loads (README: workers only for
+        # the segments left). A segment undone since the count (its wav deleted meanwhile) falls back to workers.
+        result = finish_without_workers(job, settings, on_event=renderer, resume=args.resume) if not todo else None
+        lost = None
+        if result is None:
+            result, lost = _run_with_workers(args, settings, job, max(todo, 1), renderer)
     finally:
-        pool.close()
         if renderer is not None:
             renderer.close()
     if result.error:
         log.error("[Main] %s", result.error)
-    log.info("[Main] wavs and manifest: %s", result.output_dir)
+    if result.manifest_error:
+        log.error("[Main] wavs: %s; manifest.json NOT written (%s)", result.output_dir, result.manifest_error)
+    else:
+        log.info("[Main] wavs and manifest: %s", result.output_dir)
     if legacy:  # the contract of the scripts fishmp replaces: the LAST stdout line, exit 0 with what succeeded
-        code = exit_code(result.count("done"), result.exit_code)
+        code = exit_code(result.count("done"), result.outcome_exit_code)  # their contract: no exit 5 (said on stderr)
         sys.stderr.flush()  # a backend reads stderr merged into stdout: nothing may follow the result line
         _print_result(generate_mapping(job, result.records))
-        return code
+        return _exit_now(code) if lost else code
     code = 1 if invalid and result.exit_code == 0 else result.exit_code
     suspect = suspect_count(result.records)
     if suspect:
@@ -271,8 +273,40 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
         code = SUSPECT_EXIT if code == 0 else code  # failures (1) and interruptions say more
     _print_result({"output_dir": result.output_dir, "manifest": result.manifest_path, "done": result.count("done"),
                    "failed": result.count("failed"), "pending": result.count("pending"), "invalid": invalid,
-                   "suspect": suspect, "exit_code": code})
-    return code
+                   "suspect": suspect, "exit_code": code,
+                   **({"manifest_error": result.manifest_error} if result.manifest_error else {})})
+    return _exit_now(code) if lost else code
+
+
+def _exit_now(code: int) -> int:
+    """After the Ray cluster's head was lost: Ray's own teardown at interpreter exit waits for the lost GCS until
+    Ray ends the process with its code. Everything is written and said: leave now, with ours."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _run_with_workers(args: argparse.Namespace, settings: Settings, job: Any, todo: int,
+                      renderer: Any) -> tuple[Any, str | None]:
+    """Plan workers for `todo` segments, start them, run the job with the CLI's signal handlers. Returns the result
+    and, with FISH_BACKEND=ray, why the cluster was lost (None when it was not)."""
+    from .api import Pool, plan_for
+    from .planning.gpus import GpuSpecError, parse_gpu_spec
+
+    try:
+        gpus = parse_gpu_spec(args.gpus) if args.gpus else None
+        plan = plan_for(settings, gpus, todo)
+    except GpuSpecError as exc:
+        raise _UsageError(str(exc)) from None
+    pool = Pool(settings, plan=plan, job=job)
+    try:
+        _install_signal_handlers(pool)
+        with _logs_above_the_bar(renderer):
+            result = pool.generate(job, on_event=renderer, resume=args.resume)
+    finally:
+        pool.close()
+    return result, pool.cluster_lost
 
 
 def _remaining(job: Any, settings: Settings, resume: bool) -> int:
@@ -327,7 +361,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
 
     job = load_encode_config(args.config, skip_invalid=None, output_root=settings.output_root)
     for problem in job.skipped:
-        log.error("[Encode] skipped: %s", problem)
+        log.error("[Main] skipped: %s", problem)  # [Main]: what legacy clients echo
     settings = _with_checkpoint(settings, job.checkpoint_dir)
     total = job.listed or len(job.items)
     finished = [total - len(job.items)]
@@ -335,7 +369,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
     def progress(ev: dict) -> None:
         if ev["event"] == "speaker_encoded":
             finished[0] += 1
-            log.info("[Encode] %d/%d speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
+            log.info("[Main] encoded %d/%d: speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
 
     # Encoding is a short codec pass per speaker: one worker, never the full plan.
     with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
@@ -343,7 +377,7 @@ def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
         errors = pool.encode(job, on_event=progress)
         interrupted = pool.interrupted
     for sid, msg in errors.items():
-        log.error("[Encode] speaker %s failed: %s", sid, msg)
+        log.error("[Main] speaker %s failed: %s", sid, msg)
     sys.stderr.flush()
     _print_result([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
                    if str(it.speaker_id) not in errors])

@@ -138,6 +138,13 @@ class Settings:
     segment_timeout_per_char_s: float = _setting(
         1.0, "FISH_SEGMENT_TIMEOUT_PER_CHAR_S", float, lambda v: _positive(v + 1) and v >= 0,
         "extra seconds allowed per character of text, >= 0")
+    segment_timeout_per_frame_s: float = _setting(  # 0.2 s = 5 frames/s: a conservative rate for a row under load
+        0.2, "FISH_SEGMENT_TIMEOUT_PER_FRAME_S", float, lambda v: _positive(v + 1) and v >= 0,
+        "extra seconds allowed per frame a segment may decode (its max_new_tokens), >= 0")
+    start_timeout_s: float = _setting(
+        60.0, "FISH_START_TIMEOUT_S", float, _positive,
+        "seconds a segment sent to a worker with nothing running may wait for it to start before the worker is "
+        "taken for frozen and replaced, > 0")
     max_attempts: int = _setting(
         3, "FISH_MAX_ATTEMPTS", int, lambda v: _is_int(v) and v > 0,
         "how many times a segment may kill its worker before it is failed as poison, >= 1")

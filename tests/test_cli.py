@@ -60,6 +60,43 @@ def test_resume_plans_workers_for_the_segments_left(tmp_path: Path, synthetic_jo
     assert len([e for e in jsonl_events(again.stdout) if e["event"] == "worker_ready"]) == 1
 
 
+def test_a_rerun_with_nothing_left_starts_no_worker(tmp_path: Path, synthetic_job) -> None:
+    """Issue 25: it started a worker and loaded the model (41 s on a 100,000-segment job) before reporting 0 left. A
+    load fault on the re-run proves no worker starts: the run still ends cleanly, exit 0."""
+    job = synthetic_job({"alice": ["One.", "Two."], "bob": ["Three."]})
+    env = synthetic_env(tmp_path)
+    first = run_fishmp(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path), env)
+    assert first.returncode == 0, first.stderr
+    again = run_fishmp(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
+                       {**env, "FISH_SYNTHETIC_LOAD_FAULT": "die"})
+    assert again.returncode == 0, again.stderr
+    events = jsonl_events(again.stdout)
+    assert events[0]["event"] == "plan" and events[0]["workers"] == 0 and events[0]["skipped"] == 3
+    assert [e["event"] for e in events[1:]] == ["segment_done"] * 3 + ["finished"]
+    assert all(e["skipped"] for e in events[1:4]) and events[-1]["done"] == 3 and events[-1]["exit_code"] == 0
+    assert _result(again.stdout)["done"] == 3 and "no worker started" in again.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["done"] == 3
+    legacy = run_fishmp(["generate", job, "-o", "out", "--progress", "legacy"], str(tmp_path),
+                        {**env, "FISH_SYNTHETIC_LOAD_FAULT": "die"})
+    assert legacy.returncode == 0 and "[BatchGen] 进度: 3/3" in legacy.stderr and "All done!" in legacy.stderr
+
+
+def test_the_one_off_generate_with_nothing_left_starts_no_worker(tmp_path: Path, make_wav, clean_env,
+                                                                monkeypatch) -> None:
+    import fishmp
+
+    make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
+    job = {"speakers": {"v": {"reference_audio": str(tmp_path / "v.wav"), "reference_text": "hi"}},
+           "segments": [{"id": "a", "speaker": "v", "text": "One."}]}
+    kw = {"engine": "synthetic", "devices": "cpu", "multiprocess_mode": "true", "cache_dir": str(tmp_path / "c")}
+    assert fishmp.generate(job, output_dir=str(tmp_path / "out"), **kw).exit_code == 0
+    monkeypatch.setenv("FISH_SYNTHETIC_LOAD_FAULT", "die")
+    events: list[dict] = []
+    again = fishmp.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append, **kw)
+    assert again.exit_code == 0 and again.skipped == 1 and events[0]["workers"] == 0
+    assert events[-1]["event"] == "finished" and not [e for e in events if e["event"] == "worker_ready"]
+
+
 def test_install_legacy_scripts_into_a_file_is_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     out = run_fishmp(["install-legacy-scripts", "afile", "--output-root", "out"], str(tmp_path), timeout=60)

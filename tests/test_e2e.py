@@ -268,7 +268,8 @@ def test_auto_with_one_worker_enforces_the_segment_timeout(tmp_path, synthetic_j
     job = synthetic_job({"a": ["Hangs once @@hang-once@@.", "Fine."]})
     out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
                      synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_MULTIPROCESS_MODE="auto",
-                                   FISH_SEGMENT_TIMEOUT_S="1.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"), timeout=60)
+                                   FISH_SEGMENT_TIMEOUT_S="1.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                                   FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"), timeout=60)
     assert out.returncode == 0, out.stderr
     events = jsonl_events(out.stdout)
     assert events[0]["pid"] not in {e["pid"] for e in events if e["event"] == "worker_ready"}  # a child process
@@ -282,7 +283,7 @@ def test_single_process_mode_gives_up_on_a_hung_segment(tmp_path, synthetic_job,
     job = synthetic_job({"a": ["Hangs @@hang@@.", "Never reached."]})
     out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
                      synthetic_env(tmp_path, FISH_MULTIPROCESS_MODE="false", FISH_SEGMENT_TIMEOUT_S="1",
-                                   FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"), timeout=60)
+                                   FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0", FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"), timeout=60)
     assert out.returncode == 1, out.stderr
     segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
     assert segs["a-000"]["error_kind"] == "timeout" and "FISH_MULTIPROCESS_MODE" in segs["a-000"]["error"]

@@ -7,6 +7,7 @@ The synthetic engine's text markers inject the faults (see fishmp/engines/synthe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -163,12 +164,43 @@ def test_hung_segment_is_killed_and_requeued(tmp_path, synthetic_job, fishmp_cli
     job = synthetic_job({"a": ["Hangs once @@hang-once@@.", "Fine."], "b": ["Fine as well."]})
     t0 = time.monotonic()
     out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_S="1.5",
-                            FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0")
+                            FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0", FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0")
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - t0 < 30
     died = [e for e in events if e["event"] == "worker_died"]
     assert len(died) == 1 and "deadline" in died[0]["reason"] and "FISH_SEGMENT_TIMEOUT_S" in died[0]["reason"]
     assert segs["a-000"]["attempts"] == 2
+
+
+def test_the_segment_deadline_scales_with_max_new_tokens(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25: a segment allowed many frames gets time for them (FISH_SEGMENT_TIMEOUT_PER_FRAME_S x max_new_tokens),
+    so a healthy long take is not killed as a hang; one allowed few frames is still caught at its (short) deadline."""
+    job = synthetic_job({"a": ["Long take @@slow=2.5-once@@.", "Short take @@slow=2.5-once@@."]})
+    data = json.loads(open(job).read())
+    data["segments"][0]["params"] = {"max_new_tokens": 1000}  # 1 + 0.006 x 1000 = 7 s
+    data["segments"][1]["params"] = {"max_new_tokens": 20}  # 1 + 0.006 x 20 = 1.12 s
+    open(job, "w").write(json.dumps(data))
+    out, events, segs = run(fishmp_cli, job, tmp_path, FISH_SEGMENT_TIMEOUT_S="1", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                            FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0.006")
+    assert out.returncode == 0, out.stderr
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert len(died) == 1 and "segment a-001 ran past its 1s deadline" in died[0]["reason"], died
+    assert "FISH_SEGMENT_TIMEOUT_PER_FRAME_S x max_new_tokens" in died[0]["reason"]
+    assert segs["a-000"]["attempts"] == 1 and segs["a-001"]["attempts"] == 2
+
+
+def test_the_default_deadline_formula(tmp_path, synthetic_job) -> None:
+    from fishmp.config import Settings
+    from fishmp.job import load_job
+    from fishmp.running.jobrun import JobRun
+
+    job = synthetic_job({"a": ["x" * 20, "y" * 20]})
+    data = json.loads(open(job).read())
+    data["segments"][1]["params"] = {"max_new_tokens": 2048}
+    open(job, "w").write(json.dumps(data))
+    run = JobRun(load_job(job, str(tmp_path / "out")), "synthetic", Settings())
+    assert run.timeout_for("a-000") == pytest.approx(120 + 1.0 * 20 + 0.2 * 1024)  # 344.8 s
+    assert run.timeout_for("a-001") == pytest.approx(120 + 1.0 * 20 + 0.2 * 2048)
 
 
 def start(job, tmp_path, **env) -> subprocess.Popen:
@@ -353,3 +385,154 @@ def test_a_backend_that_stops_reading_costs_nothing(tmp_path, synthetic_job) -> 
     assert proc.returncode == 0 and "Traceback" not in err
     assert {r["status"] for r in check_outputs(tmp_path / "out").values()} == {"done"}
     assert_no_workers_left(tmp_path)
+
+
+def _pool(tmp_path, **kw):
+    import fishmp
+
+    return fishmp.Pool(engine="synthetic", multiprocess_mode="true", devices="cpu", cache_dir=str(tmp_path / "cache"),
+                       **{"cpu_workers": 2, **kw})
+
+
+def _voice_job(make_wav, tmp_path, prefix: str, texts: list[str], speakers: int = 1) -> dict:
+    voice = make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
+    return {"speakers": {f"s{k}": {"reference_audio": voice, "reference_text": "hi"} for k in range(speakers)},
+            "segments": [{"id": f"{prefix}{i}", "speaker": f"s{i % speakers}", "text": t} for i, t in enumerate(texts)]}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_worker_frozen_while_idle_is_replaced_and_its_segment_done_elsewhere(n, tmp_path, make_wav, clean_env):
+    """Issue 25 item 3: a task sent to a SIGSTOPped idle worker never starts; past FISH_START_TIMEOUT_S it is taken
+    back (not blamed) and done by the other worker, and the frozen one is killed and replaced."""
+    events: list[dict] = []
+    with _pool(tmp_path, start_timeout_s=3.0) as pool:
+        warm = pool.submit(_voice_job(make_wav, tmp_path, "w", ["Warm one.", "Warm two."]), output_dir=str(tmp_path / "w"),
+                           on_event=events.append)
+        assert warm.result(timeout=60).exit_code == 0
+        ready = {e["worker"]: e["pid"] for e in events if e["event"] == "worker_ready"}
+        frozen = ready["w0"]  # the first worker: the one a lone segment is sent to
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            events.clear()
+            t0 = time.monotonic()
+            result = pool.generate(_voice_job(make_wav, tmp_path, "j", [f"Line {i}." for i in range(n)]),
+                                   output_dir=str(tmp_path / "out"), on_event=events.append)
+            took = time.monotonic() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+    assert result.exit_code == 0 and result.count("done") == n
+    assert {r.attempts for r in result.records.values()} == {1}  # not blamed
+    died = [e for e in events if e["event"] == "worker_died"]
+    assert [e["pid"] for e in died] == [frozen] and "FISH_START_TIMEOUT_S=3s" in died[0]["reason"]
+    requeued = [e for e in events if e["event"] == "segment_requeued"]
+    assert len(requeued) == 1 and requeued[0]["attempts"] == 0 and requeued[0]["pid"] == frozen
+    assert took < 40, took
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{frozen}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{frozen}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_busy_worker_whose_queued_task_waits_is_not_taken_for_frozen(batch, tmp_path, make_wav, clean_env):
+    """A task queued behind running rows (another speaker's at batch 2, the next one at batch 1) has no Started for
+    longer than FISH_START_TIMEOUT_S: that is not a frozen worker."""
+    events: list[dict] = []
+    texts = ["Slow one @@slow=4@@.", "Slow two @@slow=4@@.", "Then this."]
+    job = _voice_job(make_wav, tmp_path, "j", texts, speakers=2 if batch > 1 else 1)
+    if batch > 1:  # two rows of s0 run, s1's task waits for that session to drain
+        job["segments"][1]["speaker"], job["segments"][2]["speaker"] = "s0", "s1"
+    with _pool(tmp_path, cpu_workers=1, batch_size=batch, start_timeout_s=3.0) as pool:
+        result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
+    assert result.exit_code == 0 and result.count("done") == 3
+    assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
+
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only", "full"])
+def test_an_unusable_cache_dir_costs_one_warning_not_the_segments(kind, tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25 item 7: every segment failed as poison after 3 reloads each; the cache is only an optimisation."""
+    cache = tmp_path / "cache-here"
+    if kind == "a-file":
+        cache.write_text("not a directory")
+    else:
+        cache.mkdir()
+        opts = "ro,size=64k" if kind == "read-only" else "size=16k"
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(cache)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        if kind == "full":
+            with contextlib.suppress(OSError), open(cache / "filler", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+    try:
+        job = synthetic_job({"a": ["One.", "Two."], "b": ["Three."]})
+        out, events, segs = run(fishmp_cli, job, tmp_path, FISH_CACHE_DIR=str(cache))
+    finally:
+        if kind != "a-file":
+            subprocess.run(["umount", "-l", str(cache)], check=False)
+    assert out.returncode == 0, out.stderr
+    assert {r["status"] for r in segs.values()} == {"done"} and {r["attempts"] for r in segs.values()} == {1}
+    assert not [e for e in events if e["event"] in ("worker_died", "segment_requeued")]
+    warnings = [line for line in out.stderr.splitlines() if "FISH_CACHE_DIR" in line]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "without the cache" in warnings[0], out.stderr
+
+
+def test_a_final_manifest_the_disk_cannot_hold_is_said_and_exit_5(tmp_path, synthetic_job, fishmp_cli) -> None:
+    """Issue 25 item 8: the result line said done while manifest.json on disk said pending, exit 0. The disk is filled
+    up front to leave room for exactly the lock, the first manifest and the one wav: the final write cannot fit."""
+    import math
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        text = "Hello there."
+        wav_pages = math.ceil((44 + 2 * round(len(text) * 0.06 * 44100)) / 4096)  # the synthetic engine's output
+        free = os.statvfs(mnt).f_bavail
+        (mnt / "filler").write_bytes(b"\0" * ((free - wav_pages - 2) * 4096))  # + the lock and the first manifest
+        job = synthetic_job({"a": [text]})
+        out = fishmp_cli(["generate", job, "-o", str(mnt / "out"), "--progress", "jsonl"], str(tmp_path),
+                         synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert out.returncode == 5, out.stderr
+        assert result["exit_code"] == 5 and result["done"] == 1 and "No space left" in result["manifest_error"]
+        assert "manifest.json NOT written" in out.stderr and "wavs and manifest" not in out.stderr
+        assert sf.info(str(mnt / "out" / "a-000.wav")).frames > 0  # the work is on disk
+        assert jsonl_events(out.stdout)[-1]["manifest_error"] == result["manifest_error"]
+        assert not [f for f in os.listdir(mnt / "out") if f.startswith(TMP_PREFIX)]
+        os.unlink(mnt / "filler")  # room again: the re-run redoes what the manifest lacked, and writes it
+        again = fishmp_cli(["generate", job, "-o", str(mnt / "out"), "--progress", "jsonl"], str(tmp_path),
+                           synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
+        assert again.returncode == 0 and "manifest_error" not in again.stdout.splitlines()[-1]
+        assert {r["status"] for r in check_outputs(mnt / "out").values()} == {"done"}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert_no_workers_left(tmp_path)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_single_process_mode_blames_a_hang_only_on_a_segment_that_ran_alone(batch, tmp_path, synthetic_job,
+                                                                             fishmp_cli) -> None:
+    """Issue 25 item 9: in FISH_MULTIPROCESS_MODE=false a hang in a batch failed every batchmate as `timeout` (and,
+    at batch 1, every other segment of the job too). Only a segment that ran alone is known to have hung."""
+    mate = "a line long enough to outlast the first steps of the batch it is decoded in, " * 2
+    job = synthetic_job({"a": [f"Mate one, {mate}", f"Mate two, {mate}", f"Mate three, {mate}", "Hangs @@hang@@.",
+                               "Later.", "Last."]})  # longest first: the mates start before the hang joins them
+    out = fishmp_cli(["generate", job, "-o", "out", "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_MULTIPROCESS_MODE="false", FISH_BATCH_SIZE=str(batch),
+                                   FISH_SEGMENT_TIMEOUT_S="1", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                                   FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"), timeout=60)
+    assert out.returncode == 1, out.stderr
+    segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
+    kinds = {sid: r.get("error_kind") or r["status"] for sid, r in segs.items()}
+    if batch == 1:  # the mates ran (alone) before it; the hang ran alone: it is the culprit
+        assert kinds == {"a-000": "done", "a-001": "done", "a-002": "done", "a-003": "timeout",
+                         "a-004": "no_workers", "a-005": "no_workers"}
+    else:  # it hung a batch of four: nobody is blamed, the four are named
+        assert set(kinds.values()) == {"no_workers"}
+        mates = [sid for sid, r in segs.items() if "one of these 4 segments hung" in r["error"]]
+        assert sorted(mates) == ["a-000", "a-001", "a-002", "a-003"]
+    assert all("FISH_MULTIPROCESS_MODE" in r["error"] for r in segs.values() if r["status"] == "failed")
+    assert "Traceback" not in out.stderr and "terminate called" not in out.stderr

@@ -205,11 +205,11 @@ def test_legacy_generate_problems(proj: Path) -> None:
     text = "\n".join(problems)
     for needle in [
         'speaker "3" (segment "1"): npy_file legacy/missing.npy',
-        'segment "1": duplicate segment_index (tasks[0] and tasks[1])',
-        'segment "1": target_text is empty',
-        'speaker "5" (segment "1"): reference_text is empty',
-        'segment "1": temperature must be',
-        'segment "1": output_file \'a.wav\' is also the output of segment "1"',
+        'tasks[1] (segment "1"): duplicate segment_index: tasks[0] already has it',
+        'tasks[1] (segment "1"): target_text is empty',
+        'speaker "5" (tasks[1] (segment "1")): reference_text is empty',
+        'tasks[1] (segment "1"): temperature must be',
+        'tasks[1] (segment "1"): output_file \'a.wav\' is also the output of segment "1"',
         'tasks[2]: "segment_index" must be an integer >= 0',
         'tasks[2]: "speaker_id" must be an integer or a non-empty string',
         "tasks[2]: target_text must be a string",
@@ -253,10 +253,10 @@ def test_legacy_encode_problems(proj: Path) -> None:
     ]
     text = "\n".join(_encode_problems(proj, data))
     for needle in [
-        'speaker "3": defined more than once (speakers[0] and speakers[2])',
-        'speaker "3": reference_audio voices/nope.wav',
-        'speaker "3": reference_text is empty',
-        "speaker \"3\": output_npy '../s.npy' is outside",
+        'speakers[2] (speaker "3"): duplicate speaker_id: speakers[0] already defines it',
+        'speakers[2] (speaker "3"): reference_audio voices/nope.wav',
+        'speakers[2] (speaker "3"): reference_text is empty',
+        "speakers[2] (speaker \"3\"): output_npy '../s.npy' is outside",
         'speakers[3]: missing "speaker_id"',
         "speakers[3]: output_npy 's3.wav' must be a file name ending in .npy",
     ]:

@@ -70,6 +70,20 @@ HOSTILE_OUTPUTS = [
     ("dangling-symlink-escape", "dangling.wav", "outside"),
     ("symlink-to-output-dir-parent", "up/x.wav", "outside"),
     ("existing-directory", "adir.wav", "existing directory"),
+    # Issue 25: names fishmp's clean-up deletes, and names Windows and macOS machines cannot hold.
+    ("fishmp-temp-name", ".fishmp-tmp-0a1b2c3d-4242-0123456789abcdef.wav", "named like fishmp's own temp files"),
+    ("fishmp-temp-any-case", ".FishMP-Tmp-x.wav", "named like fishmp's own temp files"),
+    ("fishmp-temp-directory", ".fishmp-tmp-d/x.wav", "named like fishmp's own temp files"),
+    ("windows-con", "CON.wav", "device name Windows reserves"),
+    ("windows-aux-lower", "aux.wav", "device name Windows reserves"),
+    ("windows-nul-two-suffixes", "nul.take.wav", "device name Windows reserves"),
+    ("windows-com1", "COM1.wav", "device name Windows reserves"),
+    ("windows-lpt-superscript", "lpt\u00b9.wav", "device name Windows reserves"),
+    ("windows-reserved-directory", "con/x.wav", "device name Windows reserves"),
+    ("windows-reserved-trailing-space", "PRN .wav", "device name Windows reserves"),
+    ("windows-colon", "scene:1.wav", "characters Windows does not allow"),
+    ("windows-question-mark", "why?.wav", "characters Windows does not allow"),
+    ("windows-trailing-dot-directory", "take./x.wav", "ends in a space or a dot"),
 ]
 
 
@@ -203,3 +217,105 @@ def test_output_dir_through_a_symlink_out_is_outside(proj: Path, tmp_path_factor
     data["output_dir"] = "escape/out"
     with pytest.raises(JobError, match="is outside the job file's directory"):
         load_job(str(write_job(proj, data)))
+
+
+def test_the_temp_prefix_is_the_one_fishmps_clean_up_deletes(proj: Path) -> None:
+    from fishmp.job.checks import TEMP_PREFIX
+    from fishmp.worker.files import TMP_PREFIX, new_temp
+
+    assert TEMP_PREFIX == TMP_PREFIX
+    name = os.path.basename(new_temp(str(proj)))  # a real temp name, as a worker makes them
+    data = new_job()
+    data["segments"][0]["output"] = name + ".wav"
+    one_problem(proj, data, "named like fishmp's own temp files")
+
+
+@pytest.mark.parametrize("first, second", [
+    ("A.wav", "a.wav"), ("Take/x.wav", "take/X.WAV"), ("\u00e9t\u00e9.wav", "e\u0301te\u0301.wav"),
+    ("STRASSE.wav", "stra\u00dfe.wav"),
+], ids=["case", "case-in-directory", "composed-decomposed", "casefold"])
+def test_outputs_that_one_windows_or_macos_file_would_hold_collide(proj: Path, first: str, second: str) -> None:
+    data = new_job()
+    data["segments"][0]["output"], data["segments"][1]["output"] = first, second
+    problem = one_problem(proj, data, 'segment "0002": output')
+    assert "only in letter case or Unicode form" in problem or "is also the output of" in problem
+
+
+def test_output_names_are_nfc_normalised(proj: Path) -> None:
+    data = new_job()
+    data["segments"][0]["output"] = "e\u0301te\u0301/cafe\u0301.wav"
+    job = load_job(str(write_job(proj, data)), str(proj / "out"))
+    assert job.segments[0].output == str(proj / "out" / "\u00e9t\u00e9" / "caf\u00e9.wav")
+
+
+# ------------------------------------------------------------------------------------------------ reference paths
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("self-loop", "is a symbolic link loop"), ("two-link-loop", "is a symbolic link loop"),
+    ("loop-in-a-directory", "is a symbolic link loop"), ("broken", "is a broken symbolic link (to "),
+    ("missing", "does not exist"),
+])
+@pytest.mark.parametrize("key", ["reference_audio", "prompt_tokens"])
+def test_an_unreachable_reference_says_why(proj: Path, how: str, needle: str, key: str) -> None:
+    refs = proj / "refs"
+    name = {"self-loop": "loop.x", "two-link-loop": "a.x", "loop-in-a-directory": "d/v.x", "broken": "gone.x",
+            "missing": "nope.x"}[how]
+    if how == "self-loop":
+        (refs / "loop.x").symlink_to(refs / "loop.x")
+    elif how == "two-link-loop":
+        (refs / "a.x").symlink_to(refs / "b.x")
+        (refs / "b.x").symlink_to(refs / "a.x")
+    elif how == "loop-in-a-directory":
+        (refs / "d").symlink_to(refs / "d")
+    elif how == "broken":
+        (refs / "gone.x").symlink_to(refs / "never-written.wav")
+    data = new_job()
+    speaker = "alice" if key == "reference_audio" else "bob"
+    data["speakers"][speaker][key] = f"refs/{name}"
+    problem = one_problem(proj, data, f'speaker "{speaker}": {key} refs/{name}', needle)
+    if how != "missing":
+        assert "does not exist" not in problem.split("(to ")[0]
+
+
+def test_a_legacy_npy_file_that_is_a_loop_says_so(proj: Path) -> None:
+    data = legacy_generate(proj)
+    (proj / "legacy" / "loop.npy").symlink_to(proj / "legacy" / "loop.npy")
+    data["tasks"] = [dict(data["tasks"][0], npy_file="legacy/loop.npy")]
+    one_problem(proj, data, "npy_file legacy/loop.npy", "is a symbolic link loop")
+
+
+# ------------------------------------------------------------------------------------------------ FISH_OUTPUT_ROOT
+
+
+@pytest.mark.parametrize("fmt", ["new", "generate", "encode"])
+def test_with_a_root_set_only_the_root_counts(proj: Path, tmp_path_factory, fmt: str) -> None:
+    """Issue 25 item 5: a job file (or a backend's temp config) in the tree it writes to is confined by the root."""
+    root = tmp_path_factory.mktemp("root")
+    data = {"new": new_job(), "generate": legacy_generate(proj), "encode": legacy_encode(proj)}[fmt]
+    if fmt == "generate":
+        del data["tasks"][2]
+    data["output_dir"] = "out"  # beside the job file: allowed without a root
+    path = write_job(proj, data, "job.json")
+    loader = load_encode_config if fmt == "encode" else load_job
+    assert loader(str(path)).output_dir == str(proj / "out")
+    with pytest.raises(JobError) as info:
+        loader(str(path), output_root=str(root))
+    (problem,) = [p for p in info.value.problems if '"output_dir"' in p]
+    assert f"is outside FISH_OUTPUT_ROOT {root}" in problem and "job file's directory" not in problem
+    data["output_dir"] = str(root / "dub")
+    assert loader(str(write_job(proj, data, "job.json")), output_root=str(root)).output_dir == str(root / "dub")
+
+
+def test_a_relative_root_is_resolved_and_shown_resolved(proj: Path, tmp_path_factory, monkeypatch) -> None:
+    cwd = tmp_path_factory.mktemp("cwd")
+    (cwd / "dubs").mkdir()
+    monkeypatch.chdir(cwd)
+    data = new_job()
+    data["output_dir"] = "out"
+    path = write_job(proj, data)
+    with pytest.raises(JobError) as info:
+        load_job(str(path), output_root="dubs")
+    assert f"FISH_OUTPUT_ROOT 'dubs' (resolved against the current directory: {cwd / 'dubs'})" in str(info.value)
+    data["output_dir"] = str(cwd / "dubs" / "film")
+    assert load_job(str(write_job(proj, data)), output_root="dubs").output_dir == str(cwd / "dubs" / "film")

@@ -118,8 +118,9 @@ VALIDATION_CASES = [
     ("control-only-text", mutate("segments.0.text", "\x00\x07\x1b"), ['segment "0001": text is empty']),
     ("text-type", mutate("segments.0.text", 42), ['segment "0001": text must be a string, not a number']),
     ("duplicate-id", mutate("segments.1.id", "0001"),
-     ['segment "0001": duplicate segment id (segments[0] and segments[1])']),
-    ("duplicate-default-id", mutate("segments.0.id", "0003"), ['segment "0003": duplicate segment id']),
+     ['segments[1] (segment "0001"): duplicate segment id: segments[0] already has it']),
+    ("duplicate-default-id", mutate("segments.0.id", "0003"),
+     ['segments[2] (segment "0003"): duplicate segment id: segments[0] already has it']),
     ("id-type", mutate("segments.0.id", 1), ["segments[0]: id must be a non-empty string"]),
     ("id-blank", mutate("segments.0.id", "  "), ["segments[0]: id must be a non-empty string"]),
     ("id-control", mutate("segments.0.id", "a\nb"), ["segments[0]: id must be"]),
@@ -209,8 +210,8 @@ def test_multiple_problems_reported_together(proj: Path) -> None:
         'segment "0001": speaker "carol" is not defined (speakers: alice, bob)',
         'segment "0002": text is empty',
         "segment \"0003\": output '../../etc/passwd.wav'",
-        'segment "0001": duplicate segment id (segments[0] and segments[3])',
-        "segment \"0001\": output 'x.mp3' must be a file name ending in .wav",
+        'segments[3] (segment "0001"): duplicate segment id: segments[0] already has it',
+        "segments[3] (segment \"0001\"): output 'x.mp3' must be a file name ending in .wav",
     ]
     assert len(problems) == len(expected), problems
     for needle in expected:

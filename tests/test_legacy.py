@@ -30,6 +30,13 @@ PROGRESS = [("[BatchGen]", re.compile(r"进度:\s*(\d+)/(\d+)")),
             ("[Main]", re.compile(r"Generated\s+(\d+)/(\d+)\s+segments"))]
 
 
+ECHOED = ("[BatchGen]", "[Worker", "[Main]", "[GPU", "tokens/sec", "INFO")  # what the backend's client prints
+
+
+def echoed(lines: list[str]) -> list[str]:
+    return [line for line in lines if any(marker in line for marker in ECHOED)]
+
+
 class BackendRun:
     def __init__(self, lines: list[str], progress: list[tuple[str, int, int]], live: int, returncode: int) -> None:
         self.lines, self.progress, self.live, self.returncode = lines, progress, live, returncode
@@ -120,6 +127,9 @@ def test_backend_contract_end_to_end_through_the_shims(backend: dict, make_wav) 
         assert not os.path.exists(tasks[1]["output_file"]) and not os.path.exists(tasks[2]["output_file"])
         text = "\n".join(gen.lines)
         assert 'segment "1": target_text is empty' in text and "FAILED" in text
+        # the backend's client echoes only lines with its markers: the failure must be among them
+        assert any("2 FAILED (engine_error)" in line for line in echoed(gen.lines)), gen.lines
+        assert any('skipped: segment "1": target_text is empty' in line for line in echoed(gen.lines))
         counts = [n for _, n, _ in gen.progress]
         assert {m for _, _, m in gen.progress} == {6} and counts == sorted(counts) and counts[-1] == 6
         assert {marker for marker, _, _ in gen.progress} == {"[BatchGen]", "[Main]", "All done!"}
@@ -159,6 +169,37 @@ def test_nothing_done_is_still_an_error_and_a_bad_config_is_exit_2(backend: dict
     none = backend_call(backend["python"], backend["scripts"] / "fish_multiprocess_generate.py",
                         {"mode": "generate", "output_dir": str(backend["root"]), "tasks": tasks}, backend["cwd"], env)
     assert none.returncode == 1 and none.result == {}  # no worker: nothing could be done
+
+
+def test_a_temp_config_under_tmp_writes_only_below_the_output_root(backend: dict, make_wav) -> None:
+    """Issue 25 item 5: the backend's configs are temp files under /tmp; with the shims' FISH_OUTPUT_ROOT set, an
+    output_dir elsewhere under /tmp is refused (the config's own directory no longer counts)."""
+    make_wav(str(backend["tmp"] / "v.wav"), 1.0)
+    elsewhere = Path(tempfile.gettempdir()) / f"fishmp-test-elsewhere-{os.getpid()}"
+    cfg = {"mode": "encode", "output_dir": str(elsewhere), "speakers": [
+        {"speaker_id": 1, "reference_audio": str(backend["tmp"] / "v.wav"), "reference_text": "One."}]}
+    try:
+        enc = backend_call(backend["python"], backend["scripts"] / "fish_simple_encode.py", cfg, backend["cwd"],
+                           backend["env"])
+        assert enc.returncode == 2 and not elsewhere.exists(), enc.lines
+        assert any(f"is outside FISH_OUTPUT_ROOT {backend['root']}" in line for line in enc.lines), enc.lines
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_duplicate_speaker_names_the_entry_it_leaves_out(backend: dict, make_wav) -> None:
+    for name in ("first", "second"):
+        make_wav(str(backend["tmp"] / f"{name}.wav"), 1.0 if name == "first" else 2.0)
+    out = backend["root"] / "npy"
+    cfg = {"mode": "encode", "output_dir": str(out), "speakers": [
+        {"speaker_id": 1, "reference_audio": str(backend["tmp"] / "first.wav"), "reference_text": "One."},
+        {"speaker_id": 1, "reference_audio": str(backend["tmp"] / "second.wav"), "reference_text": "Again.",
+         "output_npy": str(out / "other.npy")}]}
+    enc = backend_call(backend["python"], backend["scripts"] / "fish_simple_encode.py", cfg, backend["cwd"],
+                       backend["env"])
+    assert enc.returncode == 0 and enc.result == [{"speaker_id": 1, "npy_file": str(out / "speaker_1.npy")}]
+    assert any('skipped: speakers[1] (speaker "1"): duplicate speaker_id: speakers[0] already defines it' in line
+               for line in echoed(enc.lines)), enc.lines
 
 
 def test_install_keeps_the_backends_own_scripts_and_honours_the_environment(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def test_plain_lines() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0] == "[Main] 2 segments to synthesize (1 already done), 1 speakers, 2 workers"
     assert lines[2].startswith("[1/2] b done: 2.5s audio in 1.0s by w0")
-    assert lines[3] == "[2/2] c FAILED (bad_reference): ref.wav is silent"
+    assert lines[3] == "[Main] [2/2] c FAILED (bad_reference): ref.wav is silent"
     assert lines[-1].startswith("[Main] finished: 2 done, 1 failed")
 
 
@@ -143,3 +143,25 @@ def test_no_gpu_events_no_gpu_text() -> None:
             r(ev)
         r.close()
         assert "gpu" not in out.getvalue().lower()
+
+
+def test_every_line_about_a_problem_reaches_a_client_that_filters_by_marker() -> None:
+    """Issue 25: the backend's client echoes only lines with one of its markers; failures must be among them."""
+    from fishmp.running.progress import LEGACY_MARKERS
+
+    trouble = [
+        make_event("segment_failed", id="4", kind="engine_error", error="EngineError: boom", worker="w0"),
+        make_event("segment_requeued", id="5", reason="worker died", attempts=1, worker="w0"),
+        make_event("worker_died", worker="w1", pid=9, device="cpu", exit_code=-9, reason="killed by SIGKILL"),
+        make_event("worker_recycled", worker="w0", pid=8, device="cpu", reason="finished 5 segments"),
+    ]
+    for renderer in (PlainLines, LegacyLines):
+        out = io.StringIO()
+        r = renderer(out)
+        for ev in [EVENTS[0], *trouble, EVENTS[-1]]:
+            r(ev)
+        lines = out.getvalue().splitlines()
+        for needle in ("4 FAILED (engine_error): EngineError: boom", "5 requeued", "killed by SIGKILL",
+                       "finished 5 segments"):
+            (line,) = [ln for ln in lines if needle in ln]
+            assert any(m in line for m in LEGACY_MARKERS), line

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -213,7 +215,8 @@ def test_hung_segment_past_its_deadline_kills_the_actor_and_is_redone(tmp_path, 
     monkeypatch.setenv("FISH_SYNTHETIC_STATE_DIR", str(tmp_path / "state"))
     job = _job(tmp_path, make_wav, n=2, fault=" @@hang-once@@")
     events: list[dict] = []
-    with ray_pool(cache_dir=str(tmp_path / "c"), segment_timeout_s=2.0, segment_timeout_per_char_s=0.0, **SYNTH) as pool:
+    with ray_pool(cache_dir=str(tmp_path / "c"), segment_timeout_s=2.0, segment_timeout_per_char_s=0.0,
+                  segment_timeout_per_frame_s=0.0, **SYNTH) as pool:
         result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
     assert result.exit_code == 0 and result.count("done") == 4, result.error
     died = [e for e in events if e["event"] == "worker_died"]
@@ -342,3 +345,60 @@ def test_tiny_fish_checkpoint_on_ray_matches_the_local_backend(tmp_path, make_wa
     for sid in local.records:  # same seed, same model, same prompt: the same tokens
         assert remote.records[sid].tokens == local.records[sid].tokens
         assert sf.info(str(tmp_path / "ray" / f"{sid}.wav")).frames == sf.info(str(tmp_path / "local" / f"{sid}.wav")).frames
+
+
+LOSE_THE_HEAD = """
+import json, os, subprocess, sys, time
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+pids = [p.process.pid for n in cluster.list_all_nodes() for ps in n.all_processes.values() for p in ps]
+env = dict(os.environ, FISH_RAY_ADDRESS=cluster.address, RAY_gcs_rpc_server_reconnect_timeout_s="16")
+cli = subprocess.Popen([sys.executable, "-m", "fishmp", "generate", sys.argv[1], "-o", sys.argv[2], "--progress",
+                        "jsonl"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+for line in cli.stdout:
+    if json.loads(line)["event"] == "segment_done":
+        break
+t0 = time.monotonic()
+cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+out, err = cli.communicate(timeout=120)
+took = time.monotonic() - t0
+cluster.shutdown()
+print(json.dumps({"rc": cli.returncode, "last": out.strip().splitlines()[-1], "stderr": err, "took": took,
+                  "pids": pids}))
+"""
+
+
+def test_losing_the_head_node_ends_the_job_with_a_message_manifest_and_result(tmp_path, make_wav) -> None:
+    """Issue 25: the driver ended with no fishmp message and no result line (Ray ends a driver that cannot reach its
+    GCS). A cluster of its own, in a process of its own (this module's cluster is not touched)."""
+    make_wav(str(tmp_path / "v.wav"), 1.0, 16000)
+    job = str(tmp_path / "job.json")
+    (tmp_path / "job.json").write_text(json.dumps({
+        "speakers": {"v": {"reference_audio": "v.wav", "reference_text": "I am v."}},
+        "segments": [{"id": f"s{i:02d}", "speaker": "v", "text": f"Line {i} @@slow=1.5@@."} for i in range(24)]}))
+    (tmp_path / "lose.py").write_text(LOSE_THE_HEAD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    env.update(FISH_ENGINE="synthetic", FISH_BACKEND="ray", FISH_CPU_WORKERS="1", FISH_DEVICES="cpu",
+               FISH_MULTIPROCESS_MODE="true", FISH_SYNTHETIC_LOAD_S="0.1", FISH_CACHE_DIR=str(tmp_path / "c"),
+               RAY_AUTH_MODE="disabled")
+    run = subprocess.run([sys.executable, str(tmp_path / "lose.py"), job, str(tmp_path / "out")], env=env,
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 1, report["stderr"][-3000:]
+    result = json.loads(report["last"])  # the result line is the last line, and says what happened
+    assert result["done"] >= 1 and result["done"] + result["failed"] == 24 and result["exit_code"] == 1
+    assert "lost the Ray cluster's head node" in report["stderr"] and "Traceback" not in report["stderr"]
+    assert "The program will terminate" not in report["stderr"]  # fishmp ended it, not Ray
+    segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
+    assert {r["status"] for r in segs.values()} <= {"done", "failed"}
+    assert all("head node" in r["error"] for r in segs.values() if r["status"] == "failed")
+    assert sum(r["status"] == "done" for r in segs.values()) == result["done"]
+    assert report["took"] < 60  # before Ray's own end of the driver
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{p}") for p in report["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in report["pids"] if os.path.exists(f"/proc/{p}")]

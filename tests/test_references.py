@@ -138,3 +138,95 @@ def test_cache_entries_honour_the_umask(make_wav, tmp_path, umask: int, mode: in
         os.umask(old)
     (entry,) = os.listdir(tmp_path / "cache")  # and no temp file left beside it
     assert os.stat(tmp_path / "cache" / entry).st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("row, code, dtype", [
+    (0, 4096, np.int64), (0, 5000, np.int64), (3, 1024, np.int64), (9, 2**31 + 5, np.int64), (0, 2**62, np.int64),
+    (1, 2**63 + 7, np.uint64), (0, 70000, np.int32),
+], ids=["semantic-4096", "semantic-5000", "residual-1024", "int32-overflow", "2**62", "uint64", "int32-file"])
+def test_codes_beyond_the_checkpoints_codebooks_are_a_bad_reference(tmp_path, row, code, dtype) -> None:
+    """Issue 25 item 6: such a code indexes past the model's embeddings (a crash, or a silently wrapped prompt)."""
+    tokens = np.zeros((10, 6), dtype=dtype)
+    tokens[row, 2] = code
+    path = tmp_path / "voice-tokens.npy"
+    np.save(path, tokens)
+    with pytest.raises(BadReferenceError, match=rf"voice-tokens\.npy: code {code} in the .* is beyond"):
+        load_prompt_tokens(str(path), (4096, 1024))
+    tokens[row, 2] = (4095 if row == 0 else 1023)  # the largest valid code
+    np.save(path, tokens)
+    assert load_prompt_tokens(str(path), (4096, 1024)).shape == (10, 6)
+
+
+def test_codebook_sizes_come_from_the_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    import json
+    import shutil
+
+    from fishmp.worker.references import codebook_sizes
+
+    assert codebook_sizes(Settings(checkpoint_dir=tiny_checkpoint)) == (4096, 1024)
+    assert codebook_sizes(Settings(engine="synthetic")) == (4096, 1024)
+    other = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["codebook_size"] = 2048  # a smaller LLM embedding bounds every row
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert codebook_sizes(Settings(checkpoint_dir=str(other))) == (2048, 1024)
+
+
+def test_a_prompt_with_out_of_range_codes_fails_its_speaker_not_the_worker(tmp_path, make_wav, fishmp_cli) -> None:
+    import json
+
+    from conftest import jsonl_events, synthetic_env
+
+    make_wav(str(tmp_path / "good.wav"), 1.0, 16000)
+    bad = np.zeros((10, 8), np.int64)
+    bad[0, 3] = 5000
+    np.save(tmp_path / "bad.npy", bad)
+    job = {"speakers": {"good": {"reference_audio": "good.wav", "reference_text": "Good."},
+                        "bad": {"prompt_tokens": "bad.npy", "reference_text": "Bad."}},
+           "segments": [{"id": f"{s}{i}", "speaker": s, "text": f"Line {i}."} for s in ("good", "bad") for i in range(3)]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    out = fishmp_cli(["generate", "job.json", "-o", "out", "--progress", "jsonl"], str(tmp_path), synthetic_env(tmp_path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    segs = json.loads((tmp_path / "out" / "manifest.json").read_text())["segments"]
+    assert {s: r["status"] for s, r in segs.items() if s.startswith("good")} == dict.fromkeys(["good0", "good1", "good2"],
+                                                                                            "done")
+    for sid in ("bad0", "bad1", "bad2"):
+        assert segs[sid]["error_kind"] == "bad_reference" and "bad.npy" in segs[sid]["error"]
+        assert "code 5000" in segs[sid]["error"] and segs[sid]["attempts"] == 1
+    assert not [e for e in jsonl_events(out.stdout) if e["event"] in ("worker_died", "segment_requeued")]
+
+
+@pytest.mark.slow
+def test_bad_references_with_the_fish_engine_fail_their_speaker_by_name(tiny_checkpoint, tmp_path, make_wav,
+                                                                        clean_env) -> None:
+    """The real path, one worker: out-of-range prompt codes crashed it (poison after 3 reloads for one segment);
+    a transcript too long for the model was reported as `speaker <content hash>`. Both now fail their speaker
+    (bad_reference), by its name, without a model reload."""
+    import fishmp
+
+    rng = np.random.default_rng(0)
+    good = np.concatenate([rng.integers(0, 4096, (1, 20)), rng.integers(0, 1024, (9, 20))]).astype(np.int64)
+    bad = good.copy()
+    bad[0, 5] = 5000
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "bad.npy", bad)
+    make_wav(str(tmp_path / "v.wav"), 1.0)
+    params = {"max_new_tokens": 8, "seed": 1}
+    job = {"speakers": {"good": {"prompt_tokens": str(tmp_path / "good.npy"), "reference_text": "Good."},
+                        "bad": {"prompt_tokens": str(tmp_path / "bad.npy"), "reference_text": "Bad."},
+                        "narrator": {"reference_audio": str(tmp_path / "v.wav"), "reference_text": "Long. " * 120}},
+           "segments": [{"id": sid, "speaker": sid, "text": "Hello.", "params": params}
+                        for sid in ("bad", "narrator", "good")]}
+    events: list[dict] = []
+    with fishmp.Pool(engine="fish", checkpoint_dir=tiny_checkpoint, devices="cpu", cpu_workers=1, take_check=False,
+                     multiprocess_mode="true", precision="float32", cache_dir=str(tmp_path / "c")) as pool:
+        result = pool.generate(job, output_dir=str(tmp_path / "out"), on_event=events.append)
+    assert result.records["good"].status == "done"
+    assert result.records["bad"].error_kind == "bad_reference" and "bad.npy" in result.records["bad"].error
+    narrator = result.records["narrator"]
+    assert narrator.error_kind == "bad_reference" and 'speaker "narrator"' in narrator.error, narrator.error
+    words = narrator.error.replace(":", " ").split()
+    assert not any(len(w) == 32 and all(c in "0123456789abcdef" for c in w) for w in words)  # no content hash
+    assert sum(e["event"] == "worker_ready" for e in events) == 1 and not any(e["event"] == "worker_died"
+                                                                              for e in events)

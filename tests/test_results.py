@@ -252,3 +252,16 @@ def test_take_records_round_trip_and_survive_a_damaged_manifest(tmp_path) -> Non
     (tmp_path / MANIFEST).write_bytes(raw[: raw.rindex(b'"s2"') + 5])  # cut inside the last record
     damaged = Manifest.load(str(tmp_path))
     assert set(damaged.segments) == {"s0", "s1"} and damaged.segments["s0"].suspect is True
+
+
+def test_an_unwritten_final_manifest_wins_the_exit_code_and_legacy_keeps_its_own() -> None:
+    from fishmp.legacy import exit_code
+    from fishmp.running.jobrun import MANIFEST_EXIT, JobResult
+    from fishmp.running.results import SegmentRecord
+
+    done = {"a": SegmentRecord(status="done")}
+    for interrupted, outcome in ((None, 0), (15, 143)):
+        r = JobResult("/o", "/o/manifest.json", done, interrupted=interrupted, manifest_error="No space left on device")
+        assert r.exit_code == MANIFEST_EXIT == 5 and r.outcome_exit_code == outcome
+        assert exit_code(1, r.outcome_exit_code) == (0 if interrupted is None else 143)  # the backends' contract
+    assert JobResult("/o", "/o/manifest.json", done).exit_code == 0

@@ -227,3 +227,43 @@ def test_remaining_segments_counts_what_a_resumed_run_would_do(tmp_path, voice, 
     assert remaining_segments(job, "synthetic") == 1
     assert remaining_segments(job, "synthetic", resume=False) == 4
     assert remaining_segments(job, "fish:other-checkpoint") == 4  # another engine: everything is redone
+
+
+EXITS_WITHOUT_CLOSE = """
+import os, sys, threading
+import fishmp
+if __name__ == "__main__":
+    seen, enough = [], threading.Event()
+    def on_event(ev):
+        if ev["event"] == "segment_done":
+            seen.append(ev["id"])
+            if len(seen) >= 8:
+                enough.set()
+    pool = fishmp.Pool(engine="synthetic", cpu_workers=2, multiprocess_mode="true", devices="cpu")
+    pool.submit({job!r}, output_dir={out!r}, on_event=on_event)
+    enough.wait(60)
+    print(len(seen), flush=True)
+    # no pool.close(): the script just ends while the job runs
+"""
+
+
+def test_a_script_that_exits_without_close_leaves_a_true_manifest(tmp_path, voice) -> None:
+    """Issue 25: the manifest said pending: 40 beside 20 finished wavs. At interpreter exit the pool is closed."""
+    from test_faults import assert_no_workers_left
+
+    out = tmp_path / "out"
+    script = tmp_path / "dub.py"
+    script.write_text(EXITS_WITHOUT_CLOSE.format(job=job_dict(voice, "a-", 40, slow=0.1), out=str(out)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FISH_")}
+    env["FISH_CACHE_DIR"] = str(tmp_path / "cache")  # the workers inherit it: assert_no_workers_left finds them
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    seen = int(run.stdout.split()[0])
+    segs = manifest(str(out))
+    done = {sid for sid, r in segs.items() if r["status"] == "done"}
+    wavs = {name[:-4] for name in os.listdir(out) if name.endswith(".wav") and not name.startswith(".")}
+    assert len(done) >= seen >= 8 and done <= wavs  # every done record has its wav ...
+    assert len(wavs - done) <= 2  # ... and every wav a done record, but for the two running when it ended
+    assert {r["status"] for r in segs.values()} <= {"done", "pending"} and len(segs) == 40
+    assert_no_workers_left(tmp_path)

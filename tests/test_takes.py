@@ -339,9 +339,28 @@ def test_each_retake_gets_the_segments_full_deadline(tmp_path, make_wav, fishmp_
     out = str(tmp_path / "out")
     res = fishmp_cli(["generate", job, "-o", out, "--progress", "jsonl"], str(tmp_path),
                      synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_SYNTHETIC_SECONDS_PER_CHAR="0.03",
-                                   FISH_SEGMENT_TIMEOUT_S="2.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0"))
+                                   FISH_SEGMENT_TIMEOUT_S="2.5", FISH_SEGMENT_TIMEOUT_PER_CHAR_S="0",
+                                   FISH_SEGMENT_TIMEOUT_PER_FRAME_S="0"))
     assert res.returncode == 0, res.stderr
     rec = _manifest(out)["segments"]["slow"]
     assert [t["reasons"] for t in rec["takes"]] == [["silent"], ["silent"], []] and rec["attempts"] == 1
     assert rec["synthesis_seconds"] > 2.5  # the three takes together did outlast one deadline
+    assert not [e for e in jsonl_events(res.stdout) if e["event"] in ("worker_died", "segment_requeued")]
+
+
+@pytest.mark.parametrize("batch, check", [("1", "true"), ("4", "true"), ("1", "false")])
+def test_a_segment_whose_every_take_is_nan_fails_and_writes_nothing(tmp_path, make_wav, fishmp_cli, batch,
+                                                                     check) -> None:
+    """Issue 25 item 10: all 21 takes NaN wrote a full-scale buzz (-32768 every 100 samples) as the kept take."""
+    job = _job(tmp_path, make_wav, [{"id": "nan", "text": f"@@nan@@ {LINE}"}, {"id": "after", "text": LINE}])
+    out = str(tmp_path / "out")
+    res = fishmp_cli(["generate", job, "-o", out, "--progress", "jsonl"], str(tmp_path),
+                     synthetic_env(tmp_path, FISH_CPU_WORKERS="1", FISH_BATCH_SIZE=batch, FISH_TAKE_RETRIES="20",
+                                   FISH_TAKE_CHECK=check))
+    assert res.returncode == 1, res.stderr
+    segs = _manifest(out)["segments"]
+    assert segs["nan"]["status"] == "failed" and segs["nan"]["error_kind"] == "nonfinite"
+    assert ("all 21 takes (FISH_TAKE_RETRIES=20)" if check == "true" else "FISH_TAKE_CHECK=false") in segs["nan"]["error"]
+    assert not os.path.exists(os.path.join(out, "nan.wav"))
+    assert segs["after"]["status"] == "done"  # the worker was kept: no reload for a bad take
     assert not [e for e in jsonl_events(res.stdout) if e["event"] in ("worker_died", "segment_requeued")]

@@ -72,6 +72,8 @@ class WorkerHandle:
     spawned_at: float = field(default_factory=time.monotonic)
     outstanding: deque[str] = field(default_factory=deque)  # task ids sent and not finished, in order
     running: dict[str, float] = field(default_factory=dict)  # begun tasks (Started seen) -> when each began
+    sent_at: dict[str, float] = field(default_factory=dict)  # outstanding task -> when it was sent
+    last_heard: float = field(default_factory=time.monotonic)  # its last message: a sign of life
     batch_size: int = 1  # tasks it runs at once (its Ready says; lanes)
     job: Any = None  # the job it last took work from (fair sharing between jobs)
     load_seconds: float = 0.0

@@ -39,6 +39,10 @@ NEXT_WAIT_S = 1.0  # how long an actor holds a `next()` call open when it has no
 WAIT_CHUNK_S = 0.1  # ray.wait slices, so a stop request (signal handler) is seen promptly
 PROBE_TIMEOUT_S = 60.0  # each GPU node's inventory probe
 MAX_BLOBS = 256  # references kept in the object store by one pool (an evicted one is put again when used)
+# The head node (its GCS) is probed this often; unreachable for HEAD_LOST_S the cluster is taken for lost. Ray itself
+# ends a driver that cannot reach the GCS for gcs_rpc_server_reconnect_timeout_s (60 s): fishmp must be done first.
+HEAD_PROBE_EVERY_S = 2.0
+HEAD_PROBE_TIMEOUT_S = 2.0
 FORWARDED_ENV = re.compile(r"^FISH_SYNTHETIC_")  # engine knobs read from the environment (the test engine's)
 RAY_ADDRESS_ALLOWED = ("a running Ray cluster: auto, the head's HOST:6379 or ray://HOST:10001; empty starts a local "
                        "Ray instance")
@@ -167,6 +171,9 @@ class RayWorkerPool(WorkerPool):
         self._remote: dict[str, _Remote] = {}
         self._blobs: dict[tuple[str, int, int], tuple[str, str, Any, str | None]] = {}
         self._closed = False
+        self.address = address or "a local Ray instance"
+        self.head_lost: str | None = None  # why the cluster is gone (its head unreachable): nothing more is asked of Ray
+        self._head = _HeadProbe(self.ray)
         for line in placement_log_lines(self.nodes, self.ray_slots):
             log.info(line)
         super().__init__(cluster_plan(self.nodes, node_plans, self.ray_slots), settings)  # spawns every slot
@@ -237,6 +244,9 @@ class RayWorkerPool(WorkerPool):
         deadline = None if timeout is None else time.monotonic() + timeout
         events: list[tuple[str, WorkerHandle, Any]] = []
         while True:
+            if self.head_lost is None and (why := self._head.lost()) is not None:
+                self._cluster_lost(why, events)
+                return events
             waiting: dict[Any, tuple[WorkerHandle, str]] = {}
             for h in list(self.handles.values()):
                 r = self._remote.get(h.id)
@@ -342,17 +352,32 @@ class RayWorkerPool(WorkerPool):
         h.state = "dead"
         events.append(("exit", h, code))
 
+    def _cluster_lost(self, why: str, events: list) -> None:
+        """The head node is gone: every actor is as good as dead and no new one can be placed. Each live worker is
+        reported dead with the reason, and `broken` stops replacements, so the job loop ends the jobs (their
+        segments fail no_workers naming this), writes the manifests and returns the results."""
+        self.head_lost = self.broken = (f"lost the Ray cluster's head node ({self.address}): {why}; the jobs end here "
+                                        "(re-run to resume once the cluster is back)")
+        for h in self.handles.values():
+            if h.state != "dead":
+                h.kill_reason = self.head_lost
+                h.process.exitcode = -1
+                h.state = "dead"
+                events.append(("exit", h, None))
+
     # -- shutdown ---------------------------------------------------------------------------------------------------
     def close(self, grace_s: float = 5.0) -> None:
-        """Idempotent: ask every placed worker to finish within `grace_s`, then kill every actor."""
+        """Idempotent: ask every placed worker to finish within `grace_s`, then kill every actor. After the head was
+        lost, Ray is not called at all (every call would wait for the lost GCS until Ray ends this process)."""
         if self._closed:
             return
         self._closed = True
+        lost = self.head_lost is not None
         live = [(h, self._remote[h.id]) for h in self.handles.values() if h.state != "dead" and h.id in self._remote]
-        stops = [r.actor.stop.remote(grace_s) for h, r in live if r.placed]
+        stops = [] if lost else [r.actor.stop.remote(grace_s) for h, r in live if r.placed]
         if stops:
             self.ray.wait(stops, num_returns=len(stops), timeout=grace_s + 2.0)
-        for _h, r in live:
+        for _h, r in [] if lost else live:
             with contextlib.suppress(Exception):
                 self.ray.kill(r.actor, no_restart=True)
         for h in self.handles.values():
@@ -363,5 +388,46 @@ class RayWorkerPool(WorkerPool):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = -1
-        if self._owns_ray:
+        if lost:  # ray.shutdown, ours or at interpreter exit, would wait for the GCS until Ray ends this process
+            import atexit
+
+            with contextlib.suppress(Exception):
+                from ray._private import worker as ray_worker
+
+                atexit.unregister(ray_worker.shutdown)
+        elif self._owns_ray:
             self.ray.shutdown()
+
+
+class _HeadProbe:
+    """Is the cluster's head (its GCS) still there? A key read with a short timeout every HEAD_PROBE_EVERY_S; lost once
+    it has not answered for HEAD_LOST_S, well before Ray's own reconnect timeout ends this process. Uses Ray's GCS
+    client (an internal API): without it, nothing is probed."""
+
+    def __init__(self, ray: Any) -> None:
+        try:
+            from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+            self._gcs = internal_kv_get_gcs_client()
+        except ImportError:
+            self._gcs = None
+        reconnect = float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s") or 60)
+        self.lost_after_s = min(30.0, reconnect / 2)
+        self._next = time.monotonic()
+        self._failing_since: float | None = None
+
+    def lost(self) -> str | None:
+        now = time.monotonic()
+        if self._gcs is None or now < self._next:
+            return None
+        self._next = now + HEAD_PROBE_EVERY_S
+        try:
+            self._gcs.internal_kv_get(b"fishmp-probe", b"fishmp", timeout=HEAD_PROBE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - RpcError ("Timed out while waiting for GCS"), a closed channel...
+            self._failing_since = self._failing_since or now
+            if time.monotonic() - self._failing_since >= self.lost_after_s:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                return f"its GCS has not answered for {self.lost_after_s:g}s ({first})"
+            return None
+        self._failing_since = None
+        return None

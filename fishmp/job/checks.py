@@ -8,7 +8,9 @@ and resolves (symlinks included, via ``os.path.realpath``) to a file strictly in
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import unicodedata
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Any
@@ -18,6 +20,13 @@ import numpy as np
 MAX_SECONDS_LIMIT = 3600.0  # a subtitle slot (max_seconds) longer than an hour is a mistake
 _MAX_NAME_BYTES = 255  # one path component, as most filesystems allow
 _CURRENT: Any = object()
+# fishmp's own temp files (fishmp/worker/files.py TMP_PREFIX): a job's clean-up deletes files named so.
+TEMP_PREFIX = ".fishmp-tmp-"
+# Names Windows reserves for devices, with or without an extension (CON, aux.wav, nul.tar.wav); dubbing apps copy
+# outputs to Windows and macOS machines, where such a file cannot be made.
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$",
+                              *(f"{dev}{n}" for dev in ("COM", "LPT") for n in (*"123456789", "¹", "²", "³"))})
+WINDOWS_FORBIDDEN = '<>:"|?*'
 
 
 class Problems(list):
@@ -209,10 +218,12 @@ def reference_file(obj: dict, key: str, base: str, where: str, p: Problems, *, r
         return None
     path = os.path.abspath(os.path.join(base, raw))
     shown = raw if raw == path else f"{raw} ({path})"
-    if not os.path.exists(path):
-        p.add(f"{where}: {key} {shown} does not exist")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        p.add(f"{where}: {key} {shown} {_unreachable(path, exc)}")
         return None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         p.add(f"{where}: {key} {shown} is not a file")
         return None
     if npy:
@@ -229,6 +240,17 @@ def reference_file(obj: dict, key: str, base: str, where: str, p: Problems, *, r
                   f"found {desc}")
             return None
     return path
+
+
+def _unreachable(path: str, exc: OSError) -> str:
+    """Why a path named in a job cannot be opened, in the words its author needs (a loop is not a missing file)."""
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link loop (following its links never reaches a file)"
+    if exc.errno == errno.ENOENT and os.path.islink(path):
+        return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "does not exist"
+    return f"cannot be read: {exc.strerror or exc}"
 
 
 def text_field(obj: dict, key: str, where: str, p: Problems, what: str = "") -> str | None:
@@ -261,14 +283,38 @@ def inside(path: str, directory: str) -> bool:
         return False
 
 
+def portable_name_problem(name: str) -> str | None:
+    """Why one path component cannot be an output on every system a dubbing app copies outputs to, or None: fishmp's
+    temp-file prefix (its clean-up would delete the file), Windows device names, characters or endings Windows
+    refuses."""
+    if name.casefold().startswith(TEMP_PREFIX):
+        return f"is named like fishmp's own temp files ({TEMP_PREFIX}...), which fishmp deletes: choose another name"
+    if name.split(".")[0].rstrip(" ").upper() in WINDOWS_RESERVED:
+        return ("is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension): it "
+                "cannot be created there")
+    if bad := "".join(dict.fromkeys(c for c in name if c in WINDOWS_FORBIDDEN)):
+        return f"contains characters Windows does not allow in file names ({' '.join(bad)})"
+    if name.endswith((" ", ".")):
+        return "ends in a space or a dot, which Windows drops (it would become another name)"
+    return None
+
+
+def _fold(path: str) -> str:
+    """A path as a case-insensitive, normalisation-insensitive filesystem (Windows, macOS) compares it."""
+    return unicodedata.normalize("NFC", path).casefold()
+
+
 class Outputs:
-    """Resolves output paths into the output directory and remembers them to find duplicates and collisions."""
+    """Resolves output paths into the output directory and remembers them to find duplicates and collisions.
+    Output names are NFC-normalised; two that differ only in letter case or Unicode form are one file on Windows and
+    macOS, so they collide."""
 
     def __init__(self, out_dir: str, p: Problems) -> None:
         self.out = out_dir
         self.real = os.path.realpath(out_dir)
         self.p = p
         self.owner: dict[str, tuple[str, Hashable | None]] = {}  # resolved output -> (item that writes it, its tag)
+        self.folded: dict[str, str] = {}  # _fold(output) -> that output
 
     def resolve(self, raw: Any, where: str, key: str, suffix: str, *, given: bool = True) -> str | None:
         p = self.p
@@ -288,6 +334,7 @@ class Outputs:
         if "\\" in raw:
             p.add(f"{where}: {key} {raw!r} contains a backslash; use / to separate directories")
             return None
+        raw = unicodedata.normalize("NFC", raw)
         stem, ext = os.path.splitext(os.path.basename(raw))
         if ext.lower() != suffix or not stem:
             p.add(f"{where}: {key} {raw!r} must be a file name ending in {suffix}")
@@ -303,6 +350,10 @@ class Outputs:
         if any(len(c.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES for c in rel.split(os.sep)):
             p.add(f"{where}: {key} {raw!r} has a file or directory name longer than {_MAX_NAME_BYTES} bytes")
             return None
+        for part in rel.split(os.sep):
+            if problem := portable_name_problem(part):
+                p.add(f"{where}: {key} {raw!r}: {part!r} {problem}")
+                return None
         if os.path.isdir(real):
             p.add(f"{where}: {key} {raw!r} is an existing directory")
             return None
@@ -310,7 +361,13 @@ class Outputs:
         if output in self.owner:
             p.add(f"{where}: {key} {raw!r} is also the output of {self.owner[output][0]} ({output})")
             return None
+        other = self.folded.get(_fold(output))
+        if other is not None:
+            p.add(f"{where}: {key} {raw!r} differs from the output of {self.owner[other][0]} ({other}) only in letter "
+                  "case or Unicode form: on Windows and macOS they are one file")
+            return None
         self.owner[output] = (where, p.item)
+        self.folded[_fold(output)] = output
         return output
 
     def check_collisions(self, references: list[tuple[str, str, str | None]]) -> None:

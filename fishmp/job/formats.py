@@ -140,8 +140,9 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
                 seg_id = raw["id"]
         if seg_id is not None:
             where = f'segment "{seg_id}"'
-            if seg_id in ids:
-                p.add(f"{where}: duplicate segment id (segments[{ids[seg_id]}] and segments[{i}])")
+            if seg_id in ids:  # name the entry by its position: "segment X" alone would also name the first one
+                where = f'segments[{i}] (segment "{seg_id}")'
+                p.add(f"{where}: duplicate segment id: segments[{ids[seg_id]}] already has it")
                 duplicate_id = True
             else:
                 ids[seg_id] = i
@@ -198,8 +199,9 @@ def parse_generate(data: dict, base: str, out: str, p: Problems, source: str | N
         else:
             seg_id = str(index)
             where = f'segment "{seg_id}"'
-            if seg_id in ids:
-                p.add(f"{where}: duplicate segment_index (tasks[{ids[seg_id]}] and tasks[{i}])")
+            if seg_id in ids:  # name the entry by its position: "segment X" alone would also name the first one
+                where = f'tasks[{i}] (segment "{seg_id}")'
+                p.add(f"{where}: duplicate segment_index: tasks[{ids[seg_id]}] already has it")
             else:
                 ids[seg_id] = i
         sid = _legacy_speaker(raw, i, where, base, p, speakers, first_task)
@@ -274,8 +276,9 @@ def parse_encode(data: Any, base: str, out: str, p: Problems, source: str | None
                 sid = None
             else:
                 where = f'speaker "{sid}"'
-                if str(sid) in seen:
-                    p.add(f"{where}: defined more than once (speakers[{seen[str(sid)]}] and speakers[{i}])")
+                if str(sid) in seen:  # name the entry by its position: 'speaker "1"' would also name the first one
+                    where = f'speakers[{i}] (speaker "{sid}")'
+                    p.add(f"{where}: duplicate speaker_id: speakers[{seen[str(sid)]}] already defines it")
                 else:
                     seen[str(sid)] = i
             audio = reference_file(raw, "reference_audio", base, where, p, required=True)

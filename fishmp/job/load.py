@@ -86,16 +86,25 @@ def _within(path: str, root: str) -> bool:
 
 def output_dir_escape(path: str, data: Any, output_root: str | None) -> str | None:
     """Why the output_dir a job file asks for is not allowed, or None. A job file is data (possibly from a dubbing
-    app's users): it may write below its own directory, or below the operator's FISH_OUTPUT_ROOT, nowhere else."""
+    app's users): it may write below the operator's FISH_OUTPUT_ROOT when one is set, and then only there (a job
+    file sitting in the tree it writes to, or a temp config under /tmp, does not widen it); without a root, below
+    its own directory. A relative root is resolved against the current directory."""
     if not isinstance(data, dict) or not isinstance(data.get("output_dir"), str) or not data["output_dir"].strip():
         return None
     out = default_output_dir(path, data)
+    asked = f'"output_dir" {data["output_dir"]!r} ({out})'
+    if output_root:
+        root = os.path.abspath(output_root)
+        if _within(out, root):
+            return None
+        shown = root if root == output_root else f"{output_root!r} (resolved against the current directory: {root})"
+        return (f"{asked} is outside FISH_OUTPUT_ROOT {shown}: with a root set, a job file may only write below it; "
+                "choose an output_dir there, or pass -o on the command line")
     base = os.path.dirname(os.path.abspath(path))
-    if _within(out, base) or (output_root and _within(out, output_root)):
+    if _within(out, base):
         return None
-    allowed = f"the job file's directory {base}" + (f" or FISH_OUTPUT_ROOT {output_root}" if output_root else "")
-    return (f'"output_dir" {data["output_dir"]!r} ({out}) is outside {allowed}: a job file may only write there; '
-            "set FISH_OUTPUT_ROOT to a directory that contains it, or pass -o on the command line")
+    return (f"{asked} is outside the job file's directory {base}: a job file may only write there; set "
+            "FISH_OUTPUT_ROOT to a directory that contains it, or pass -o on the command line")
 
 
 def load_job(path: str, output_dir: str | None = None, *, skip_invalid: bool | None = False,

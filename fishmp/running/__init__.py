@@ -2,7 +2,8 @@
 May import: every layer below (config, job, planning, engines, worker, backends); never the surfaces above.
 
 Modules: `scheduler` (who runs what next, pure), `jobrun` (one job's state, its manifest, events and result;
-JobHandle), `service` (the loop driving the workers for every running job), `watchdog` (segment deadlines),
+JobHandle), `service` (the loop driving the workers for every running job), `watchdog` (deadlines: loads, segments, starts),
 `autofill` (FISH_MODEL_MEMORY_GB=auto grows the pool), `results` (manifest.json), `outputlock` (one job per output
-directory), `progress` (events and their renderers), `telemetry` (NVML samples per job).
+directory), `progress` (events and their renderers), `delivery` (each job's events to its callback, off the loop's thread),
+`telemetry` (NVML samples per job).
 """

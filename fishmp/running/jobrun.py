@@ -16,17 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.contract import WorkerHandle
+from ..backends.contract import PoolError, WorkerHandle
 from ..config import Settings
+from ..engines import SynthesisParams
 from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segment_fingerprint
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
+from ..worker.references import cache_dir_problem
 from . import results
+from .delivery import EventDelivery
+from .delivery import current as current_delivery
 from .progress import EventCallback, make_event
 from .results import Manifest, SegmentRecord, output_dir_problem
 from .scheduler import Scheduler, Task
 
 log = logging.getLogger("fishmp")
+DEFAULT_MAX_NEW_TOKENS = SynthesisParams().max_new_tokens  # the engines' default, for a segment that sets none
+MANIFEST_EXIT = 5  # the job ran, but its final manifest.json could not be written
+FINAL_SAVE_RETRIES_S = (0.5, 2.0)  # waits between the final manifest write's attempts (a disk freeing up)
 
 
 @dataclass
@@ -39,6 +46,8 @@ class JobResult:
     interrupted: int | None = None  # the signal that stopped the job (SIGTERM for a cancelled one)
     error: str | None = None  # why the job could not go on (no worker could load the model...)
     cancelled: bool = False  # stopped by JobHandle.cancel(), not by a signal to the whole pool
+    callback_error: str | None = None  # the job's on_event raised this; it got no events after it (delivery.py)
+    manifest_error: str | None = None  # the final manifest.json could not be written (after retries): exit code 5
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records.values() if r.status == status)
@@ -49,6 +58,13 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
+        """5 when the final manifest could not be written (the wavs are there, resume cannot know it: said first),
+        else `outcome_exit_code`."""
+        return MANIFEST_EXIT if self.manifest_error is not None else self.outcome_exit_code
+
+    @property
+    def outcome_exit_code(self) -> int:
+        """What the segments say: 128 + signal when interrupted, 0 all done, 1 otherwise."""
         if self.interrupted is not None:
             return 128 + self.interrupted
         return 0 if self.ok else 1
@@ -73,6 +89,14 @@ def _already_done(manifest: Manifest, seg: Segment, fingerprint: str, resume: bo
             and rec.fingerprint == fingerprint and wav_ok(seg.output))
 
 
+def warn_if_no_cache(cache_dir: str) -> None:
+    """One warning when FISH_CACHE_DIR cannot hold encoded references: the job runs without the cache (workers encode
+    each voice they meet), and no segment is blamed for it."""
+    if problem := cache_dir_problem(cache_dir):
+        log.warning("[Main] FISH_CACHE_DIR %s cannot be used (%s): reference audio is encoded without the cache, "
+                    "again by each worker and each job; fix or change FISH_CACHE_DIR", cache_dir, problem)
+
+
 def remaining_segments(job: Job, engine_fingerprint: str, resume: bool = True) -> int:
     """How many segments a run of `job` would synthesize (the rest resume from the manifest): plan workers for these."""
     if not resume:
@@ -89,7 +113,9 @@ class JobRun:
                  resume: bool = True, number: int = 0, priority: float = 1.0) -> None:
         self.job, self.settings, self.resume, self.number = job, settings, resume, number
         self.priority = priority
-        self.emit = on_event or (lambda ev: None)
+        # Events go to the callback from a thread of their own (delivery.py), never from the loop's.
+        self.delivery = EventDelivery(on_event, job.output_dir) if on_event else None
+        self.emit: EventCallback = self.delivery.put if self.delivery else (lambda ev: None)
         self.segments: dict[str, Segment] = {s.id: s for s in job.segments}
         ref_fp, self.fingerprints = _fingerprints(job, engine_fingerprint)
         self.refs = {sid: SpeakerRef(sid, sp.reference_text, sp.reference_audio, sp.prompt_tokens, ref_fp[sid])
@@ -118,6 +144,8 @@ class JobRun:
         except BaseException:
             self.lock.release()
             raise
+        if self.sched.pending_count and any(sp.reference_audio for sp in self.job.speakers.values()):
+            warn_if_no_cache(self.settings.cache_dir)
 
     def _queue(self, workers: int, plan: dict, mode: str) -> None:
         self.manifest = Manifest.load(self.job.output_dir)
@@ -153,7 +181,7 @@ class JobRun:
         except OSError as exc:
             if not self.manifest_error:
                 log.error("[Main] cannot write %s: %s (will keep trying)", self.manifest.path, exc.strerror or exc)
-            self.manifest_error = str(exc)
+            self.manifest_error = exc.strerror or str(exc)
         else:
             self.manifest_error = None
 
@@ -172,8 +200,12 @@ class JobRun:
                            **args)
 
     def timeout_for(self, segment_id: str) -> float:
-        text = self.segments[segment_id].text
-        return self.settings.segment_timeout_s + self.settings.segment_timeout_per_char_s * len(text)
+        """FISH_SEGMENT_TIMEOUT_S + _PER_CHAR_S x characters + _PER_FRAME_S x the frames it may decode (its
+        max_new_tokens, 1024 unless set): a healthy 1023-frame take must not be killed as a hang."""
+        seg = self.segments[segment_id]
+        frames = seg.params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        s = self.settings
+        return s.segment_timeout_s + s.segment_timeout_per_char_s * len(seg.text) + s.segment_timeout_per_frame_s * frames
 
     @property
     def finished(self) -> bool:
@@ -260,22 +292,36 @@ class JobRun:
         if gpus and isinstance(getattr(self.manifest, "summary", None), dict):
             self.manifest.summary["gpus"] = gpus
         try:
-            self.save_manifest()
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
-            remove_temp_files(dirs, worker_pids)
+            remove_temp_files(dirs, worker_pids)  # first: on a full disk that may be the room the manifest needs
+            self._save_final()
         finally:
             if self.lock is not None:
                 self.lock.release()
         result = JobResult(self.job.output_dir, self.manifest.path, self.manifest.segments, self.skipped,
-                           time.monotonic() - self.t0, self.stop_signal, self.error, self.cancelled)
+                           time.monotonic() - self.t0, self.stop_signal, self.error, self.cancelled,
+                           manifest_error=self.manifest_error)
         self.emit(make_event("finished", done=result.count("done"), failed=result.count("failed"),
                              suspect=results.suspect_count(self.manifest.segments),
                              pending=result.count("pending"), skipped=self.skipped,
                              audio_seconds=sum(r.audio_seconds or 0 for r in self.manifest.segments.values()),
                              wall_seconds=round(result.wall_seconds, 3), exit_code=result.exit_code,
                              interrupted=signal.Signals(result.interrupted).name if result.interrupted else None,
-                             cancelled=self.cancelled, manifest=self.manifest.path, **({"gpus": gpus} if gpus else {})))
+                             cancelled=self.cancelled, manifest=self.manifest.path, **({"gpus": gpus} if gpus else {}),
+                             **({"manifest_error": self.manifest_error} if self.manifest_error else {})))
         return result
+
+    def _save_final(self) -> None:
+        """The manifest resume trusts: retried, and when it still cannot be written the result says so (exit 5)."""
+        for wait in (*FINAL_SAVE_RETRIES_S, None):
+            self.save_manifest()
+            if self.manifest_error is None or wait is None:
+                break
+            time.sleep(wait)
+        if self.manifest_error is not None:
+            log.error("[Main] the final %s could NOT be written: %s; the wavs are on disk, but a re-run redoes the "
+                      "segments it does not list as done (free space and re-run)", self.manifest.path,
+                      self.manifest_error)
 
 
 class Blame:
@@ -308,6 +354,7 @@ class JobHandle:
         self._done = threading.Event()
         self._result: JobResult | None = None
         self._error: BaseException | None = None
+        self._outcome_set = False
 
     @property
     def job(self) -> Any:
@@ -321,6 +368,9 @@ class JobHandle:
         self._service.cancel(self)
 
     def result(self, timeout: float | None = None) -> JobResult:
+        if self._run.delivery is not None and current_delivery() is self._run.delivery:
+            raise PoolError("JobHandle.result() was called from this job's own on_event callback: the result comes "
+                            "after its last event, which cannot be delivered while the callback waits")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.2):  # short waits: the main thread stays responsive to signals
             if deadline is not None and time.monotonic() > deadline:
@@ -331,5 +381,19 @@ class JobHandle:
         return self._result
 
     def _set(self, result: JobResult | None, error: BaseException | None = None) -> None:
+        """The job's outcome. With a callback, the caller gets it once the callback has had every event."""
+        if self._outcome_set:
+            return
+        self._outcome_set = True
         self._result, self._error = result, error
-        self._done.set()
+        delivery = self._run.delivery
+        if delivery is None:
+            self._done.set()
+            return
+
+        def release() -> None:
+            if self._result is not None:
+                self._result.callback_error = delivery.error
+            self._done.set()
+
+        delivery.close(release)

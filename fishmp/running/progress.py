@@ -2,6 +2,8 @@
 
 The job loop emits plain dicts (`{"event": kind, "time": unix seconds, ...}`); renderers only read them.
 Logs and the bar go to stderr; stdout carries machine output alone (JSON lines when asked, and the result line).
+The dubbing backends' clients echo only lines containing one of `LEGACY_MARKERS`: every plain line that reports a
+problem carries one (`[Main]`, `[Worker ...]`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ EventCallback = Callable[[Event], None]
 
 KINDS = ("plan", "worker_ready", "segment_done", "segment_failed", "segment_requeued", "worker_died", "worker_recycled",
          "gpu", "finished")
+LEGACY_MARKERS = ("[BatchGen]", "[Worker", "[Main]", "[GPU", "tokens/sec", "INFO")  # what those clients echo
 GPU_LINE_EVERY_S = 60.0  # plain lines: one GPU line per this many seconds (events come every few seconds)
 
 
@@ -107,8 +110,8 @@ class PlainLines:
             eta = t.eta_s()
             line = (f"[{t.done + t.failed}/{t.total}] {ev['id']} done: {ev['audio_seconds']:.1f}s audio in "
                     f"{ev['synthesis_seconds']:.1f}s by {ev['worker']}" + (f", ETA {eta:.0f}s" if eta is not None else ""))
-        elif kind == "segment_failed":
-            line = f"[{t.done + t.failed}/{t.total}] {ev['id']} FAILED ({ev['kind']}): {ev['error']}"
+        elif kind == "segment_failed":  # [Main]: the dubbing backends' clients echo only lines with their markers
+            line = f"[Main] [{t.done + t.failed}/{t.total}] {ev['id']} FAILED ({ev['kind']}): {ev['error']}"
         elif kind == "segment_requeued":
             line = f"[Main] {ev['id']} requeued ({ev['attempts']} failed attempts so far): {ev['reason']}"
         elif kind == "worker_died":
@@ -122,7 +125,8 @@ class PlainLines:
             line = f"[Main] {gpu_brief(ev)}"
         elif kind == "finished":
             line = "\n".join([f"[Main] finished: {ev['done']} done, {ev['failed']} failed, {ev['pending']} pending, "
-                              f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s",
+                              f"{ev['audio_seconds']:.1f}s audio in {ev['wall_seconds']:.1f}s"
+                              + (f"; manifest NOT written: {ev['manifest_error']}" if ev.get("manifest_error") else ""),
                               *gpu_summary_lines(ev.get("gpus") or {})])
         else:
             return

@@ -104,13 +104,16 @@ class Service(Deadlines):
                 self._turn()
         except BaseException as exc:  # noqa: BLE001 - a bug here must not leave callers blocked forever
             log.exception("[Main] the job loop failed")
-            for handle in list(self.active):
-                self.active.remove(handle)
-                handle._set(None, exc)
             with self._lock:
                 self._closing = True
-                for handle in self._incoming:
-                    handle._set(None, exc)
+                incoming, self._incoming = self._incoming, []
+            for handle in list(self.active):
+                self.active.remove(handle)
+                with contextlib.suppress(BaseException):  # keep what is done: manifest written, directory released
+                    handle._run.finish(set())
+                handle._set(None, exc)
+            for handle in incoming:
+                handle._set(None, exc)
 
     def _start(self, handle: JobHandle) -> None:
         run = handle._run
@@ -246,11 +249,13 @@ class Service(Deadlines):
                     run.sched.requeue(task.id, count_attempt=False)
                     continue
                 self._owner[msg.id] = (handle, task.id)
+                h.sent_at[msg.id] = time.monotonic()  # it must start within FISH_START_TIMEOUT_S once due (watchdog)
                 if solo:
                     h.solo.add(msg.id)
 
     # -- messages -----------------------------------------------------------------------------------------------------
     def _on_message(self, h: WorkerHandle, msg: Any) -> None:
+        h.last_heard = time.monotonic()
         if isinstance(msg, Ready):
             h.state, h.pid, h.ever_ready, h.load_seconds = "ready", msg.pid, True, msg.load_seconds
             h.batch_size = max(1, int(getattr(msg, "batch_size", 1) or 1))
@@ -291,6 +296,7 @@ class Service(Deadlines):
     @staticmethod
     def _finish_task(h: WorkerHandle, tid: str) -> None:
         h.running.pop(tid, None)
+        h.sent_at.pop(tid, None)
         h.solo.discard(tid)
         with contextlib.suppress(ValueError):
             h.outstanding.remove(tid)
@@ -358,6 +364,7 @@ class Service(Deadlines):
             handle._run.requeue(sid, reason, h, counted=len(running) == 1 and tid in running)
         h.outstanding.clear()
         h.running.clear()
+        h.sent_at.clear()
         if h.job is not None:
             h.job._run.sched.worker_gone(h.id)
             h.job = None
@@ -401,5 +408,5 @@ class Service(Deadlines):
             error = "every worker slot used its restarts"
         for handle in list(self.active):
             handle._run.fail_rest("no_workers", error)
-            if self.workers.broken:
+            if self.workers.broken == MISSING_GUARD:  # the caller's program must change: raised, not a result
                 self._end(handle, PoolError(error))

@@ -48,6 +48,7 @@ What deserves a reload (a model reload costs 30 s+): only what may have broken t
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import queue
 import signal
@@ -173,17 +174,30 @@ class _SegmentRunner:
 
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
+        from .references import codebook_sizes
+
+        self.codebooks = codebook_sizes(settings)  # prompt codes beyond them: that speaker fails bad_reference
         # Bounded (back-pressure on generation when the disk is slow), but a whole batch finishing at once fits.
         self.writes: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
         self.writer.start()
-        self.lanes = LaneRunner(worker_id, engine, inbox, send, self.writes, self._prompt, settings.cache_dir,
-                                batch_size, refill)
+        self.lanes = LaneRunner(worker_id, engine, inbox, self._send_named, self.writes, self._prompt,
+                                settings.cache_dir, batch_size, refill)
         self.lanes.recycle = RecyclePolicy.from_settings(settings, engine_memory_kind(engine))
 
     def close(self) -> None:
         self.writes.put(None)
         self.writer.join()
+
+    def _send_named(self, msg: object) -> None:
+        """Engines name a voice by its content key (SpeakerPrompt.key, a hash); the person reading a failure needs
+        the speaker's id from the job, which this worker knows."""
+        if isinstance(msg, Failed) and any(p.key in msg.message for p in self.prompts.values()):
+            text = msg.message
+            for ref, prompt in self.prompts.items():
+                text = text.replace(f"speaker {prompt.key}", f'speaker "{ref.id}"').replace(prompt.key, f'"{ref.id}"')
+            msg = dataclasses.replace(msg, message=text)
+        self.send(msg)
 
     def _fail(self, task_id: str, kind: str, message: str, tb: str = "") -> None:
         self.send(Failed(self.worker_id, task_id, kind, message, tb, kind in INPUT_ERRORS))
@@ -194,13 +208,21 @@ class _SegmentRunner:
 
         if ref not in self.prompts:
             if ref.prompt_tokens:
-                tokens = load_prompt_tokens(ref.prompt_tokens)
+                tokens = load_prompt_tokens(ref.prompt_tokens, self.codebooks)
             else:
-                tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir)
+                tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir, self.codebooks)
             if len(self.prompts) >= 64:  # bounded: a long-lived pool sees many voices
                 self.prompts.pop(next(iter(self.prompts)))
             self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
         return self.prompts[ref]
+
+    def _not_audio(self, task: SegmentTask, take: dict | None) -> None:
+        """A take with NaN or inf samples is not audio: the segment fails (`nonfinite`) and nothing is written. The
+        take check keeps such a take only when every take was one."""
+        tried = f"all {take['tried']} takes (FISH_TAKE_RETRIES={self.settings.take_retries})" if take else \
+            "its take (FISH_TAKE_CHECK=false)"
+        self.send(Failed(self.worker_id, task.id, "nonfinite", f"{tried} had NaN or inf samples: not audio, nothing "
+                         f"was written to {task.output}", "", True))  # the engine is intact: the worker stays
 
     def _write_loop(self) -> None:
         import numpy as np
@@ -213,6 +235,9 @@ class _SegmentRunner:
                 if isinstance(task, EncodeTask):
                     atomic_write(task.output_npy, lambda tmp, a=payload: np.save(tmp, a), ".npy")
                     self.send(Done(self.worker_id, task.id, task.output_npy, 0.0, busy_s, 0))
+                    continue
+                if not np.isfinite(payload.samples).all():  # NaN/inf become full-scale spikes in 16-bit PCM
+                    self._not_audio(task, getattr(payload, "take", None))
                     continue
                 write_wav(task.output, payload.samples, payload.sample_rate)
                 self.send(Done(self.worker_id, task.id, task.output, payload.seconds, busy_s, payload.tokens,
