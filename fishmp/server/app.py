@@ -37,11 +37,13 @@ log = logging.getLogger("fishmp")
 async def health(request: Request) -> Response:
     """200 once a worker is ready (fish's shape plus workers_ready), 503 while they load."""
     state: ServerState = request.app.state.server
-    ready = state.pool.stats()["workers"].get("ready", 0) if state.pool is not None else 0
+    workers = state.pool.stats()["workers"] if state.pool is not None else {}
+    ready = workers.get("ready", 0)
     if state.stopping:
         return JSONResponse({"status": "stopping", "workers_ready": ready}, status_code=503)
-    if not ready:
-        return JSONResponse({"status": "starting", "workers_ready": 0}, status_code=503)
+    if not ready:  # loading, or none left (their restarts used up: the next request starts them again)
+        status = "starting" if workers.get("starting") else "no workers"
+        return JSONResponse({"status": status, "workers_ready": 0}, status_code=503)
     return JSONResponse({"status": "ok", "workers_ready": ready})
 
 

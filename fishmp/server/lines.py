@@ -81,7 +81,7 @@ class LineRun:
         (the line cancelled) when `request` says its client disconnected."""
         sid = self.ids[index]
         while sid not in self.results:
-            if self.sub.finished is not None or self.sub.handle.done():
+            if self.sub.over():
                 raise self._ended_without(sid)
             await self.sub.wait_changed(0.5)
             if request is not None and sid not in self.results and await request.is_disconnected():

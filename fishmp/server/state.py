@@ -23,6 +23,7 @@ from .refstore import References
 
 INTERACTIVE_PRIORITY = 1000.0  # a single line (/v1/tts, /v1/audio/speech) next to a film job (priority 1)
 RATE_WINDOW_S = 60.0
+EVENTS_LATE_S = 5.0  # how long after a job's result its last events may still arrive
 
 
 class QueueGate:
@@ -102,6 +103,7 @@ class Submission:
         self.loop = state.loop or asyncio.get_running_loop()
         self.changed = asyncio.Event()
         self.finished: dict | None = None
+        self._done_at: float | None = None
         self.unfinished = len(job.segments)
         if force:
             state.gate.outstanding += self.unfinished
@@ -154,13 +156,24 @@ class Submission:
             await asyncio.wait_for(self.changed.wait(), timeout)
         except asyncio.TimeoutError:
             pass
-        if self.handle.done() and self.finished is None:
-            self._settle()  # it ended without a finished event (it could not start): free its place
+        if self.finished is None and self.error() is not None:
+            self._settle()  # it could not start (no events will come): free its place
+
+    def over(self) -> bool:
+        """No more events will come: `finished` came, or the job raised instead of finishing, or it has been done
+        for EVENTS_LATE_S without its last events (they may be delivered off the pool's thread, after the result)."""
+        if self.finished is not None or self.error() is not None:
+            return True
+        if not self.handle.done():
+            return False
+        if self._done_at is None:
+            self._done_at = time.monotonic()
+        return time.monotonic() - self._done_at > EVENTS_LATE_S
 
     async def ended(self, poll_s: float = 0.05) -> None:
-        """Until the pool is done with the job (its output directory released)."""
-        while not self.handle.done():
-            await asyncio.sleep(poll_s if self.finished is not None else 0.25)
+        """Until the pool is done with the job (its output directory released) and its events are in."""
+        while not self.over():
+            await asyncio.sleep(poll_s if self.finished is not None or self.handle.done() else 0.25)
         self._settle()
 
     def cancel(self) -> None:
