@@ -65,6 +65,8 @@ def test_health_without_key_and_everything_else_needs_it(server) -> None:
         wrong = requests.request(method, server.url(path), headers={"Authorization": "Bearer nope"}, timeout=30)
         assert wrong.status_code == 401
     assert server.get("/v1/references/list").status_code == 200
+    lower = requests.get(server.url("/v1/references/list"), headers={"Authorization": f"bearer {KEY}"}, timeout=30)
+    assert lower.status_code == 200  # the scheme in any case, as HTTP says
 
 
 def test_json_as_pyvideotrans_sends_it(server) -> None:
@@ -202,6 +204,9 @@ def test_bad_requests_get_a_json_error_naming_the_problem(server) -> None:
     assert error_of(server.get("/v1/nope"), 404)["error"] == "not found"
     two = {"text": "x", "references": [{"audio": b64(VOICE), "text": "a"}, {"audio": b64(VOICE), "text": "b"}]}
     assert error_of(server.post("/v1/tts", json=two), 400)["error"] == "too many references"
+    by_path = {"speakers": {"a": {"reference_audio": "/etc/hostname", "reference_text": "t"}},
+               "segments": [{"speaker": "a", "text": "x"}]}
+    assert error_of(server.post("/v1/jobs", json=by_path), 400)["error"] == "file paths not allowed"  # no --root
 
 
 @pytest.mark.parametrize("audio, says", [

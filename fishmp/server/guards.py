@@ -88,13 +88,14 @@ class BodyLimit:
 class BearerAuth:
     def __init__(self, app: Any, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):  # the scheme: any case
             return await self.app(scope, receive, send)
         what = "no Authorization header" if not given else "the key does not match"
         body = json.dumps({"error": "unauthorized", "detail": f"{what}: send Authorization: Bearer <FISH_API_KEY>"})

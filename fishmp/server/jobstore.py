@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from typing import Any
@@ -161,8 +162,6 @@ class JobStore:
         try:
             self._submit(sj, job)
         except ApiError:
-            import shutil
-
             shutil.rmtree(directory, ignore_errors=True)  # refused (429, 503): nothing was accepted
             raise
         self.jobs[job_id] = sj
