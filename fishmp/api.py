@@ -199,6 +199,25 @@ class Pool:
                             "pool.submit() there and wait for its handle from another thread")
         return self.submit(job, output_dir=output_dir, on_event=on_event, resume=resume, priority=priority).result()
 
+    def warm(self) -> None:
+        """Start the job loop now, so the workers load and say ready before the first job comes (a server).
+        Without it the loop starts with the first job."""
+        with self._lock:
+            if self._closed:
+                raise PoolError("this fishmp.Pool is closed: create a new Pool (or use it inside its `with` block)")
+            if self._service is None:
+                self._service = Service(self._workers)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for monitoring, from any thread: workers by state (starting, ready, leaving, dead), the lanes
+        the ready ones offer, and the segments they are running now."""
+        handles = list(self._workers.handles.values())
+        states: dict[str, int] = {}
+        for h in handles:
+            states[h.state] = states.get(h.state, 0) + 1
+        return {"workers": states, "lanes": sum(h.batch_size for h in handles if h.state == "ready"),
+                "running_segments": sum(len(h.running) for h in handles)}
+
     def cancel(self, handle: JobHandle) -> None:
         """End one job (= `handle.cancel()`); the others and the pool go on."""
         handle.cancel()

@@ -101,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--output-root", metavar="PATH", required=True, help="FISH_OUTPUT_ROOT for the shims (unless the "
                     "environment sets one): the directory the backend's output_dirs lie under, since its configs are "
                     "temp files (a config whose output_dir is elsewhere is refused)")
+    sv = sub.add_parser("serve", help="serve the HTTP APIs (fish /v1/tts, OpenAI speech, jobs) on one warm pool",
+                        description="Start one worker pool from the FISH_* settings and answer fish-speech's /v1/tts "
+                        "and references API, OpenAI's /v1/audio/speech and fishmp's job API on it until SIGTERM / "
+                        "Ctrl-C (see README, 'Server').")
+    sv.add_argument("--host", help="address to listen on (FISH_SERVE_HOST, default 127.0.0.1; beyond loopback an API "
+                    "key is required)")
+    sv.add_argument("--port", type=int, help="TCP port (FISH_SERVE_PORT, default 8080)")
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /v1/health "
+                    "(FISH_API_KEY; prefer the variable: options show in ps)")
+    sv.add_argument("--data-dir", help="stored references and jobs (FISH_SERVE_DATA_DIR, default fishmp-serve)")
+    sv.add_argument("--root", metavar="DIR", help="let requests name files on this machine, inside DIR only "
+                    "(default: no paths at all)")
     sub.add_parser("schema", help="print the JSON Schema of fishmp's job format",
                    description="Print the JSON Schema (draft 2020-12) of fishmp's job format on stdout, for apps "
                    "that build job files. Loading a job checks more (files exist, unique ids, outputs inside).")
@@ -231,7 +243,7 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from .running.progress import make_renderer
 
     job = load_job(args.job, args.output_dir, skip_invalid=True if args.skip_invalid else None,
-                   output_root=settings.output_root)
+                   output_root=settings.output_root, voices=_reference_store())
     legacy = job.legacy == "generate"
     invalid = (job.items or len(job.segments)) - len(job.segments)
     for problem in job.skipped:
@@ -409,6 +421,20 @@ def _cmd_tiny(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _reference_store() -> Any:
+    """A job's reference_id names a voice stored by `fishmp serve`: read from FISH_SERVE_DATA_DIR's store."""
+    from .config import ServeSettings
+    from .server.refstore import References
+
+    return References(ServeSettings.from_env().data_dir)
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .server.main import serve
+
+    return serve(args, _with_checkpoint(settings, None))
+
+
 def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     from .job.schema import job_schema
 
@@ -418,4 +444,4 @@ def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"plan": _cmd_plan, "generate": _cmd_generate, "encode": _cmd_encode, "demo": _cmd_demo,
             "tiny-checkpoint": _cmd_tiny, "install-legacy-scripts": _cmd_install,
-            "schema": _cmd_schema}
+            "schema": _cmd_schema, "serve": _cmd_serve}

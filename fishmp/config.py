@@ -213,15 +213,7 @@ class Settings:
         "a take with more samples at full scale (|x| >= 0.999) than this fraction is clipped, 0 to 1")
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            spec: _Spec = f.metadata["spec"]
-            value = getattr(self, f.name)
-            try:
-                ok = spec.check(value)
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ConfigError(f.name, value, spec.allowed)
+        _check_fields(self)
         if self.model_memory_gb == "auto" and self.backend != "local":  # autofill grows local worker pools only
             raise ConfigError("FISH_MODEL_MEMORY_GB", "auto", "", "FISH_MODEL_MEMORY_GB=auto measures and fills local "
                               f"GPUs only; with FISH_BACKEND={self.backend} set a number of GiB per worker, e.g. 8.0 "
@@ -232,25 +224,7 @@ class Settings:
         """Settings from `environ` (default `os.environ`); keyword overrides win over the environment."""
         env = os.environ if environ is None else environ
         warn_unknown_variables(env)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            spec: _Spec = f.metadata["spec"]
-            raw = env.get(spec.env)
-            if f.name in overrides or raw is None:
-                continue
-            try:
-                value = spec.parse(raw)
-                ok = spec.check(value)
-            except (ValueError, TypeError):
-                ok = False
-            if not ok:
-                raise ConfigError(spec.env, raw, spec.allowed)
-            values[f.name] = value
-        values.update(overrides)
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(sorted(unknown)[0], values[sorted(unknown)[0]], "not a fishmp setting")
-        return cls(**values)
+        return _from_env(cls, env, overrides)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -261,13 +235,83 @@ class Settings:
         return {f.name: f.metadata["spec"].env for f in dataclasses.fields(Settings)}
 
 
+def _check_fields(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        spec: _Spec = f.metadata["spec"]
+        value = getattr(obj, f.name)
+        try:
+            ok = spec.check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f.name, value, spec.allowed)
+
+
+def _from_env(cls: Any, env: Mapping[str, str], overrides: dict[str, Any]) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        spec: _Spec = f.metadata["spec"]
+        raw = env.get(spec.env)
+        if f.name in overrides or raw is None:
+            continue
+        try:
+            value = spec.parse(raw)
+            ok = spec.check(value)
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ConfigError(spec.env, raw, spec.allowed)
+        values[f.name] = value
+    values.update(overrides)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], values[sorted(unknown)[0]], "not a fishmp setting")
+    return cls(**values)
+
+
+def _port(x: object) -> bool:
+    return _is_int(x) and 1 <= x <= 65535  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`python -m fishmp serve`'s own settings (fishmp/server/); the pool behind it reads `Settings` as usual.
+    Command-line options override them (keyword overrides, as for Settings)."""
+
+    host: str = _setting("127.0.0.1", "FISH_SERVE_HOST", lambda s: s.strip(), lambda v: isinstance(v, str) and bool(v),
+                         "an address to listen on, e.g. 127.0.0.1 (loopback) or 0.0.0.0 (every interface: needs "
+                         "FISH_API_KEY)")
+    port: int = _setting(8080, "FISH_SERVE_PORT", int, _port, "a TCP port from 1 to 65535")
+    # repr=False below: the key must never reach a log line
+    api_key: str | None = dataclasses.field(default=None, repr=False, metadata={"spec": _Spec(
+        "FISH_API_KEY", _opt_str, lambda v: v is None or (isinstance(v, str) and bool(v) and v.isprintable()
+                                                          and " " not in v),
+        "a key without spaces that clients send as `Authorization: Bearer KEY` (empty: no key)")})
+    data_dir: str = _setting("fishmp-serve", "FISH_SERVE_DATA_DIR", lambda s: os.path.expanduser(s.strip()),
+                             lambda v: isinstance(v, str) and bool(v),
+                             "a directory for stored references and jobs (created if missing)")
+    max_queued: int = _setting(10000, "FISH_SERVE_MAX_QUEUED", int, lambda v: _is_int(v) and v >= 1,
+                               "segments queued or running at once before requests get 429, >= 1")
+    max_text_chars: int = _setting(4000, "FISH_SERVE_MAX_TEXT_CHARS", int, lambda v: _is_int(v) and v >= 1,
+                                   "characters of text one request (one segment of a job) may have, >= 1")
+    max_body_mb: float = _setting(50.0, "FISH_SERVE_MAX_BODY_MB", float, _positive,
+                                  "MiB a request body may have, > 0 (bigger: 413)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
+        return _from_env(cls, os.environ if environ is None else environ, overrides)
+
+
 _warned: set[str] = set()  # once per process: a backend building many Pools should not repeat it
 
 
 def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """Warn (logger "fishmp", one line each) about FISH_* variables that are no setting, naming the closest one.
     Returns the unknown names."""
-    known = sorted(Settings.variables().values())
+    known = sorted([*Settings.variables().values(), *(f.metadata["spec"].env for f in dataclasses.fields(ServeSettings))])
     unknown = [name for name in sorted(environ) if name.startswith("FISH_") and name not in known
                and name not in EXTRA_VARIABLES and not name.startswith(EXTRA_PREFIXES)]
     for name in unknown:

@@ -11,9 +11,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# torch and torchaudio from one release (PyPI's builds run on CPU as well as CUDA), plus fishmp, its test tools and Ray
-# (the Ray backend's tests run a real local Ray cluster).
-"$VENV/bin/python" -m pip install -q -e ".[fish,dev,ray]"
+# torch and torchaudio from one release (PyPI's builds run on CPU as well as CUDA), plus fishmp, its test tools, Ray
+# (the Ray backend's tests run a real local Ray cluster) and the HTTP server's parts (`fishmp serve`).
+"$VENV/bin/python" -m pip install -q -e ".[fish,dev,ray,serve]"
 # fish-speech 0.1.0 pins numpy<=1.26, pydantic==2.9.2, gradio, wandb...: install it and the descript codec packages
 # without their declared dependencies; the modules they actually import came with the [fish] extra above.
 "$VENV/bin/python" -m pip install -q --no-deps fish-speech==0.1.0 descript-audiotools==0.7.2 descript-audio-codec==1.0.0

@@ -27,11 +27,12 @@ from .checks import (
     typename,
     unknown_keys,
 )
-from .model import EncodeItem, EncodeJob, Job, Segment, Speaker
+from .model import REFERENCE_ID, EncodeItem, EncodeJob, Job, Segment, Speaker, VoiceSource
 from .params import LEGACY_PARAMS, Params, params_in, parse_params
 
 NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
-NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text"}
+NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text", "reference_id"}
+SOURCES = ("reference_audio", "prompt_tokens", "reference_id")
 NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params", "max_seconds"}
 
 
@@ -76,7 +77,38 @@ def _invalid(p: Problems, ids: dict[str, int], segments: list[Segment], kept: di
     return tuple(out)
 
 
-def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool) -> Job:
+def _stored_voice(raw: dict, where: str, p: Problems, voices: VoiceSource | None) -> tuple[str, str] | None:
+    """(audio path, transcript) of a speaker's `reference_id`, or None after reporting why not."""
+    ref_id = raw["reference_id"]
+    if not isinstance(ref_id, str) or not REFERENCE_ID.match(ref_id):
+        p.add(f"{where}: reference_id must be a name of 1 to 64 letters, digits, '_' or '-', not {ref_id!r}")
+    elif voices is None:
+        p.add(f'{where}: reference_id "{ref_id}" names a stored voice, and there is no reference store here')
+    else:
+        try:
+            return voices.reference(ref_id)
+        except LookupError as exc:
+            p.add(f"{where}: {exc.args[0] if exc.args else exc}")
+    return None
+
+
+def _data_url(raw: dict, where: str, p: Problems, voices: VoiceSource | None) -> dict:
+    """`raw` with a data-URL reference_audio replaced by the file the voice source stored it in."""
+    url = raw.get("reference_audio")
+    if not (isinstance(url, str) and url.startswith("data:")):
+        return raw
+    if voices is None:
+        p.add(f"{where}: reference_audio is a data URL, and there is no reference store here to keep it in")
+        return {**raw, "reference_audio": None}
+    try:
+        return {**raw, "reference_audio": voices.data_url(url)}
+    except ValueError as exc:
+        p.add(f"{where}: reference_audio: {exc}")
+        return {**raw, "reference_audio": None}
+
+
+def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool,
+              voices: VoiceSource | None = None) -> Job:
     check_duplicate_keys(data, "job", p)
     unknown_keys(data, NEW_TOP_KEYS, "job", p)
     check_opt_path(data, "output_dir", "job", p)
@@ -106,11 +138,22 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
             continue
         check_duplicate_keys(raw, where, p)
         unknown_keys(raw, NEW_SPEAKER_KEYS, where, p)
-        has_audio, has_tokens = raw.get("reference_audio") is not None, raw.get("prompt_tokens") is not None
-        if has_audio and has_tokens:
+        given = [k for k in SOURCES if raw.get(k) is not None]
+        if given == ["reference_audio", "prompt_tokens"]:
             p.add(f"{where}: give either reference_audio or prompt_tokens, not both")
-        elif not has_audio and not has_tokens:
-            p.add(f"{where}: needs reference_audio (a recording of the voice) or prompt_tokens (a pre-encoded .npy)")
+        elif len(given) > 1:
+            p.add(f"{where}: give one of reference_audio, prompt_tokens or reference_id, not {' and '.join(given)}")
+        elif not given:
+            p.add(f"{where}: needs reference_audio (a recording of the voice, or a data: URL), prompt_tokens (a "
+                  "pre-encoded .npy) or reference_id (a stored voice)")
+        if given == ["reference_id"]:
+            stored = _stored_voice(raw, where, p, voices)
+            text = reference_text(raw, where, p) if raw.get("reference_text") is not None else \
+                stored[1] if stored else None  # the stored transcript unless the job gives one
+            if stored is not None and text is not None:
+                speakers[sid] = Speaker(sid, text, stored[0], None, raw["reference_id"])
+            continue
+        raw = _data_url(raw, where, p, voices)
         audio = reference_file(raw, "reference_audio", base, where, p, required=False)
         tokens = reference_file(raw, "prompt_tokens", base, where, p, required=False, npy=True)
         text = reference_text(raw, where, p)

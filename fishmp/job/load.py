@@ -108,7 +108,7 @@ def output_dir_escape(path: str, data: Any, output_root: str | None) -> str | No
 
 
 def load_job(path: str, output_dir: str | None = None, *, skip_invalid: bool | None = False,
-             output_root: str | None = None) -> Job:
+             output_root: str | None = None, voices: Any = None) -> Job:
     """Read a job file (fishmp format or legacy generate config), parse and validate it.
 
     `output_dir` (the operator's choice) overrides the directory the file asks for (see `default_output_dir`), which
@@ -124,7 +124,7 @@ def load_job(path: str, output_dir: str | None = None, *, skip_invalid: bool | N
     out = output_dir if output_dir is not None else default_output_dir(path, data)
     try:
         return job_from_dict(data, os.path.dirname(os.path.abspath(path)), out, source=os.path.abspath(path),
-                             skip_invalid=skip_invalid, _problems=[escape] if escape else ())
+                             skip_invalid=skip_invalid, _problems=[escape] if escape else (), voices=voices)
     except JobError as e:
         e.source = path
         raise
@@ -162,11 +162,11 @@ def _start(output_dir: Any, problems: Iterable[str]) -> tuple[Problems, str]:
 
 
 def job_from_dict(data: Any, base_dir: str, output_dir: str, *, source: str | None = None,
-                  skip_invalid: bool | None = False, _problems: Iterable[str] = ()) -> Job:
+                  skip_invalid: bool | None = False, _problems: Iterable[str] = (), voices: Any = None) -> Job:
     """A validated Job from Python objects (fishmp format or legacy generate config).
 
     Relative reference paths resolve against `base_dir`, relative outputs against `output_dir`; `skip_invalid` as
-    for `load_job`.
+    for `load_job`. `voices` (a model.VoiceSource) resolves speakers' reference_id and data-URL reference_audio.
     """
     p, out = _start(output_dir, _problems)
     base = os.path.abspath(base_dir)
@@ -184,8 +184,9 @@ def job_from_dict(data: Any, base_dir: str, output_dir: str, *, source: str | No
         p.add('a legacy encode config ("mode": "encode") has no segments to synthesize; use encode_job_from_dict()')
         raise JobError(p, source)
     skip = skip_invalid if skip_invalid is not None else fmt == "generate"
-    parse = parse_new if fmt == "new" else parse_generate
-    return parse(data, base, out, p, source, skip)
+    if fmt == "new":
+        return parse_new(data, base, out, p, source, skip, voices)
+    return parse_generate(data, base, out, p, source, skip)
 
 
 def encode_job_from_dict(data: Any, base_dir: str, output_dir: str, *, source: str | None = None,

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .params import Params
+
+# A stored voice's name (fishmp serve's reference store): a name, never a path (upstream had a traversal through it).
+REFERENCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class VoiceSource(Protocol):
+    """Where a job's `reference_id` and data-URL `reference_audio` speakers come from (fishmp serve's reference
+    store, fishmp/server/refstore.py): the job layer names them, the source turns them into files."""
+
+    def reference(self, reference_id: str) -> tuple[str, str]:
+        """(absolute audio path, transcript) of a stored voice; LookupError with a one-line message if unknown."""
+
+    def data_url(self, url: str) -> str:
+        """Store a `data:audio/...;base64,...` reference and return its absolute path; ValueError if unusable."""
 
 
 @dataclass(frozen=True)
@@ -16,6 +31,7 @@ class Speaker:
     reference_text: str
     reference_audio: str | None = None  # absolute path
     prompt_tokens: str | None = None  # absolute path to a pre-encoded .npy (10, T)
+    reference_id: str | None = None  # the stored voice reference_audio was resolved from, if any
 
     @property
     def reference_path(self) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .checks import MAX_SECONDS_LIMIT
+from .model import REFERENCE_ID
 from .params import MAX_NEW_TOKENS_LIMIT, MAX_SEED
 
 # no control, bidi, zero-width or other invisible characters (the common ones; the loader checks every Cc/Cf)
@@ -41,11 +42,16 @@ def params_schema() -> dict[str, Any]:
 
 def job_schema() -> dict[str, Any]:
     speaker = _obj({
-        "reference_audio": _path("a recording of the voice (any common audio format), relative to the job file"),
+        "reference_audio": _path("a recording of the voice (any common audio format), relative to the job file; or "
+                                 "the recording itself as a data: URL (data:audio/wav;base64,...)"),
         "prompt_tokens": _path("pre-encoded prompt tokens, a (10, T) integer array, relative to the job file", ".npy"),
+        "reference_id": {"type": "string", "pattern": REFERENCE_ID.pattern,
+                         "description": "a stored voice (fishmp serve's /v1/references/add; the CLI reads the store "
+                                        "in FISH_SERVE_DATA_DIR); reference_text defaults to its stored transcript"},
         "reference_text": {"type": "string", "minLength": 1, "description": "the transcript of the reference"},
-    }, ["reference_text"], "a voice: reference_audio or prompt_tokens, and its transcript")
-    speaker["oneOf"] = [{"required": ["reference_audio"]}, {"required": ["prompt_tokens"]}]
+    }, [], "a voice: reference_audio or prompt_tokens and its transcript, or a stored voice's reference_id")
+    speaker["oneOf"] = [{"required": ["reference_audio", "reference_text"]},
+                        {"required": ["prompt_tokens", "reference_text"]}, {"required": ["reference_id"]}]
     segment = _obj({
         "id": {"type": "string", "pattern": _NAME, "description": "unique; default: the position, 0001, 0002..."},
         "speaker": {"type": "string", "description": "a key of speakers"},

@@ -203,12 +203,14 @@ class Service(Deadlines):
         return [j for j in self.active if j._run.stopping_since is None and j._run.sched.pending_count]
 
     def _choose_job(self, h: WorkerHandle, jobs: list[JobHandle]) -> JobHandle:
-        """The job with the fewest workers per unit of priority (not counting `h`); ties keep h's current job."""
+        """The job whose workers per unit of priority, counting `h` in it, would be fewest; ties keep h's current job.
+        Counting `h` (+1) lets a high priority win a lone worker: without it every job scored 0 there and h's current
+        job kept it, so a priority-100 line waited behind a whole film on a 1-worker pool (fishmp serve, issue 23)."""
         count = {id(j): 0 for j in jobs}
         for o in self.workers.live_handles():
             if o is not h and o.job is not None and id(o.job) in count:
                 count[id(o.job)] += 1
-        return min(jobs, key=lambda j: (count[id(j)] / j._run.priority, j is not h.job, j._run.number))
+        return min(jobs, key=lambda j: ((count[id(j)] + 1) / j._run.priority, j is not h.job, j._run.number))
 
     def _dispatch(self) -> None:
         ready = [h for h in self.workers.handles.values() if h.state == "ready"]

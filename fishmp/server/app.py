@@ -1,0 +1,114 @@
+"""The ASGI app: routes, the checks every request passes, JSON errors, and the lifespan around the pool.
+
+Requests pass, outermost first: RequestLog (a log line and the request metrics), BearerAuth, BodyLimit, then
+Starlette (errors to JSON, routing). Extending it (the review page to come) is adding routes: `create_app(state,
+extra_routes)` puts them after the API's, e.g. a `Mount("/", StaticFiles(...))` for static files at `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import jobs_api, references_api
+from .errors import ApiError, error_response, on_api_error, on_http_exception, on_unexpected
+from .guards import BearerAuth, BodyLimit, BodyTooLarge, too_large_body
+from .jobstore import JobStore
+from .lines import clean_lines
+from .metrics import Metrics, RequestLog
+from .openai import models, speech
+from .state import ServerState
+from .tts import tts
+
+log = logging.getLogger("fishmp")
+
+
+async def health(request: Request) -> Response:
+    """200 once a worker is ready (fish's shape plus workers_ready), 503 while they load."""
+    state: ServerState = request.app.state.server
+    workers = state.pool.stats()["workers"] if state.pool is not None else {}
+    ready = workers.get("ready", 0)
+    if state.stopping:
+        return JSONResponse({"status": "stopping", "workers_ready": ready}, status_code=503)
+    if not ready:  # loading, or none left (their restarts used up: the next request starts them again)
+        status = "starting" if workers.get("starting") else "no workers"
+        return JSONResponse({"status": status, "workers_ready": 0}, status_code=503)
+    return JSONResponse({"status": "ok", "workers_ready": ready})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def on_body_too_large(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BodyTooLarge)
+    response = Response(too_large_body(exc.limit, "the body grew past the limit as it came"), status_code=413,
+                        media_type="application/json", headers={"Connection": "close"})
+    return response
+
+
+async def _drain(state: ServerState) -> None:
+    """At shutdown (uvicorn has let the open answers finish): the pool's running work is stopped, and the jobs'
+    last events are recorded before the event loop goes."""
+    if not state.stopping:
+        state.stopping = True
+        state.pool.request_stop(signal.SIGTERM)
+    pending = [sj.sub.ended() for sj in state.jobs.jobs.values() if sj.sub is not None]
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*pending, *list(state.tasks)), state.settings.shutdown_grace_s + 5)
+    await state.jobs.stop_streams()
+
+
+def create_app(state: ServerState, extra_routes: list | None = None) -> Starlette:
+    state.metrics = Metrics(lambda: state.pool.stats() if state.pool is not None else {},
+                            lambda: state.gate.outstanding)
+    state.jobs = JobStore(state)
+    routes: list[Any] = [
+        Route("/v1/health", health, methods=["GET", "POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/tts", tts, methods=["POST"]),
+        Route("/v1/audio/speech", speech, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        *references_api.ROUTES,
+        *jobs_api.ROUTES,
+        *(extra_routes or []),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        clean_lines(state.data_dir)
+        state.pool.warm()  # the workers load now, not at the first request
+        state.jobs.load()
+        resumed = state.jobs.resume_all()
+        log.info("[Serve] %d stored jobs, %d resumed", len(state.jobs.jobs), resumed)
+        try:
+            yield
+        finally:
+            await _drain(state)
+
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        middleware=[Middleware(RequestLog, metrics=state.metrics, routes=lambda: app.router.routes),
+                    Middleware(BearerAuth, api_key=state.serve.api_key),
+                    Middleware(BodyLimit, limit_bytes=int(state.serve.max_body_mb * 2**20))],
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, BodyTooLarge: on_body_too_large,
+                            Exception: on_unexpected})
+    app.state.server = state
+    return app
+
+
+__all__ = ["create_app", "error_response"]

@@ -1,0 +1,97 @@
+"""OpenAI's `POST /v1/audio/speech` and `GET /v1/models`, with the voice-cloning fields the Fish serving engines
+accept there (vllm-omni, sglang-omni) and VideoLingo sends.
+
+The voice, first found wins: `ref_audio` (base64 or a data URL; needs `ref_text`), `references[0]` (`audio` as
+base64 or a data URL, or `audio_path`: a file on this server, only inside --root), then `voice` as a stored
+reference id (a string, or {"id": ...}). `model` is accepted and not checked (the server has one model);
+`instructions` is ignored; `speed` other than 1.0 and `stream_format: "sse"` are refused (400, saying so).
+`response_format` defaults to mp3, as OpenAI's does; aac is not available.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .bodies import JSON, read_object
+from .errors import ApiError
+from .lines import check_max_new_tokens, check_text
+from .paths import inside_root
+from .refstore import decode_audio_string
+from .schema import SpeechRequest, validation_detail
+from .state import ServerState
+from .tts import answer, sampling, voice_for
+
+
+def _voice_id(voice: Any) -> str | None:
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    return voice if isinstance(voice, str) and voice else None
+
+
+def _reference(state: ServerState, req: SpeechRequest) -> tuple[str | None, list[tuple[bytes, str]], str]:
+    """(stored reference id, [(audio, transcript)], which field) of the request's voice."""
+    if req.ref_audio is not None:
+        if not req.ref_text:
+            raise ApiError(400, "ref_text missing", "ref_audio needs ref_text, the transcript of the reference audio")
+        return None, [(_decode(req.ref_audio, "ref_audio"), req.ref_text)], "ref_audio"
+    if req.references:
+        ref = req.references[0]
+        if not ref.text:
+            raise ApiError(400, "reference text missing", "references[0] needs text, the transcript of its audio")
+        if ref.audio is not None:
+            return None, [(_decode(ref.audio, "references[0].audio"), ref.text)], "references"
+        if ref.audio_path is not None:
+            path = inside_root(state.root, ref.audio_path, "references[0].audio_path")
+            with open(path, "rb") as f:
+                return None, [(f.read(), ref.text)], "references"
+        raise ApiError(400, "reference audio missing", "references[0] needs audio (base64 or a data URL) or audio_path")
+    ref_id = _voice_id(req.voice)
+    if ref_id is None:
+        raise ApiError(400, "no reference", "give ref_audio + ref_text, references, or voice (a stored reference id): "
+                       "fishmp clones voices, it has no default voice")
+    return ref_id, [], "voice"
+
+
+def _decode(value: str, what: str) -> bytes:
+    try:
+        return decode_audio_string(value, what)
+    except ValueError as exc:
+        raise ApiError(400, "reference audio cannot be used", str(exc)) from None
+
+
+async def speech(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    state.check_accepting()
+    body = await read_object(request, (JSON,))
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid request", "the body must be a JSON object with input")
+    try:
+        req = SpeechRequest.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid request", validation_detail(exc)) from None
+    if req.speed != 1.0:
+        raise ApiError(400, "speed not supported", f"speed {req.speed:g}: only 1.0 for now (fishmp does not "
+                       "time-stretch)")
+    if req.stream_format == "sse":
+        raise ApiError(400, "stream_format not supported", "stream_format \"sse\" is not available; leave it out "
+                       "for the whole file")
+    if req.response_format == "aac":
+        raise ApiError(400, "unsupported format", "aac is not available; use wav, pcm, flac, mp3 or opus")
+    check_text(state, req.input, "input")
+    check_max_new_tokens(req.max_new_tokens)
+    ref_id, refs, what = _reference(state, req)
+    voice = await voice_for(state, ref_id, refs, what)
+    return await answer(state, request, voice, req.input, sampling(req), req.response_format)
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    name = os.path.basename(os.path.normpath(state.settings.checkpoint_dir)) if state.settings.engine == "fish" \
+        else state.settings.engine
+    return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "fishmp",
+                                                     "created": 0}]})
