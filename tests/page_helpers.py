@@ -108,19 +108,23 @@ def emulate(driver: Any, width: int, height: int, mobile: bool = False) -> None:
                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
 
 
-def screenshot(driver: Any, name: str, width: int = 1280, mobile: bool = False, element: Any = None) -> None:
-    """With FISHMP_SCREENSHOTS=DIR: DIR/NAME.png of the whole page at `width` CSS pixels (or of one element)."""
+def screenshot(driver: Any, name: str, width: int = 1280, mobile: bool = False, element: Any = None,
+               height: int | None = None) -> None:
+    """With FISHMP_SCREENSHOTS=DIR: DIR/NAME.png of the whole page at `width` CSS pixels (or of one element; or of
+    the top `height` pixels, as a screen that size shows it)."""
     if not SCREENSHOTS:
         return
     os.makedirs(SCREENSHOTS, exist_ok=True)
     path = os.path.join(SCREENSHOTS, f"{name}.png")
     try:
-        emulate(driver, width, 600, mobile)
-        height = js(driver, "return Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + scrollY)")
-        emulate(driver, width, min(int(height), 4000), mobile)
+        emulate(driver, width, height or 600, mobile)
+        if height is None:
+            height = js(driver, "return Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + scrollY)")
+            emulate(driver, width, min(int(height), 4000), mobile)
         js(driver, "window.scrollTo(0, 0)")
         wait(driver, lambda d: js(d, "return [...document.querySelectorAll('.seg:not([hidden]) .seg-side audio')]"
-                                     ".every(a => a.hidden || a.readyState >= 1)"), "every player on the page to load")
+                                     ".every(a => a.hidden || a.readyState >= 1 || "
+                                     "a.getBoundingClientRect().top > innerHeight)"), "the players on screen to load")
         if element is not None:
             element.screenshot(path)
         else:

@@ -264,6 +264,6 @@ def test_a_phone_sized_screen_gets_one_column_and_no_sideways_scroll(browser, se
                              "return [s.gridTemplateColumns.split(' ').length, document.documentElement.scrollWidth, "
                              "window.innerWidth]")
         assert layout[0] == 1 and layout[1] <= layout[2], layout
-        screenshot(browser, "review-job-phone", 390, mobile=True)
+        screenshot(browser, "review-job-phone", 390, mobile=True, height=844)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
