@@ -63,28 +63,38 @@ class Review:
         return seg
 
     async def _edit(self, sj: StoredJob, fn: Any) -> dict:
-        """fn(manifest) on the job's manifest (amend.py), off the event loop; its errors as JSON errors."""
+        """fn(manifest) on the job's manifest (amend.py), off the event loop; its errors as JSON errors. The caller
+        holds the job's lock."""
         handle = sj.sub.handle if sj.sub is not None else None
         try:
-            async with self._lock(sj):
-                return await asyncio.to_thread(edit_manifest, sj.out, fn, handle, EDIT_TIMEOUT_S)
+            return await asyncio.to_thread(edit_manifest, sj.out, fn, handle, EDIT_TIMEOUT_S)
         except (ReviewError, TimeoutError, ManifestError, OutputDirError, OSError) as exc:
             raise _api_error(exc) from None
 
     # -- retake ------------------------------------------------------------------------------------------------------
-    def retake(self, sj: StoredJob, sid: str, by: str | None) -> dict:
-        """Start a retake of a written (or failed) segment; its take replaces the current one when done."""
-        seg = self.segment(sj, sid)
-        if seg["status"] == "pending":
-            raise ApiError(409, "segment not finished", f"segment {sid!r} is pending in its job: a retake replaces a "
-                           "written take, so wait until it is done (or failed)")
-        self.state.check_accepting()
+    @staticmethod
+    def _job_segment(sj: StoredJob, sid: str) -> tuple[dict, Any]:
+        """(job.json as stored, the segment as the job runs it: params merged, its slot). Off the event loop: a film's
+        job.json is thousands of segments."""
         with open(os.path.join(sj.dir, "job.json"), encoding="utf-8") as f:
             resolved = json.load(f)
         try:
-            segment = next(s for s in job_from_dict(resolved, sj.dir, sj.out).segments if s.id == sid)
+            return resolved, next(s for s in job_from_dict(resolved, sj.dir, sj.out).segments if s.id == sid)
         except (JobError, StopIteration) as exc:
             raise ApiError(409, "cannot retake", f"segment {sid!r} of job {sj.id} cannot be made again: {exc}") from None
+
+    async def retake(self, sj: StoredJob, sid: str, by: str | None) -> dict:
+        """Start a retake of a written (or failed) segment; its take replaces the current one when done."""
+        async with self._lock(sj):  # two requests at once: the second sees the first's retake running
+            seg = self.segment(sj, sid)
+            if seg["status"] == "pending":
+                raise ApiError(409, "segment not finished", f"segment {sid!r} is pending in its job: a retake replaces "
+                               "a written take, so wait until it is done (or failed)")
+            self.state.check_accepting()
+            resolved, segment = await asyncio.to_thread(self._job_segment, sj, sid)
+            return self._start(sj, sid, seg, resolved, segment, by)
+
+    def _start(self, sj: StoredJob, sid: str, seg: dict, resolved: dict, segment: Any, by: str | None) -> dict:
         current = SegmentRecord(seed=seg.get("seed"), takes=seg.get("takes"), history=seg.get("history"))
         seed = next_seed(current, segment.params.seed)
         directory = os.path.join(sj.dir, "retakes", uuid.uuid4().hex[:12])
@@ -114,8 +124,10 @@ class Review:
                 why = ev.get("error") or str(sub.error() or "the retake ended without a take (cancelled or stopped)")
                 self._failed(sj, sid, seed, why, ev.get("kind"))
                 return
-            state = await self._edit(sj, lambda m: take_state(adopt_retake(m, sid, sj.out, new, seed, by, time.time())))
-            self.jobs.record(sj, make_event("segment_retaken", id=sid, **state))
+            async with self._lock(sj):
+                state = await self._edit(sj, lambda m: take_state(adopt_retake(m, sid, sj.out, new, seed, by,
+                                                                               time.time())))
+                self.jobs.record(sj, make_event("segment_retaken", id=sid, **state))
         except ApiError as exc:
             self._failed(sj, sid, seed, str(exc.detail), exc.error)
         except (ManifestError, OSError) as exc:
@@ -131,9 +143,10 @@ class Review:
     # -- accept ------------------------------------------------------------------------------------------------------
     async def accept(self, sj: StoredJob, sid: str, by: str | None) -> dict:
         """A person keeps the suspect take: recorded in the manifest, then in the job's events."""
-        self.segment(sj, sid)
-        state = await self._edit(sj, lambda m: take_state(accept(m, sid, by, time.time())))
-        self.jobs.record(sj, make_event("segment_accepted", id=sid, review=state.get("review")))
+        async with self._lock(sj):
+            self.segment(sj, sid)
+            state = await self._edit(sj, lambda m: take_state(accept(m, sid, by, time.time())))
+            self.jobs.record(sj, make_event("segment_accepted", id=sid, review=state.get("review")))
         return state
 
     # -- start-up ----------------------------------------------------------------------------------------------------

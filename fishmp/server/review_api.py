@@ -49,7 +49,7 @@ async def _by(request: Request) -> str | None:
 async def retake(request: Request) -> Response:
     review, sj, sid = _target(request)
     by = await _by(request)
-    return JSONResponse(review.retake(sj, sid, by), status_code=202)
+    return JSONResponse(await review.retake(sj, sid, by), status_code=202)
 
 
 async def accept(request: Request) -> Response:
