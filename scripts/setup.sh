@@ -7,6 +7,16 @@ PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.fishmp-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+
+# The review page's browser tests (tests/test_server_page.py) drive Debian's chromium through its chromedriver.
+# Installed where apt-get can (CI runs as root on Debian), once and quietly; elsewhere those tests skip, saying why.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver; } >/dev/null 2>&1 || echo "setup.sh: chromium could not be installed with apt-get:" \
+        "the browser tests will skip" >&2
+  fi
+fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -5,5 +5,6 @@ Modules: `scheduler` (who runs what next, pure), `jobrun` (one job's state, its 
 JobHandle), `service` (the loop driving the workers for every running job), `watchdog` (deadlines: loads, segments, starts),
 `autofill` (FISH_MODEL_MEMORY_GB=auto grows the pool), `results` (manifest.json), `outputlock` (one job per output
 directory), `progress` (events and their renderers), `delivery` (each job's events to its callback, off the loop's thread),
-`telemetry` (NVML samples per job).
+`telemetry` (NVML samples per job), `review` (retakes and accepts: the records and files they change), `amend` (edits to a
+job's manifest from outside its run).
 """

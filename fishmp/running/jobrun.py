@@ -24,6 +24,7 @@ from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
 from ..worker.references import cache_dir_problem
 from . import results
+from .amend import Amendment, Amendments, Edit
 from .delivery import EventDelivery
 from .delivery import current as current_delivery
 from .progress import EventCallback, make_event
@@ -130,6 +131,7 @@ class JobRun:
         self.t0 = time.monotonic()
         self.skipped = 0
         self.gpu_stats: Any = None  # telemetry.GpuStats, set by the service when it samples GPUs
+        self.amends = Amendments()  # a reviewer's edits to the manifest, applied on the loop's thread (amend.py)
 
     # -- set-up -----------------------------------------------------------------------------------------------------
     def prepare(self, workers: int, plan: dict, mode: str) -> None:
@@ -151,6 +153,7 @@ class JobRun:
         self.manifest = Manifest.load(self.job.output_dir)
         self.manifest.job = self.job.source
         self.manifest.invalid = list(self.job.invalid)  # why items were left out, for the app that wrote them
+        self.manifest.summary = {}  # this run's figures, not an earlier run's
         keep = set(self.segments)
         for sid in list(self.manifest.segments):  # a manifest from an older version of the job
             if sid not in keep:
@@ -175,7 +178,12 @@ class JobRun:
                                      audio_seconds=rec.audio_seconds or 0.0, synthesis_seconds=0.0, worker=None))
 
     def save_manifest(self, min_interval_s: float = 0.0) -> None:
-        """A full disk must not stop the job: the wavs are the results; the manifest is retried on the next save."""
+        """A full disk must not stop the job: the wavs are the results; the manifest is retried on the next save.
+        Edits handed in by JobHandle.amend are applied first and saved at once."""
+        if not self.amends.apply(self.manifest, lambda: self._save(0.0)):
+            self._save(min_interval_s)
+
+    def _save(self, min_interval_s: float) -> str | None:
         try:
             self.manifest.save(min_interval_s)
         except OSError as exc:
@@ -184,6 +192,7 @@ class JobRun:
             self.manifest_error = exc.strerror or str(exc)
         else:
             self.manifest_error = None
+        return self.manifest_error
 
     # -- work -----------------------------------------------------------------------------------------------------------
     def gid(self, segment_id: str) -> str:
@@ -294,7 +303,7 @@ class JobRun:
         try:
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
             remove_temp_files(dirs, worker_pids)  # first: on a full disk that may be the room the manifest needs
-            self._save_final()
+            self.amends.apply(self.manifest, self._save_final, final=True)  # later edits: to the file (amend.py)
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -311,10 +320,10 @@ class JobRun:
                              **({"manifest_error": self.manifest_error} if self.manifest_error else {})))
         return result
 
-    def _save_final(self) -> None:
+    def _save_final(self) -> str | None:
         """The manifest resume trusts: retried, and when it still cannot be written the result says so (exit 5)."""
         for wait in (*FINAL_SAVE_RETRIES_S, None):
-            self.save_manifest()
+            self._save(0.0)
             if self.manifest_error is None or wait is None:
                 break
             time.sleep(wait)
@@ -322,6 +331,7 @@ class JobRun:
             log.error("[Main] the final %s could NOT be written: %s; the wavs are on disk, but a re-run redoes the "
                       "segments it does not list as done (free space and re-run)", self.manifest.path,
                       self.manifest_error)
+        return self.manifest_error
 
 
 class Blame:
@@ -367,6 +377,13 @@ class JobHandle:
         """Stop this job: its running segments get FISH_SHUTDOWN_GRACE_S, then it ends (pending ones stay pending)."""
         self._service.cancel(self)
 
+    def amend(self, fn: Edit) -> Amendment | None:
+        """Hand an edit of the manifest's records to the running job (see amend.py); None once it has ended."""
+        edit = self._run.amends.add(fn)
+        if edit is not None:
+            self._service.workers.wake()
+        return edit
+
     def result(self, timeout: float | None = None) -> JobResult:
         if self._run.delivery is not None and current_delivery() is self._run.delivery:
             raise PoolError("JobHandle.result() was called from this job's own on_event callback: the result comes "
@@ -385,6 +402,8 @@ class JobHandle:
         if self._outcome_set:
             return
         self._outcome_set = True
+        for edit in self._run.amends.close():  # a run that never started: the edits go to the file instead
+            edit.settle()
         self._result, self._error = result, error
         delivery = self._run.delivery
         if delivery is None:

@@ -66,6 +66,10 @@ class SegmentRecord:
     kept_take: int | None = None  # index of the kept take in `takes`
     takes: list[dict] | None = None  # every take tried: passed, reasons, duration_s, expected_s, rms, ... seed
     over_slot_s: float | None = None  # the kept take is this much longer than the segment's max_seconds
+    # Human review (fishmp/running/review.py): the takes written before a retake replaced them, and the decision on
+    # the current take ({"decision": "accepted", "at", "by"?}). Absent in manifests from before review existed.
+    history: list[dict] | None = None
+    review: dict | None = None
 
 
 def take_fields(take: dict | None) -> dict[str, Any]:
@@ -141,7 +145,7 @@ class Manifest:
     path: str
     job: str | None = None
     segments: dict[str, SegmentRecord] = field(default_factory=dict)
-    invalid: list[dict] = field(default_factory=list)  # items the job left out (Job.invalid); never read back
+    invalid: list[dict] = field(default_factory=list)  # items the job left out (Job.invalid); resume ignores it
     summary: dict[str, Any] = field(default_factory=dict)  # job-level figures (GPU telemetry), written when set
     _last_write: float = 0.0
     _last_cost: float = 0.0
@@ -173,6 +177,9 @@ class Manifest:
             data = None
         if isinstance(data, dict) and _is_ours(data) and isinstance(data.get("segments"), dict):
             m.job = data.get("job") if isinstance(data.get("job"), str) else None
+            # Kept as they are for a load-edit-save (a review of a finished job); a run sets its own.
+            m.invalid = data["invalid"] if isinstance(data.get("invalid"), list) else []
+            m.summary = data["summary"] if isinstance(data.get("summary"), dict) else {}
             for sid, rec in data["segments"].items():
                 if (r := _record(sid, rec)) is not None:
                     m.segments[sid] = r

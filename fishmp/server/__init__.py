@@ -7,5 +7,6 @@ interactive priority; streaming chunks), `jobs_api` + `jobstore` + `jobview` (th
 dir, its view folded from events; the event stream), `references_api` + `refstore` (stored voices, references by
 content), `schema` (the request models), `bodies` (JSON, msgpack, forms), `formats` (wav, pcm, flac, mp3, opus),
 `guards` (body size, API key), `paths` (--root), `metrics` (/metrics, one log line per request), `state` (what
-handlers share: the pool, the queue bound, a job's events on the event loop), `errors` (JSON errors).
+handlers share: the pool, the queue bound, a job's events on the event loop), `errors` (JSON errors),
+`review_api` + `retakes` (retake and accept a job's takes), `pages` (the review page: static/ at / and /jobs/{id}).
 """

@@ -1,8 +1,8 @@
 """The ASGI app: routes, the checks every request passes, JSON errors, and the lifespan around the pool.
 
 Requests pass, outermost first: RequestLog (a log line and the request metrics), BearerAuth, BodyLimit, then
-Starlette (errors to JSON, routing). Extending it (the review page to come) is adding routes: `create_app(state,
-extra_routes)` puts them after the API's, e.g. a `Mount("/", StaticFiles(...))` for static files at `/`.
+Starlette (errors to JSON, routing). The review page (pages.py: `/`, `/jobs/{id}`, `/static/`) comes after the API;
+`create_app(state, extra_routes)` puts more routes after the API's.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import jobs_api, references_api
+from . import jobs_api, pages, references_api, review_api
 from .errors import ApiError, error_response, on_api_error, on_http_exception, on_unexpected
 from .guards import BearerAuth, BodyLimit, BodyTooLarge, too_large_body
 from .jobstore import JobStore
 from .lines import clean_lines
 from .metrics import Metrics, RequestLog
 from .openai import models, speech
+from .retakes import Review
 from .state import ServerState
 from .tts import tts
 
@@ -76,6 +77,7 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
     state.metrics = Metrics(lambda: state.pool.stats() if state.pool is not None else {},
                             lambda: state.gate.outstanding)
     state.jobs = JobStore(state)
+    state.review = Review(state, state.jobs)
     routes: list[Any] = [
         Route("/v1/health", health, methods=["GET", "POST"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -83,8 +85,10 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         *references_api.ROUTES,
+        *review_api.ROUTES,  # before the job API's segment route, whose `{segment_id:path}` would take them
         *jobs_api.ROUTES,
         *(extra_routes or []),
+        *pages.ROUTES,
     ]
 
     @contextlib.asynccontextmanager
@@ -93,6 +97,7 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
         clean_lines(state.data_dir)
         state.pool.warm()  # the workers load now, not at the first request
         state.jobs.load()
+        state.review.recover()
         resumed = state.jobs.resume_all()
         log.info("[Serve] %d stored jobs, %d resumed", len(state.jobs.jobs), resumed)
         try:

@@ -3,8 +3,9 @@
 - `BodyLimit`: a body over FISH_SERVE_MAX_BODY_MB is a 413. Answered from Content-Length before any byte of the body
   is read (and the connection closed); a chunked body is counted as it arrives and cut off at the limit (what
   follows is read and dropped for a moment, so the client sees the 413).
-- `BearerAuth`: with an API key, every route but /v1/health needs `Authorization: Bearer KEY` (compared in constant
-  time), else 401.
+- `BearerAuth`: with an API key, every route but /v1/health and the review page's files needs `Authorization: Bearer
+  KEY` (compared in constant time), else 401. The page's HTML, CSS and JS hold no data: the browser loads them
+  without a key, and the page sends the key with each API request it makes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from typing import Any
 
 Scope = dict[str, Any]
-OPEN_PATHS = ("/v1/health",)
+OPEN_PATHS = ("/v1/health", "/")
+OPEN_PREFIXES = ("/jobs/", "/static/")  # the review page (pages.py); never under /v1/
 
 
 class BodyTooLarge(Exception):
@@ -91,7 +93,8 @@ class BearerAuth:
         self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if self.expected is None or scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.strip().partition(b" ")

@@ -101,7 +101,7 @@ async def events(request: Request) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _inside(sj: StoredJob, path: str) -> str:
+def inside(sj: StoredJob, path: str) -> str:
     real, out = os.path.realpath(path), os.path.realpath(sj.out)
     if os.path.commonpath([real, out]) != out or not os.path.isfile(real):
         raise ApiError(404, "no such file", "the segment's wav is not in the job's output directory")
@@ -117,7 +117,7 @@ async def segment(request: Request) -> Response:
     if seg["status"] != "done" or not seg.get("path"):
         raise ApiError(409, "segment not done", f"segment {seg_id!r} is {seg['status']}"
                        + (f": {seg.get('error')}" if seg.get("error") else ""))
-    return FileResponse(_inside(sj, seg["path"]), media_type="audio/wav", filename=os.path.basename(seg["path"]))
+    return FileResponse(inside(sj, seg["path"]), media_type="audio/wav", filename=os.path.basename(seg["path"]))
 
 
 async def manifest(request: Request) -> Response:

@@ -54,8 +54,9 @@ class StoredJob:
         self._changed = asyncio.Event()
 
     def final_at(self, index: int) -> bool:
-        """Event `index` ends the job's stream: the last `finished` of a job that will not run again."""
-        return self.events[index].get("event") == "finished" and index == len(self.events) - 1 and self.view.over
+        """Event `index` ends the job's stream: the last event of a job that will not run again (its `finished`, or
+        a review event after it) while no retake of it is running."""
+        return index == len(self.events) - 1 and self.view.over and not self.view.retaking
 
 
 def _read_json(path: str) -> Any:
@@ -183,7 +184,7 @@ class JobStore:
     # -- running ---------------------------------------------------------------------------------------------------
     def _submit(self, sj: StoredJob, job: Any, force: bool = False) -> None:
         sj.sub = Submission(self.state, job, sj.out, priority=JOB_PRIORITY, resume=True,
-                            on_event=lambda ev: self._record(sj, ev), force=force)
+                            on_event=lambda ev: self.record(sj, ev), force=force)
         self.state.background(self._watch(sj, sj.sub))
 
     async def _watch(self, sj: StoredJob, sub: Submission) -> None:
@@ -193,10 +194,10 @@ class JobStore:
 
     def _finish_with_error(self, sj: StoredJob, error: str) -> None:
         log.error("[Serve] job %s: %s", sj.id, error)
-        self._record(sj, {"event": "finished", "time": round(time.time(), 3), "error": error, "exit_code": 2,
+        self.record(sj, {"event": "finished", "time": round(time.time(), 3), "error": error, "exit_code": 2,
                           "done": 0, "failed": 0, "pending": len(sj.view.segments)})
 
-    def _record(self, sj: StoredJob, ev: dict) -> None:
+    def record(self, sj: StoredJob, ev: dict) -> None:
         sj.events.append(ev)
         try:
             with open(os.path.join(sj.dir, "events.jsonl"), "a", encoding="utf-8") as f:

@@ -6,6 +6,10 @@ Status: `queued` (accepted, not started), `running` (its `plan` event came), the
 server stopped; a restarted server resumes it and it is `queued` again). Each segment: id, speaker, text, status
 (pending, done, failed), and once known path, audio/synthesis seconds, tokens, worker, attempts, the take check's
 suspect, takes, kept_take and seed, or error and its kind.
+
+Review (retakes.py) adds its own events to the log: `retake_started` (the segment's `retake` is running),
+`segment_retaken` (the new take's fields and its `history` of replaced takes), `retake_failed` (the old take stays;
+`retake` says why), `segment_accepted` (`suspect` cleared, `review` the decision).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 TERMINAL = ("done", "failed", "cancelled")
 DONE_FIELDS = ("path", "audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect",
                "takes", "kept_take", "seed", "over_slot_s")
+TAKE_FIELDS = (*DONE_FIELDS[1:], "history", "review")  # what a retake replaces (the path stays the segment's)
 
 
 class JobView:
@@ -38,6 +43,15 @@ class JobView:
             seg.update(status="failed", error=ev.get("error"), error_kind=ev.get("kind"), attempts=ev.get("attempts"))
         elif kind == "segment_requeued" and seg is not None:
             seg.update(status="pending", attempts=ev.get("attempts"))
+        elif kind == "retake_started" and seg is not None:
+            seg["retake"] = {"status": "running", "seed": ev.get("seed"), "take": ev.get("take"), "at": ev.get("time")}
+        elif kind == "segment_retaken" and seg is not None:
+            seg.update(status="done", error=None, error_kind=None, retake=None)
+            seg.update({k: ev.get(k) for k in TAKE_FIELDS})
+        elif kind == "retake_failed" and seg is not None:
+            seg["retake"] = {"status": "failed", "seed": ev.get("seed"), "error": ev.get("error"), "at": ev.get("time")}
+        elif kind == "segment_accepted" and seg is not None:
+            seg.update(suspect=False, review=ev.get("review"))
         elif kind == "finished":  # fishmp serve adds `error` to one of its own when the job could not start
             self.exit_code, self.error = ev.get("exit_code"), ev.get("error")
             if ev.get("cancelled"):
@@ -54,6 +68,11 @@ class JobView:
     @property
     def over(self) -> bool:
         return self.status in TERMINAL or self.status == "interrupted"
+
+    @property
+    def retaking(self) -> list[str]:
+        """Segments whose retake is running."""
+        return [sid for sid, s in self.segments.items() if (s.get("retake") or {}).get("status") == "running"]
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "failed": 0, "pending": 0, "suspect": 0}

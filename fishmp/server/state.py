@@ -71,6 +71,7 @@ class ServerState:
     gate: QueueGate = field(init=False)
     metrics: Any = None  # metrics.Metrics
     jobs: Any = None  # jobstore.JobStore
+    review: Any = None  # retakes.Review
     tasks: set = field(default_factory=set)  # background clean-ups, kept referenced until they end
 
     def __post_init__(self) -> None:
