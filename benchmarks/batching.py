@@ -1,5 +1,5 @@
 """Batched decoding benchmark (issue 10): frames/s of ONE worker's engine at batch sizes B, refill on and off, against
-fishmp's batch-1 path (`FishSpeechEngine.synthesize`), all configurations interleaved in one run.
+fish-speech's own batch-1 path (`FishSpeechEngine.synthesize_upstream`), all configurations interleaved in one run.
 
     .venv/bin/python benchmarks/batching.py                                   # tiny + S1-mini-sized, CPU
     .venv/bin/python benchmarks/batching.py --checkpoints s1-mini --device cuda --sizes 1,2,4,8,16,32,64 \\
@@ -9,7 +9,8 @@ fishmp's batch-1 path (`FishSpeechEngine.synthesize`), all configurations interl
 Per checkpoint: the engine loads once (bfloat16 on cuda, float32 on cpu, as the engine does), a random speaker prompt of
 --prompt-frames frames stands in for an encoded reference, and segments of mixed text lengths and max_new_tokens
 (drawn in [max_new_tokens / 2, max_new_tokens], seeded) are generated until the configuration's time is up:
-  baseline         engine.synthesize one segment after another (what a worker does today)
+  baseline         fish-speech's own generate_long one segment after another (engine.synthesize_upstream: fishmp
+                   before batching; a worker at FISH_BATCH_SIZE=1 now runs a session of one row, "B=1")
   B=n refill=on    one session of n rows; a row that finishes takes the next segment at the next step
   B=n refill=off   waves of n segments; the next wave starts when the whole wave has finished
 Frames = semantic frames produced (finished segments' tokens + the frames of rows cut off by the time limit); the
@@ -89,16 +90,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def in_flight_frames(session: Any) -> int:
-    """Frames produced so far by rows still in the session (benchmark bookkeeping only)."""
-    return sum(r.frames + (0 if r.pending else r.decoded + 1) for r in session._rows if r is not None)
-
-
 def run_baseline(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float) -> tuple[int, int, float]:
     t0, frames, done = time.perf_counter(), 0, 0
     while time.perf_counter() - t0 < seconds:
         _, text, params = segs.next()
-        frames += engine.synthesize(text, speaker, params).tokens
+        frames += engine.synthesize_upstream(text, speaker, params).tokens
         done += 1
     sync(engine.device)
     return frames, done, time.perf_counter() - t0
@@ -117,7 +113,7 @@ def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: fl
                 frames += audio.tokens
                 done += 1
         sync(engine.device)
-        frames += in_flight_frames(session)
+        frames += session.in_flight_frames()
     finally:
         session.close()
     return frames, done, time.perf_counter() - t0
@@ -213,7 +209,7 @@ def compile_baseline(engine: Any, speaker: SpeakerPrompt, name: str, args: argpa
     try:
         engine._decode_one = torch.compile(eager, backend="inductor" if on_cuda else "aot_eager",
                                            mode="reduce-overhead" if on_cuda else None, fullgraph=True)
-        engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=8, seed=0))
+        engine.synthesize_upstream("Warm-up.", speaker, SynthesisParams(max_new_tokens=8, seed=0))
         compiled = engine._decode_one
         error = None
     except Exception as exc:  # reported; the eager baseline is still measured
@@ -280,7 +276,7 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     rng = np.random.default_rng(1)
     speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
                             text="This is the reference transcript of the benchmark voice, a sentence or two long.")
-    engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
+    engine.synthesize_upstream("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
     eager_one = compiled_one = engine._decode_one
     base_modes = batch_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if args.compile != "off":
@@ -406,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip engine.synthesize")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the baseline (fish-speech's own generate_long)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cache-dir", default="/tmp", help="where random checkpoints are cached")
     ap.add_argument("--json-out", help="append one JSON line per measurement and per summary")

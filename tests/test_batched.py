@@ -1,7 +1,9 @@
-"""Batched decoding (fishmp.engines.batched) against fish-speech's own batch-1 path, on the tiny checkpoint, CPU fp32.
+"""Batched decoding (fishmp.engines.batched) on the tiny checkpoint, CPU fp32: against fish-speech's own generate
+(the oracle of the model math: fed the session's noise, or greedy) and against itself at batch 1.
 
-The reference is `FishSpeechEngine.synthesize` (fish-speech's generate_long, one segment at a time). Equal audio
-samples mean equal codes: the codec is deterministic on CPU, and any differing code changes the samples.
+`FishSpeechEngine.synthesize` is a session of one row (the same sampler as any batch); `synthesize_upstream` is
+fish-speech's generate_long. Equal audio samples mean equal codes: the codec is deterministic on CPU, and any
+differing code changes the samples.
 """
 
 from __future__ import annotations
@@ -72,6 +74,60 @@ def references(engine: FishSpeechEngine, voice: SpeakerPrompt | None,
     return {key: engine.synthesize(text, voice, params) for key, text, params in items}
 
 
+def upstream_fed(engine: FishSpeechEngine, voice: SpeakerPrompt | None,
+                 items: list[tuple[str, str, SynthesisParams]]) -> dict[str, Audio]:
+    """fish-speech's own generate_long, its sampling draw fed the session's noise: fish-speech's sampler calls
+    multinomial_sample_one_no_sync ten times a frame (main token, then codebooks 1-9) and generate_long once per
+    text chunk, so the n-th draw of chunk c is frame n // 10, codebook n % 10 of row_key(seed, c)."""
+    import torch
+
+    from fishmp.engines.fish_common import import_fish_speech
+    from fishmp.engines.sampling import draw_code, exponential, row_key
+
+    inference = import_fish_speech()["inference"]
+    state = {"seed": 0, "chunk": -1, "n": 0}
+    generate = engine._generate
+
+    def chunk(text: str, prompt: object, params: SynthesisParams) -> object:
+        state["chunk"], state["n"] = state["chunk"] + 1, 0
+        return generate(text, prompt, params)
+
+    def fed(probs: torch.Tensor) -> torch.Tensor:
+        n = state["n"]
+        state["n"] += 1
+        code = draw_code(torch.tensor(row_key(state["seed"], state["chunk"])), torch.tensor(n // 10),
+                         torch.tensor(n % 10))
+        q = exponential(code, probs.shape[-1]).to(probs.dtype)
+        return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+    out = {}
+    saved = inference.multinomial_sample_one_no_sync
+    inference.multinomial_sample_one_no_sync, engine._generate = fed, chunk
+    try:
+        for key, text, params in items:
+            state.update(seed=params.seed, chunk=-1)
+            out[key] = engine.synthesize_upstream(text, voice, params)
+    finally:
+        inference.multinomial_sample_one_no_sync = saved
+        del engine._generate
+    return out
+
+
+def test_session_matches_fish_speech_fed_the_same_noise(engine: FishSpeechEngine) -> None:
+    # The model math against fish-speech's own generate: same noise in, same codes out, at batch 1 and in batches
+    # of other rows (mixed lengths and parameters, a long text split into chunks, rows refilled mid-flight).
+    voice = speaker("olga", 12)
+    long = " ".join(f"Sentence number {i} carries a few words of its own to make the text long." for i in range(12))
+    assert engine.prompt_length(long, engine._speaker_prompt(voice)) > engine.max_seq_len - 2048  # chunks
+    items = [(f"u{i}", t, SynthesisParams(seed=40 + i, max_new_tokens=12 + 4 * i, temperature=0.7 + 0.1 * i,
+                                          top_p=0.9 - 0.05 * i, repetition_penalty=1.0 + 0.15 * i))
+             for i, t in enumerate(TEXTS[:4])] + [("long", long, SynthesisParams(seed=3, max_new_tokens=8))]
+    ref = upstream_fed(engine, voice, items)
+    assert ref["long"].tokens > 8
+    assert_same(ref, references(engine, voice, items))  # synthesize: a session of one row
+    assert_same(ref, run_session(engine, voice, items, capacity=3))
+
+
 def test_seeded_sampling_matches_batch_one_whatever_the_batch(engine: FishSpeechEngine) -> None:
     voice = speaker("alice", 1)
     items = [(f"s{i}", t, SynthesisParams(seed=10 + i, max_new_tokens=10 + 5 * i, temperature=0.9, top_p=0.85,
@@ -80,6 +136,7 @@ def test_seeded_sampling_matches_batch_one_whatever_the_batch(engine: FishSpeech
     ref = references(engine, voice, items)
     assert len({a.tokens for a in ref.values()}) > 2  # mixed lengths, so rows finish at different steps
     assert_same(ref, run_session(engine, voice, items, capacity=6))  # all at once, mixed text lengths
+    assert_same(ref, run_session(engine, voice, items, capacity=8))  # rows to spare
     assert_same(ref, run_session(engine, voice, items, capacity=3))  # rows added mid-flight by refill
     assert_same(ref, run_session(engine, voice, items, capacity=3, refill=False))
     # Other batchmates: the same segment among different ones, in another order.
@@ -88,14 +145,17 @@ def test_seeded_sampling_matches_batch_one_whatever_the_batch(engine: FishSpeech
     assert_same({k: ref[k] for k in ("s3", "s0")}, {k: again[k] for k in ("s3", "s0")})
 
 
-def test_greedy_matches_batch_one(engine: FishSpeechEngine) -> None:
+def test_greedy_matches_fish_speech(engine: FishSpeechEngine) -> None:
     # fish-speech always samples; a top_p below 1 / vocabulary (<= the best token's probability) keeps only the best
-    # token, so the draw is an argmax and no RNG is involved (seed None). (0.01 is not greedy on a random model.)
+    # token, so the draw is an argmax whatever the noise: fish-speech's own generate, its own RNG, unpatched, and no
+    # seed. (0.01 is not greedy on a random model.)
     voice = speaker("bob", 2)
     assert 1e-4 < 1 / 4096 and 1e-4 < 1 / len(engine._model.tokenizer.semantic_id_to_token_id)
     items = [(f"g{i}", t, SynthesisParams(top_p=1e-4, temperature=0.5, max_new_tokens=12 + 5 * i))
              for i, t in enumerate(TEXTS[:4])]
-    assert_same(references(engine, voice, items), run_session(engine, voice, items, capacity=3))
+    ref = {key: engine.synthesize_upstream(text, voice, params) for key, text, params in items}
+    assert_same(ref, run_session(engine, voice, items, capacity=3))
+    assert_same(ref, references(engine, voice, items))
 
 
 def test_two_speakers_are_two_sessions(engine: FishSpeechEngine) -> None:

@@ -1,5 +1,6 @@
 """The model-facing math of batched decoding (fishmp.engines.batched): the session's own KV cache, the slow forward
-with per-row RoPE positions and a (B, 1, Q, K) mask over the filled slots only, and fish-speech's sampling for B rows.
+with per-row RoPE positions and a (B, 1, Q, K) mask over the filled slots only, the fast transformer and the sampling
+of a frame for B rows (the sampler itself: fishmp.engines.sampling).
 
 fish-speech's Attention repeat_interleaves the whole preallocated cache every layer, every step, and attends over all
 max_seq_len slots; `forward_rows` attends over the first K slots only (GQA inside SDPA, `enable_gqa`), K = the
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from .sampling import frame_noise, sample_params
 
 LENGTH_BUCKET = 256  # attention-length bucket (slots) of a compiled decode step
 FAST_CODEBOOK_VOCAB = 1024  # decode_one_token_ar cuts the fast logits to this many codes
@@ -57,35 +60,6 @@ def to_device(data: Any, device: Any, dtype: Any = None) -> Any:
 def length_bucket(n: int, limit: int) -> int:
     """n slots rounded up to a multiple of LENGTH_BUCKET, capped at limit."""
     return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
-
-
-def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previous: Any | None,
-                generators: list[Any]) -> Any:
-    """fish-speech's logits_to_probs + multinomial_sample_one_no_sync, row by row in one batch.
-
-    logits (b, V); temperature / top_p / penalty (b, 1) bf16; previous (b, W) or None; one generator per row.
-    Returns (b,) long."""
-    import torch
-
-    if previous is not None:
-        previous = previous.long()
-        score = torch.gather(logits, dim=-1, index=previous)
-        score = torch.where(score < 0, score * penalty, score / penalty)
-        logits = logits.scatter(dim=-1, index=previous, src=score)
-    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
-    cum_probs = torch.cumsum(torch.nn.functional.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cum_probs > top_p
-    remove[:, 0] = False  # keep at least one option (upstream: [0] on a 1-D row)
-    remove = remove.scatter(dim=-1, index=sorted_indices, src=remove)
-    logits = logits.masked_fill(remove, -float("Inf"))
-    logits = logits / torch.clip(temperature, min=1e-5)
-    probs = torch.nn.functional.softmax(logits, dim=-1)
-    # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1,
-    # in place into its row of one buffer (no per-row allocation, no stack copy: two host ops per row, not three).
-    q = torch.empty_like(probs)
-    for r, g in enumerate(generators):
-        q[r].exponential_(1, generator=g)
-    return torch.argmax(probs / q, dim=-1)
 
 
 def rotary_rows(x: Any, freqs: Any) -> Any:
@@ -253,6 +227,7 @@ class BatchedModel:
         # host-to-device copy, which on CUDA waits for every queued kernel (10 per decode step)
         with torch.device(device):
             self._codebook_pos = [torch.tensor([i], dtype=torch.long) for i in range(cfg.num_codebooks)]
+            self._codebooks = torch.arange(cfg.num_codebooks)  # the draws of a frame (main token, codebooks 1-9)
 
     def close(self) -> None:
         self.k = self.v = []
@@ -290,31 +265,28 @@ class BatchedModel:
         return forward_rows(self.model, self.k, self.v, inp.to(dev), to_device(row_ids, dev), positions,
                             write, mask[:, None], k_len)
 
-    def decode(self, tokens: Any, slots: list[int], active: list[bool]) -> tuple[Any, Any]:
-        """One decode step of rows [0, len(slots)): tokens (hi, 11) are fed at each active row's slot; inactive rows
-        are masked (their outputs are meaningless). Returns logits (b, 1, V) and hidden (b, 1, fast), b = hi or
-        hi's batch bucket: rows past hi are dummies (pass them to sample_frame as rows without a generator)."""
+    def step_rows(self, hi: int) -> int:
+        """Rows a decode step of rows [0, hi) runs: hi, or its batch bucket (the extra rows are dummies)."""
+        return batch_bucket(hi, self.rows) if self.bucketed else hi
+
+    def decode(self, tokens: Any, slots: Any, live: Any, k_len: int) -> tuple[Any, Any]:
+        """One decode step of rows [0, b): tokens (b, 11) are fed at each live row's slot (b,); rows not live are
+        masked (token 0, writing the scratch slot; their outputs are meaningless). k_len: the furthest slot a live
+        row reads + 1 (a host int: it sets the shapes). Returns logits (b, 1, V) and hidden (b, 1, fast)."""
         import torch
 
-        hi, dev = len(slots), self.device
-        k_len = max(s for s, a in zip(slots, active, strict=True) if a) + 1
-        b = hi
+        dev = self.device
         if self.bucketed:
-            b, k_len = batch_bucket(hi, self.rows), length_bucket(k_len, self.max_seq_len)
-            slots, active = slots + [0] * (b - hi), active + [False] * (b - hi)
-        live = to_device(active, dev)
-        slot_t = to_device(slots, dev)
-        inp = torch.zeros((b, tokens.shape[1]), dtype=torch.long, device=dev)
-        inp[:hi] = tokens
-        inp = torch.where(live[:, None], inp, 0)[:, :, None]
-        write = torch.where(live, slot_t, self.scratch)
-        mask = (torch.arange(k_len, device=dev)[None, :] <= slot_t[:, None])[:, None, None, :]
+            k_len = length_bucket(k_len, self.max_seq_len)
+        inp = torch.where(live[:, None], tokens, 0)[:, :, None]
+        write = torch.where(live, slots, self.scratch)
+        mask = (torch.arange(k_len, device=dev)[None, :] <= slots[:, None])[:, None, None, :]
         if self.compiled and dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: replay may reuse them
             # CUDA graph outputs live in the graphs' pool until the next step: copied out, as the fast steps follow
-            return tuple(t.clone() for t in self._decode(self.model, self.k, self.v, inp, slot_t[:, None],
+            return tuple(t.clone() for t in self._decode(self.model, self.k, self.v, inp, slots[:, None],
                                                           write[:, None], mask, k_len))
-        return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
+        return self._decode(self.model, self.k, self.v, inp, slots[:, None], write[:, None], mask, k_len)
 
     def warm_up(self) -> None:
         """Compile ahead (FISH_COMPILE traces on first use, which no segment's deadline should absorb): dummy steps
@@ -336,48 +308,41 @@ class BatchedModel:
                 fk, fv = self._fast_cache(b)
                 self._fast_step(torch.zeros((b, 1, cfg.fast_dim), dtype=self.dtype, device=dev), fk, fv, 1)
 
-    def sample_frame(self, logits: Any, hidden: Any, params: tuple[Any, Any, Any], generators: list[Any | None],
+    def sample_frame(self, logits: Any, hidden: Any, params: Any, keys: Any, frames: Any,
                      window: Any | None) -> Any:
-        """decode_one_token_ar after forward_generate, for b rows: (b, 11) long. Rows whose generator is None (free
-        or dummy rows) draw nothing; their tokens are 0 or meaningless. generators / params / window may cover
-        fewer rows than logits (a bucket's dummy rows at the end)."""
+        """decode_one_token_ar after forward_generate, for b rows at once: (b, 11) long. params (b, 3) bf16
+        (temperature, top_p, repetition penalty), keys (b,) the rows' chunk keys, frames (b,) the frame index of
+        this draw (fishmp.engines.sampling), window (b, 11, W) the penalty window or None (the prefill's frame).
+        Every row is sampled (free and dummy rows too: their tokens are meaningless), so nothing here depends on
+        which rows are live. A prefill's rows are padded to their batch bucket when bucketed, so the fast step
+        sees bucketed shapes only; the result keeps the padded rows."""
         import torch
 
-        model, dev = self.model, self.device
+        model = self.model
         if self.bucketed and batch_bucket(logits.shape[0], self.rows) > logits.shape[0]:
-            # a text prefill's rows: padded to their batch bucket too, so the fast step sees bucketed shapes only
             extra = batch_bucket(logits.shape[0], self.rows) - logits.shape[0]
-            logits = torch.cat([logits, logits.new_zeros((extra, *logits.shape[1:]))])
-            hidden = torch.cat([hidden, hidden.new_zeros((extra, *hidden.shape[1:]))])
-        b = logits.shape[0]
-        generators = generators + [None] * (b - len(generators))
-        live = [i for i, g in enumerate(generators) if g is not None]
-        sel = to_device(live, dev)
-        live_params = tuple(x[sel] for x in params)
-        gens = [generators[i] for i in live]
-        out = torch.zeros((b, model.config.num_codebooks + 1), dtype=torch.long, device=dev)
 
-        def draw(lg: Any, prev: Any | None) -> Any:
-            res = torch.zeros(b, dtype=torch.long, device=dev)
-            res[sel] = sample_rows(lg[sel], *live_params, prev[sel] if prev is not None else None, gens)
-            return res
+            def pad(t: Any) -> Any:
+                return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
 
-        main = draw(logits[:, -1], window[:, :, 0] if window is not None else None)
-        out[:, 0] = main
-        fk, fv = self._fast_cache(b)
+            logits, hidden, params, keys, frames = (pad(t) for t in (logits, hidden, params, keys, frames))
+        main_noise, fast_noise = frame_noise(keys, frames, self._codebooks, logits.shape[-1], FAST_CODEBOOK_VOCAB)
+        main = sample_params(logits[:, -1], params, window[:, :, 0] if window is not None else None, main_noise)
+        codes = [main]
+        fk, fv = self._fast_cache(logits.shape[0])
         for t in fk + fv:  # decode_one_token_ar zeroes the fast cache every step
             t.zero_()
         self._fast_step(hidden, fk, fv, 0)
-        a = main - model.tokenizer.semantic_begin_id
-        a[a < 0] = 0
-        out[:, 1] = a
+        a = torch.clamp(main - model.tokenizer.semantic_begin_id, min=0)  # upstream: a[a < 0] = 0
+        codes.append(a)
         h = model.fast_embeddings(a)
-        for cb in range(1, model.config.num_codebooks):
-            fast_logits = self._fast_step(h, fk, fv, cb)
-            a = draw(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], window[:, cb + 1] if window is not None else None)
-            out[:, cb + 1] = a
+        for c in range(1, model.config.num_codebooks):
+            fast_logits = self._fast_step(h, fk, fv, c)
+            a = sample_params(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], params,
+                              window[:, c + 1] if window is not None else None, fast_noise[:, c - 1])
+            codes.append(a)
             h = model.fast_embeddings(a)
-        return out
+        return torch.stack(codes, dim=1)
 
     def _fast_step(self, x: Any, fk: list[Any], fv: list[Any], codebook: int) -> Any:
         import torch

@@ -1,9 +1,11 @@
 """The Fish Speech engine (OpenAudio S1 / S1-mini) on fish-speech 0.1.0's low-level API.
 
-- LLM: `DualARTransformer.from_pretrained(dir, load_weights=True, max_length=...)`, then the same steps as
-  `fish_speech.models.text2semantic.inference.init_model` (to device/dtype, `setup_caches`, optional torch.compile).
-  init_model itself has no max_length argument: it would build the causal mask and allocate the KV cache for the
-  checkpoint's full max_seq_len (8192 on S1-mini) before we could lower it, so its ten lines are mirrored here.
+- LLM: `DualARTransformer.from_pretrained(dir, load_weights=True, max_length=...)`, then to device/dtype as
+  `fish_speech.models.text2semantic.inference.init_model` does. init_model itself has no max_length argument: it
+  would build the causal mask and allocate the KV cache for the checkpoint's full max_seq_len (8192 on S1-mini)
+  before we could lower it. fish-speech's own KV cache is not allocated at load: every segment decodes in a batch
+  session (fishmp.engines.batched, its own cache), and `synthesize_upstream` (fish-speech's generate_long, the
+  oracle of tests and the benchmarks' baseline) lets generate() allocate it on first use.
   `settings.max_seq_len` only ever lowers the checkpoint's value (RoPE was trained up to it); it must leave room for
   fish-speech's own rule that the prompt be shorter than max_seq_len - 2048.
 - Precision: on CUDA `settings.precision` is used for the LLM, and the codec runs float32 weights under autocast to
@@ -17,9 +19,11 @@
 - Side effects of importing fish_speech are contained in `import_fish_speech()`: environment variables it sets are
   restored, the per-token tqdm bar is replaced by a plain iterator, loguru's "fish_speech" logger is disabled.
   Nothing is written to the cwd and no `.env` is read.
-- Sampling in fish-speech draws from the GLOBAL torch RNG (`torch.empty_like(p).exponential_()`), so a seed cannot go
-  through a local generator: with `params.seed` set, each text chunk seeds torch with seed + chunk index inside
-  `torch.random.fork_rng`, which restores the global RNG state afterwards (numpy/random are not used by sampling).
+- `synthesize` is a batch session of one row: the same session and sampler as every batch size
+  (fishmp.engines.sampling: counter-based noise, a pure function of seed, chunk, frame and codebook), so the batch
+  size never changes a segment's audio. `synthesize_upstream` is fish-speech's own path: its sampling draws from
+  the GLOBAL torch RNG (`torch.empty_like(p).exponential_()`), so with `params.seed` set each text chunk seeds torch
+  with seed + chunk index inside `torch.random.fork_rng`, which restores the global RNG state afterwards.
 """
 
 from __future__ import annotations
@@ -106,13 +110,7 @@ class FishSpeechEngine:
             # As init_model, but with max_length so the causal mask and KV cache are built at the lowered length.
             model = fish["DualARTransformer"].from_pretrained(ckpt, load_weights=True, max_length=max_len)
             model = model.to(device=self.device, dtype=self._dtype).eval()
-            with torch.device(self.device):
-                model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=self._dtype)
-            decode_one = fish["inference"].decode_one_token_ar
-            if self.settings.compile:
-                decode_one = torch.compile(
-                    decode_one, backend="inductor" if on_cuda else "aot_eager",
-                    mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+            decode_one = fish["inference"].decode_one_token_ar  # synthesize_upstream's (benchmarks may compile it)
             overrides_path = os.path.join(ckpt, CODEC_OVERRIDES_FILE)
             overrides = json.loads(Path(overrides_path).read_text()) if os.path.isfile(overrides_path) else None
             codec = build_codec(overrides)
@@ -141,13 +139,12 @@ class FishSpeechEngine:
         self.max_reference_s = min(samples, default=10**9) / self.sample_rate
         self.max_frames = min(blocks["quantizer"], default=10**9)
         if self.settings.compile:
-            # torch.compile traces on the first call (25-250 s for S1-mini on a GPU): pay it here, once per worker,
-            # before the worker says ready, so no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it.
-            self.synthesize("Warm-up.", None, SynthesisParams(max_new_tokens=8, seed=0))
-            if self.settings.batch_size > 1:  # and the batched steps (FISH_BATCH_SIZE rows), on the kept caches
-                session = self.open_batch(None, self.settings.batch_size, compiled=True)
-                session.warm_up()
-                session.close()
+            # torch.compile traces on the first call: pay it here, once per worker, before the worker says ready, so
+            # no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it. The batched steps at FISH_BATCH_SIZE rows,
+            # on the kept caches (batch 1 too: it is a session of one row).
+            session = self.open_batch(None, max(1, self.settings.batch_size), compiled=True)
+            session.warm_up()
+            session.close()
 
     def _require(self) -> None:
         if self._model is None:
@@ -213,6 +210,21 @@ class FishSpeechEngine:
         return int(encoded.shape[1])
 
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        """One segment in a batch session of one row: the tokens any batch size gives it (fishmp.engines.batched)."""
+        self._require()
+        check_params(params)
+        session = self.open_batch(speaker, 1)
+        try:
+            session.add("", text, params)
+            while True:
+                for _, audio in session.step():
+                    return audio
+        finally:
+            session.close()
+
+    def synthesize_upstream(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        """fish-speech's own generate_long, chunk by chunk (its global RNG seeded seed + chunk index): the oracle of
+        the model math in tests, and the benchmarks' baseline (fishmp before batching)."""
         self._require()
         import torch
 

@@ -156,7 +156,7 @@ class LaneRunner:
         capacity = self._wanted_capacity(task)
         try:
             prompt = self.prompt(task.speaker)
-            if capacity > 1:
+            if callable(getattr(self.engine, "open_batch", None)):  # batch 1 too: the same session and sampler
                 session = self.engine.open_batch(prompt, capacity)
             else:
                 session = SequentialSession(self.engine.synthesize, prompt)
