@@ -103,12 +103,12 @@ def run_baseline(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: f
 def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float, size: int,
                 refill: bool, compiled: bool = False) -> tuple[int, int, float]:
     t0, frames, done = time.perf_counter(), 0, 0
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled)
     try:
         while time.perf_counter() - t0 < seconds:
             if session.free_rows() and (refill or session.active() == 0):
                 while session.free_rows():
-                    session.add(*segs.next())
+                    session.add(*segs.next(), speaker)
             for _, audio in session.step():
                 frames += audio.tokens
                 done += 1
@@ -140,11 +140,11 @@ def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: in
     finally:
         engine._decode = decode
     got: dict[str, Any] = {}
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled)
     pending = list(segs)
     while pending or session.active():
         while pending and session.free_rows():
-            session.add(*pending.pop(0))
+            session.add(*pending.pop(0), speaker)
         session.step()
         got.update({k: torch.cat(v, dim=1).cpu() for k, v in session.finished_codes.items()})
     session.close()
@@ -169,9 +169,9 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
     from torch.profiler import ProfilerActivity, profile
 
     segs = Segments(400, seed=5)
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled)
     while session.free_rows():
-        session.add(*segs.next())
+        session.add(*segs.next(), speaker)
     times = []
     for _ in range(8):
         sync(engine.device)
@@ -227,7 +227,7 @@ def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], ou
     t0 = time.perf_counter()
     try:
         engine.compiled_batch().steps(backend=backend)
-        session = engine.open_batch(None, capacity, compiled=True)
+        session = engine.open_batch(capacity, compiled=True)
         session.warm_up()
         session.close()
         error = None
@@ -289,9 +289,9 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     warm = Segments(8, seed=99)
     for size in args.sizes:
         for compiled in batch_modes:
-            session = engine.open_batch(speaker, size, compiled=compiled)
+            session = engine.open_batch(size, compiled=compiled)
             while session.free_rows():
-                session.add(*warm.next())
+                session.add(*warm.next(), speaker)
             for _ in range(3):
                 session.step()
             session.close()

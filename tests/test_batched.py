@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fishmp.config import Settings
-from fishmp.engines.base import Audio, SpeakerPrompt, SynthesisParams, TextTooLongError
+from fishmp.engines.base import Audio, BadReferenceError, SpeakerPrompt, SynthesisParams, TextTooLongError
 from fishmp.engines.fish import FishSpeechEngine
 
 TEXTS = [
@@ -47,15 +47,19 @@ def speaker(key: str, seed: int, frames: int = 60) -> SpeakerPrompt:
     return SpeakerPrompt(key=key, tokens=tokens, text=f"This is the voice of {key}, speaking.")
 
 
-def run_session(engine: FishSpeechEngine, voice: SpeakerPrompt | None, items: list[tuple[str, str, SynthesisParams]],
-                capacity: int, refill: bool = True) -> dict[str, Audio]:
+Item = tuple  # (key, text, params) in the run's voice, or (key, text, params, voice)
+
+
+def run_session(engine: FishSpeechEngine, voice: SpeakerPrompt | None, items: list[Item], capacity: int,
+                refill: bool = True, **kw: object) -> dict[str, Audio]:
     """Decode items through one session; refill=False waits for the whole batch before adding more."""
-    session = engine.open_batch(voice, capacity)
+    session = engine.open_batch(capacity, **kw)
     pending, out = list(items), {}
     while pending or session.active():
         if refill or session.active() == 0:
             while pending and session.free_rows():
-                session.add(*pending.pop(0))
+                item = pending.pop(0)
+                session.add(*item) if len(item) == 4 else session.add(*item, voice)
         out.update(session.step())
     session.close()
     return out
@@ -158,48 +162,62 @@ def test_greedy_matches_fish_speech(engine: FishSpeechEngine) -> None:
     assert_same(ref, references(engine, voice, items))
 
 
-def test_two_speakers_are_two_sessions(engine: FishSpeechEngine) -> None:
-    a, b = speaker("carol", 3, frames=40), speaker("dave", 4, frames=90)
-    items_a = [(f"a{i}", t, SynthesisParams(seed=i, max_new_tokens=12)) for i, t in enumerate(TEXTS[:3])]
-    items_b = [(f"b{i}", t, SynthesisParams(seed=i, max_new_tokens=12)) for i, t in enumerate(TEXTS[3:])]
-    ref_a, ref_b = references(engine, a, items_a), references(engine, b, items_b)
-    # Interleaved: both sessions open at once, stepping in turn (two lanes of one worker).
-    sa, sb = engine.open_batch(a, 2), engine.open_batch(b, 2)
-    pa, pb, got = list(items_a), list(items_b), {}
-    while pa or pb or sa.active() or sb.active():
-        for session, pending in ((sa, pa), (sb, pb)):
-            while pending and session.free_rows():
-                session.add(*pending.pop(0))
-            got.update(session.step())
-    assert_same({**ref_a, **ref_b}, got)
-    # No speaker prompt at all.
-    plain = [("n0", "Without a reference voice.", SynthesisParams(seed=3, max_new_tokens=12))]
-    assert_same(references(engine, None, plain), run_session(engine, None, plain, capacity=1))
+def test_mixed_voices_match_batch_one_whatever_the_mix(engine: FishSpeechEngine) -> None:
+    # Rows of four voices (prefixes of different lengths, one without a reference) in one session: each segment gets
+    # its batch-1 codes and its single-voice session's codes, whatever the mix, the order, refill and B.
+    voices = [speaker("carol", 3, frames=40), speaker("dave", 4, frames=90), None, speaker("erin", 5, frames=25)]
+    items = [(f"m{i}", TEXTS[i % len(TEXTS)], SynthesisParams(seed=60 + i, max_new_tokens=8 + 3 * (i % 5),
+                                                             temperature=0.9), voices[i % 4]) for i in range(10)]
+    prefills = engine.prefixes.prefills
+    ref = {key: engine.synthesize(text, voice, params) for key, text, params, voice in items}  # batch 1
+    assert engine.prefixes.prefills - prefills == 4  # each voice prefilled once, then kept
+    single: dict[str, Audio] = {}
+    for voice in voices:
+        single.update(run_session(engine, voice, [it[:3] for it in items if it[3] is voice], capacity=3))
+    assert_same(ref, single)
+    shuffled = [items[i] for i in np.random.default_rng(1).permutation(len(items))]
+    for capacity, order, refill in ((1, items, True), (3, items, True), (3, shuffled, False), (8, items[::-1], True),
+                                    (8, shuffled, False)):
+        assert_same(ref, run_session(engine, None, order, capacity, refill))
+    assert engine.prefixes.prefills - prefills == 4  # no voice prefilled twice
 
 
-def test_long_text_chunks_follow_batch_one(engine: FishSpeechEngine) -> None:
-    voice = speaker("erin", 5)
-    limit = engine.max_seq_len - 2048
-    long = " ".join(f"Sentence number {i} carries a few words of its own to make the text long." for i in range(12))
-    assert engine.prompt_length(long, engine._speaker_prompt(voice)) > limit  # split into chunks, seeded seed + k
-    items = [("long", long, SynthesisParams(seed=9, max_new_tokens=8)),
-             ("short", "Short.", SynthesisParams(seed=1, max_new_tokens=20))]
-    ref = references(engine, voice, items)
-    assert ref["long"].tokens > 8  # more than one chunk's frames
-    assert_same(ref, run_session(engine, voice, items, capacity=2))
+def test_prefix_cache_is_bounded_least_recently_used_first() -> None:
+    import torch
+
+    from fishmp.engines.prefix_cache import Prefix, PrefixCache
+
+    def make(key: str, n: int) -> object:
+        return lambda: Prefix(key, None, torch.zeros((11, n), dtype=torch.long), (), ())
+
+    cache = PrefixCache(budget=100)
+    a = cache.get("a", make("a", 40))
+    assert cache.get("a", make("a", 40)) is a and cache.prefills == 1  # a hit
+    cache.get("b", make("b", 40))
+    cache.get("a", make("a", 40))  # a is now the most recently used
+    cache.get("c", make("c", 40))  # 120 > 100: b (least recently used) goes
+    assert cache.tokens == 80 and len(cache) == 2 and cache.prefills == 3
+    assert cache.get("a", make("a", 40)) is a
+    cache.get("b", make("b", 40))
+    assert cache.prefills == 4 and cache.tokens <= 100
+    big = cache.get("huge", make("huge", 150))  # larger than the budget: served, never kept
+    assert big.length == 150 and "huge" not in cache._entries and cache.tokens <= 100
 
 
 def test_bad_input_on_add_leaves_other_rows_untouched(engine: FishSpeechEngine) -> None:
     voice = speaker("fay", 6)
     good = ("ok", TEXTS[1], SynthesisParams(seed=4, max_new_tokens=16))
     ref = references(engine, voice, [good])
-    session = engine.open_batch(voice, 3)
-    session.add(*good)
+    session = engine.open_batch(3)
+    session.add(*good, voice)
     out = dict(session.step())
     with pytest.raises(ValueError, match="top_p"):
-        session.add("bad-params", "Fine text.", SynthesisParams(top_p=1.5))
+        session.add("bad-params", "Fine text.", SynthesisParams(top_p=1.5), voice)
     with pytest.raises(TextTooLongError, match="segment too-long"):
-        session.add("too-long", "x" * 5000, SynthesisParams())
+        session.add("too-long", "x" * 5000, SynthesisParams(), voice)
+    bad_voice = SpeakerPrompt(key="bad", tokens=np.zeros((3, 10), np.int64), text="Wrong shape.")
+    with pytest.raises(BadReferenceError, match="speaker bad"):
+        session.add("bad-voice", "Fine text.", SynthesisParams(), bad_voice)
     assert session.active() == 1 and session.free_rows() == 2
     while session.active():
         out.update(session.step())
@@ -209,18 +227,21 @@ def test_bad_input_on_add_leaves_other_rows_untouched(engine: FishSpeechEngine) 
 
 def test_capacity_accounting_and_empty_text(engine: FishSpeechEngine) -> None:
     voice = speaker("gus", 7)
-    session = engine.open_batch(voice, 2)
+    session = engine.open_batch(2)
     assert (session.capacity, session.free_rows(), session.active()) == (2, 2, 0)
-    session.add("empty", "   ", SynthesisParams())
-    session.add("one", "One.", SynthesisParams(seed=1, max_new_tokens=5))
+    session.add("empty", "   ", SynthesisParams(), voice)
+    assert (session.free_rows(), session.active()) == (2, 1)  # nothing to decode: it takes no row
+    session.add("one", "One.", SynthesisParams(seed=1, max_new_tokens=5), voice)
+    session.add("two", "Two.", SynthesisParams(seed=2, max_new_tokens=5), voice)
     with pytest.raises(RuntimeError, match="full"):
-        session.add("three", "Three.", SynthesisParams())
+        session.add("three", "Three.", SynthesisParams(), voice)
     out: dict[str, Audio] = {}
     while session.active():
         out.update(session.step())
     assert out["empty"].tokens == 0 and len(out["empty"].samples) == 0
-    assert_same(references(engine, voice, [("one", "One.", SynthesisParams(seed=1, max_new_tokens=5))]),
-                {"one": out["one"]})
+    items = [("one", "One.", SynthesisParams(seed=1, max_new_tokens=5)), ("two", "Two.", SynthesisParams(seed=2,
+                                                                                                  max_new_tokens=5))]
+    assert_same(references(engine, voice, items), {k: out[k] for k in ("one", "two")})
     session.close()
     assert session.step() == []
 
@@ -231,9 +252,9 @@ def test_one_token_is_a_clear_parameter_error(engine: FishSpeechEngine) -> None:
     voice = speaker("hal", 8)
     with pytest.raises(ValueError, match="max_new_tokens >= 2"):
         engine.synthesize("Just one token.", voice, SynthesisParams(seed=2, max_new_tokens=1))
-    session = engine.open_batch(voice, 2)
+    session = engine.open_batch(2)
     with pytest.raises(ValueError, match="max_new_tokens >= 2"):
-        session.add("one", "Just one token.", SynthesisParams(seed=2, max_new_tokens=1))
+        session.add("one", "Just one token.", SynthesisParams(seed=2, max_new_tokens=1), voice)
     assert session.free_rows() == 2
     session.close()
 
@@ -257,7 +278,7 @@ def test_bucketed_steps_match_batch_one(engine: FishSpeechEngine) -> None:
     ref = references(engine, voice, items)
     for capacity in (6, 3, 1):  # 6: buckets 2, 4, 6 as rows finish; 3: refill mid-flight, buckets 2, 3; 1: one
         # row stepped with a dummy row (a compiled step is never batch 1)
-        session = engine.open_batch(voice, capacity, bucketed=True)
+        session = engine.open_batch(capacity, bucketed=True)
         assert session._net.bucketed and not session._net.compiled and session._net.rows == max(capacity, 2)
         session.close()
         assert_same(ref, run_bucketed(engine, voice, items, capacity, compiled=False))
@@ -265,14 +286,7 @@ def test_bucketed_steps_match_batch_one(engine: FishSpeechEngine) -> None:
 
 def run_bucketed(engine: FishSpeechEngine, voice: SpeakerPrompt, items: list[tuple[str, str, SynthesisParams]],
                  capacity: int, compiled: bool) -> dict[str, Audio]:
-    session = engine.open_batch(voice, capacity, compiled=compiled, bucketed=True)
-    pending, out = list(items), {}
-    while pending or session.active():
-        while pending and session.free_rows():
-            session.add(*pending.pop(0))
-        out.update(session.step())
-    session.close()
-    return out
+    return run_session(engine, voice, items, capacity, compiled=compiled, bucketed=True)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -318,9 +332,9 @@ def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) 
         if backend == "aot_eager":  # two compiled sessions open at once: the second gets caches of its own
             other = speaker("kim", 11)
             ref_b = references(engine, other, items[2:])
-            sa, sb = (engine.open_batch(v, 2, compiled=True) for v in (voice, other))
+            sa, sb = (engine.open_batch(2, compiled=True) for _ in range(2))
             assert sa._net.k[0].data_ptr() != sb._net.k[0].data_ptr()
-            pa, pb, got = list(items[:2]), list(items[2:]), {}
+            pa, pb, got = [(*it, voice) for it in items[:2]], [(*it, other) for it in items[2:]], {}
             while pa or pb or sa.active() or sb.active():
                 for session, pending in ((sa, pa), (sb, pb)):
                     while pending and session.free_rows():
@@ -342,7 +356,7 @@ def test_batched_codec_decode_cuts_each_row(engine: FishSpeechEngine) -> None:
     # the longest are bit-identical to a lone decode; padded ones differ by float32 rounding only (measured 7.5e-8).
     import torch
 
-    from fishmp.engines.batched import decode_many
+    from fishmp.engines.codec import decode_many
 
     gen = torch.Generator().manual_seed(3)
     codes = [torch.randint(0, 1024, (10, n), generator=gen) for n in (40, 25, 40, 7, 0)]

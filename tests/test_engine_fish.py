@@ -169,7 +169,7 @@ def test_max_seq_len_lowers_kv_cache(tiny_checkpoint: str) -> None:
     eng = FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint, max_seq_len=2304), "cpu")
     eng.load()
     assert eng.max_seq_len == 2304
-    session = eng.open_batch(None, 1)  # the batch sessions' KV cache (fish-speech's own is not allocated at load)
+    session = eng.open_batch(1)  # the batch sessions' KV cache (fish-speech's own is not allocated at load)
     assert session._net.k[0].shape[2] == 2304
     session.close()
     assert getattr(eng._model.layers[0].attention, "kv_cache", None) is None

@@ -1,21 +1,26 @@
-"""Batched decoding on fish-speech 0.1.0's modules (no fork): many segments of one speaker decoded together.
+"""Batched decoding on fish-speech 0.1.0's modules (no fork): many segments decoded together, of any speakers.
 
 fish-speech decodes one row (its caches are set up with max_batch_size=1) and its attention repeat_interleaves the
 whole preallocated KV cache every layer, every step. This module is the session's bookkeeping (rows, chunks, refill,
 stop, codec decode); fishmp.engines.batched_model holds the model-facing math: its own KV cache of `capacity` rows, a
 slow forward over fish-speech's weights with attention over the filled slots only, per-row RoPE positions and a
-(B, 1, Q, K) mask (rows of different lengths and ages share one step), the fast transformer and sampling for B rows,
-and the static batch / length buckets of FISH_COMPILE.
+(B, 1, Q, K) mask (rows of different lengths and ages share one step), the fast transformer and the sampling of a
+frame for B rows (fishmp.engines.sampling), and the static batch / length buckets of FISH_COMPILE.
 
-Layout of one row's cache: slots [0, P) hold the speaker prefix (prefilled once per session, written into every row);
-the row's text follows at [P, T) and its frames after it, so a row's slot is its RoPE position and its mask is simply
-`slot <= current`. A row that finishes is refilled at the next step (continuous refill).
+Layout of one row's cache: slots [0, P) hold its speaker's prefix (prefilled once per worker and kept,
+fishmp.engines.prefix_cache; copied into the row's slots when a row of that speaker starts there, unless the slot's
+last row had the same prefix); the row's text follows at [P, T) and its frames after it, so a row's slot is its RoPE
+position and its mask is simply `slot <= current`. Rows of different speakers (and jobs) share a step: each has its
+own prefix, P and positions. A row that finishes is refilled at the next step (continuous refill).
 
-A row reproduces `FishSpeechEngine.synthesize` (fish-speech's batch-1 `generate_long`) token for token on CPU float32,
-whoever its batchmates are, because every upstream detail a row sees is copied:
+A row gives the same tokens whatever its batchmates, their speakers, the batch size, arrival order or refill (exact
+on CPU float32; `FishSpeechEngine.synthesize` is a session of one row), and reproduces fish-speech's own batch-1
+`generate_long` token for token when fed the same sampling noise (the tests), because every upstream detail a row
+sees is copied:
 - sampling parameters are bf16 tensors (generate() re-wraps them so: 0.8 becomes 0.80078125);
-- each row draws from its own torch.Generator seeded seed + chunk index, as synthesize seeds the global RNG per chunk;
-  fish-speech's `multinomial_sample_one_no_sync` draws `exponential_` over the whole vocabulary, so does each row;
+- the noise of a draw is a function of (seed, chunk, frame, codebook, vocabulary index) only (fishmp.engines.sampling),
+  over the whole vocabulary as fish-speech's `multinomial_sample_one_no_sync` draws it; a row without a seed gets a
+  random one when added;
 - the first frame (prefill) is sampled without repetition penalty; the main token's penalty reads column 0 of the
   16-frame window across all 11 rows (`previous_tokens[:, 0]`), codebook k reads window row k + 1;
 - codebook 0 = main token - semantic_begin_id clamped at 0; the fast transformer's cache is zeroed every step;
@@ -26,71 +31,26 @@ Long texts are split exactly as synthesize splits them; chunk k is decoded after
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import secrets
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .base import Audio, EngineError, SynthesisParams, TextTooLongError
+from .base import Audio, EngineError, SpeakerPrompt, SynthesisParams, TextTooLongError
 from .batched_model import BatchedModel, to_device
+from .codec import CodecQueue
 from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
+from .prefix_cache import Prefix, encode_prompt
 from .sampling import row_key
 
 # `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
 # here would tie the two modules into a cycle.
 
 WINDOW = 16  # decode_n_tokens' repetition-penalty window (frames)
-# Padded frames per batched codec call (rows x longest row): bounds the decoder's activations, which run at 44.1 kHz
-# (2,048 frames = 95 s of audio, e.g. 32 rows of 3 s; a few GB for the S1-mini codec).
-CODEC_BATCH_FRAMES = 2048
-
-
-def encode_prompt(engine: Any, text: str, prompt: tuple[Any, str] | None) -> Any:
-    """The (11, T) long tensor generate_long builds for this text and speaker prompt (same construction)."""
-    fish = import_fish_speech()
-    seq = fish["ContentSequence"](modality="interleave")
-    if prompt is not None:
-        seq.append([fish["TextPart"](text=prompt[1]), fish["VQPart"](codes=prompt[0])], add_end=True, speaker=0)
-    seq.append([fish["TextPart"](text=text)], add_end=False, speaker=0)
-    encoded, audio_masks, _ = seq.encode_for_inference(engine._model.tokenizer,
-                                                       num_codebooks=engine._model.config.num_codebooks)
-    if audio_masks is not None:  # only AudioPart sequences carry them; synthesize never builds one
-        raise EngineError("batched decoding does not support audio-part prompts")
-    return encoded.long()
-
-
-def decode_many(engine: Any, codes: list[Any], batched: bool | None = None) -> list[np.ndarray]:
-    """Audio of several rows' codes (10, n_i). batched (default: on CUDA): one padded codec call per group of up
-    to CODEC_BATCH_FRAMES padded frames, each row cut to its own n_i frames. The codec is causal (causal
-    convolutions, causally masked transformers), so the padding after a row does not reach its samples, but the
-    longer input changes float32 summation order: a padded row's samples differ from a lone decode by ~1e-7
-    (measured 7.5e-8 max on CPU), far below 16-bit PCM's step (3e-5). On CPU the codec is compute-bound (little
-    to gain) and rows decode one by one, bit-exact with `synthesize`."""
-    import torch
-
-    if batched is None:
-        batched = engine.device.startswith("cuda")
-    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(codes)
-    order = sorted((i for i, c in enumerate(codes) if c.shape[1] > 0), key=lambda i: -codes[i].shape[1])
-    frame = int(engine._codec.frame_length)
-    while order:
-        longest = codes[order[0]].shape[1]
-        group = order[: max(1, CODEC_BATCH_FRAMES // longest)] if batched else order[:1]
-        order = order[len(group):]
-        if len(group) == 1:
-            out[group[0]] = engine._decode(codes[group[0]])
-            continue
-        batch = torch.zeros((len(group), codes[group[0]].shape[0], longest), dtype=torch.long)
-        for j, i in enumerate(group):
-            batch[j, :, : codes[i].shape[1]] = codes[i]
-        lengths = torch.tensor([codes[i].shape[1] for i in group], device=engine.device)
-        with torch.inference_mode(), engine._autocast():
-            audio, _ = engine._codec.decode(batch.to(engine.device), lengths)
-        audio = audio[:, 0].float().clamp(-1, 1).cpu().numpy()
-        for j, i in enumerate(group):
-            out[i] = audio[j, : codes[i].shape[1] * frame].copy()
-    return out
 
 
 @dataclass(eq=False)
@@ -99,25 +59,25 @@ class _Row:
     chunks: list[str]
     params: SynthesisParams
     seed: int  # params.seed, or a random one drawn when the row was added
+    prefix: Prefix  # its speaker's
     chunk: int = -1  # index of the chunk being decoded; -1 until the first prefill
     prompt_len: int = 0  # T of the current chunk
     max_new: int = 0
-    pieces: list[np.ndarray] = field(default_factory=list)
+    pieces: list[tuple[Future, int]] = field(default_factory=list)  # each chunk's audio: (codec job, row in it)
     codes: list[Any] = field(default_factory=list)  # each chunk's codes (10, n), for `finished_codes`
     frames: int = 0
     pending: bool = True  # the current chunk still needs its prefill
 
 
 class FishBatchSession:
-    """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine, for one speaker.
+    """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine; each row has its own speaker.
 
     The rows' state lives in device tensors of the model's rows (slots, frames decoded, keys, parameters, the
     penalty window's history): a decode step is the same tensor ops whatever B, with no Python loop over rows and
     one device-to-host copy (the stop test). The host keeps what shapes need (the furthest slot a live row reads)
     as numpy arrays, updated only when rows start or stop."""
 
-    def __init__(self, engine: Any, prompt: tuple[Any, str] | None, capacity: int,
-                 compiled: bool = False, bucketed: bool = False) -> None:
+    def __init__(self, engine: Any, capacity: int, compiled: bool = False, bucketed: bool = False) -> None:
         """compiled: decode steps run the engine's compiled step (FISH_COMPILE; static batch / length buckets);
         bucketed: eager steps padded to the same buckets (what the compiled step sees, for tests)."""
         import torch
@@ -125,24 +85,19 @@ class FishBatchSession:
         if capacity < 1:
             raise ValueError(f"batch capacity must be >= 1, not {capacity}")
         self.capacity = capacity
-        self._engine, self._prompt = engine, prompt
+        self._engine = engine
         model = engine._model
         self._model, self._device, self._dtype = model, torch.device(engine.device), engine._dtype
-        cfg = model.config
-        self._ncb = cfg.num_codebooks
+        self._ncb = model.config.num_codebooks
         self._limit = engine.max_seq_len - GENERATION_RESERVE
         self._im_end = model.tokenizer.get_token_id(import_fish_speech()["inference"].IM_END_TOKEN)
         self._rows: list[_Row | None] = [None] * capacity
+        self._slot_prefix: list[str | None] = [None] * capacity  # whose prefix fills each row's slots [0, P)
         self._starting: set[int] = set()  # rows whose current chunk needs its prefill (at the next step)
-        self._complete: list[int] = []  # rows with nothing to decode (an empty text): returned at the next step
+        self._draining: list[_Row] = []  # rows done decoding (their slot is free again), waiting for their audio
         self._steps = 0  # decode steps run (a live row decodes at every one: its frames = steps - its start)
         self._broken: str | None = None
         self.finished_codes: dict[str, list[Any]] = {}  # the codes of the rows the last step finished (diagnostics)
-        # The shared prefix: the tokens every chunk's prompt starts with (two different texts agree up to it).
-        a, b = encode_prompt(engine, "a", prompt), encode_prompt(engine, "b", prompt)
-        n = min(a.shape[1], b.shape[1])
-        differ = (a[:, :n] != b[:, :n]).any(dim=0).nonzero()
-        self._prefix = a[:, : int(differ[0]) if len(differ) else n]
         self._frames_cap = min(engine.max_frames, engine.max_seq_len) + WINDOW + 1
 
         def allocate() -> None:
@@ -154,14 +109,13 @@ class FishBatchSession:
                                          compiled=shared.steps() if shared else None,
                                          bucketed=bucketed, caches=caches)
                 self._allocate_state(self._net.rows)
-                with torch.inference_mode():
-                    self._net.prefill_prefix(self._prefix)
             except BaseException:
                 if shared:
                     shared.release(self)
                 raise
 
         guard_oom(f"opening a batch of {capacity} rows on {engine.device}", allocate)
+        self._codec = CodecQueue(engine)
 
     def _allocate_state(self, rows: int) -> None:
         """Per-row state for the model's `rows` (capacity, or its bucket: dummy rows stay not live)."""
@@ -189,22 +143,30 @@ class FishBatchSession:
         return sum(r is None for r in self._rows)
 
     def active(self) -> int:
-        return self.capacity - self.free_rows()
+        return self.capacity - self.free_rows() + len(self._draining)
 
-    def add(self, key: str, text: str, params: SynthesisParams) -> None:
-        """Start a row. `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize)."""
+    @property
+    def codec_seconds(self) -> float:
+        """Seconds the codec has spent decoding this session's rows."""
+        return self._codec.busy_s
+
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
+        """Start a row of `speaker`'s voice (its prefix is prefilled here on a miss of the engine's prefix cache).
+        `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize)."""
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")
         check_params(params)
         if None not in self._rows:
             raise RuntimeError(f"batch session full ({self.capacity} rows): cannot add segment {key}")
-        engine, prompt = self._engine, self._prompt
+        engine = self._engine
+        prefix = engine.prefix(speaker)
         try:
-            chunks = split_text(text, lambda t: engine.prompt_length(t, prompt) < self._limit) if text.strip() else []
+            chunks = (split_text(text, lambda t: engine.prompt_length(t, prefix.prompt) < self._limit)
+                      if text.strip() else [])
         except TextTooLongError as exc:
             raise TextTooLongError(f"segment {key}: {exc}" if key else str(exc)) from None
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        row = _Row(key=key, chunks=chunks, params=params, seed=seed)
+        row = _Row(key=key, chunks=chunks, params=params, seed=seed, prefix=prefix)
         index = self._rows.index(None)
         self._rows[index] = row
         self._next_chunk(index, row)
@@ -227,8 +189,10 @@ class FishBatchSession:
 
     def close(self) -> None:
         self._rows = [None] * self.capacity
+        self._slot_prefix = [None] * self.capacity
         self._starting.clear()
-        self._complete.clear()
+        self._draining.clear()
+        self._codec.close()
         if self._engine._compiled_batch is not None:
             self._engine._compiled_batch.release(self)
         self._net.close()
@@ -237,15 +201,20 @@ class FishBatchSession:
     def in_flight_frames(self) -> int:
         """Frames produced so far by the rows still in the session (benchmark bookkeeping)."""
         return sum(r.frames + (0 if r.pending else int(self._steps - self._h_start[i]) + 1)
-                   for i, r in enumerate(self._rows) if r is not None)
+                   for i, r in enumerate(self._rows) if r is not None) + sum(r.frames for r in self._draining)
 
     # -- rows ------------------------------------------------------------------------------------------------------
 
     def _next_chunk(self, index: int, row: _Row) -> None:
-        """Move the row to its next chunk (its prefill runs at the next step), or mark it complete."""
+        """Move the row to its next chunk (its prefill runs at the next step), or, after its last, out of its slot
+        (free for the next row at once) to wait for its audio."""
         row.chunk += 1
         row.pending = True
-        (self._starting.add if row.chunk < len(row.chunks) else self._complete.append)(index)
+        if row.chunk < len(row.chunks):
+            self._starting.add(index)
+        else:
+            self._rows[index] = None
+            self._draining.append(row)
 
     def _step(self) -> list[tuple[str, Audio]]:
         import torch
@@ -259,38 +228,58 @@ class FishBatchSession:
                 done += self._decode_step()
             if done:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
-        finished = []
-        for index in self._complete:
-            row = self._rows[index]
-            assert row is not None
-            samples = np.concatenate(row.pieces) if row.pieces else np.zeros(0, np.float32)
+        return self._returned()
+
+    def _returned(self) -> list[tuple[str, Audio]]:
+        """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
+        decode, wait for the codec rather than spin."""
+        def ready(row: _Row) -> bool:
+            return all(f.done() for f, _ in row.pieces)
+
+        if self._draining and not self._starting and not self._h_live.any() and not any(map(ready, self._draining)):
+            concurrent.futures.wait([f for f, _ in self._draining[0].pieces])
+        finished, waiting = [], []
+        for row in self._draining:
+            if not ready(row):
+                waiting.append(row)
+                continue
+            pieces = [f.result()[j] for f, j in row.pieces]  # a codec error is raised here, for the whole batch
+            samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
             self.finished_codes[row.key] = row.codes
             finished.append((row.key, Audio(samples=samples, sample_rate=self._engine.sample_rate, tokens=row.frames)))
-            self._rows[index] = None
-        self._complete = []
+        self._draining = waiting
         return finished
 
     def _start_chunks(self, indices: list[int]) -> list[int]:
-        """Prefill these rows' texts after the shared prefix in one forward, sample their first frames (no penalty,
-        as generate()) and make them live. Returns the rows with no decode step to run (max_new_tokens 1)."""
+        """Prefill these rows' texts, each after its speaker's prefix, in one forward, sample their first frames (no
+        penalty, as generate()) and make them live. Returns the rows with no decode step to run (max_new_tokens 1)."""
         import torch
 
         self._starting.clear()
-        p = self._prefix.shape[1]
         rows = [self._rows[i] for i in indices]
-        texts = []
-        for row in rows:
+        texts, starts, copies = [], [], {}
+        for index, row in zip(indices, rows, strict=True):
             assert row is not None
-            encoded = encode_prompt(self._engine, row.chunks[row.chunk], self._prompt)
-            if not torch.equal(encoded[:, :p], self._prefix) or encoded.shape[1] <= p:
+            prefix, p = row.prefix, row.prefix.length
+            encoded = encode_prompt(self._engine, row.chunks[row.chunk], prefix.prompt)
+            if not torch.equal(encoded[:, :p], prefix.tokens) or encoded.shape[1] <= p:
                 raise EngineError(f"segment {row.key}: its prompt does not start with the speaker prefix")
+            if self._slot_prefix[index] != prefix.key:  # else the slot's last row left this very prefix there
+                copies.setdefault(prefix.key, (prefix, []))[1].append(index)
+                self._slot_prefix[index] = prefix.key
             row.prompt_len = encoded.shape[1]
             row.max_new = min(row.params.max_new_tokens, self._engine.max_frames,
                               self._engine.max_seq_len - row.prompt_len)
             row.pending = False
             texts.append(encoded[:, p:])
+            starts.append(p)
+        for prefix, ids in copies.values():
+            self._net.copy_prefix(ids, prefix.k, prefix.v)
+        for row in rows:  # the KV now lives in the rows' own slots: the cache alone bounds the prefixes kept
+            assert row is not None
+            row.prefix = dataclasses.replace(row.prefix, k=(), v=())
         dev, n = self._device, len(rows)
-        logits, hidden = self._net.prefill_texts(texts, indices, p)
+        logits, hidden = self._net.prefill_texts(texts, indices, starts)
         params = to_device([[r.params.temperature, r.params.top_p, r.params.repetition_penalty] for r in rows], dev,
                            torch.bfloat16)  # bf16 like generate()
         keys = to_device([row_key(r.seed, r.chunk) for r in rows], dev, torch.long)
@@ -339,8 +328,8 @@ class FishBatchSession:
         return stopped.tolist()
 
     def _finish_chunks(self, indices: list[int]) -> None:
-        """Rows whose chunk ended this step: their codes are decoded to audio together (one padded codec call per
-        group, each row cut to its own length), then each row moves to its next chunk."""
+        """Rows whose chunk ended this step: their codes go to the codec together (one padded codec call per group
+        on CUDA, each row cut to its own length), then each row moves to its next chunk."""
         import torch
 
         codes = []
@@ -350,10 +339,11 @@ class FishBatchSession:
             n = int(self._steps - self._h_start[index]) if row.max_new > 1 else 0
             frames = torch.cat([self._first[index, :, None], self._history[index, :, :n]], dim=1)
             codes.append(frames[1:, :-1])  # generate_long: drop the final im_end (or last frame when tokens ran out)
-        for index, c, audio in zip(indices, codes, decode_many(self._engine, codes), strict=True):
+        job = self._codec.submit(codes)
+        for j, (index, c) in enumerate(zip(indices, codes, strict=True)):
             row = self._rows[index]
             assert row is not None
             row.frames += c.shape[1]
-            row.pieces.append(audio)
+            row.pieces.append((job, j))
             row.codes.append(c)
             self._next_chunk(index, row)

@@ -91,7 +91,7 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
                rows: Any = None) -> Any:
     """One slow-transformer layer for b rows against its cache (capacity, H_kv, max_seq_len, D). The K/V of x go
     to cache[write] (write = (row, head, slot) index tensors broadcasting to (b, H_kv, Q)), or with `write` a slot
-    slice (the shared prefix, b = 1) into every row of the `rows` slice. Attention reads the first k_len slots of
+    slice (a speaker prefix, b = 1) into every row of the `rows` slice. Attention reads the first k_len slots of
     the first b rows (rows None: a decode step, a view) or of the `rows` ids (text prefill, a copy).
     Under FISH_COMPILE this is the unit compiled (regional compilation): every layer has the same code and shapes,
     so one graph serves all of them and compiling costs one layer, not the whole unrolled model."""
@@ -102,7 +102,7 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
     b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
     q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
+    if isinstance(write, slice):  # a speaker prefix: computed once (b = 1), alone in its own cache
         kc, vc = kcache[rows], vcache[rows]
         kc[:, :, write] = k
         vc[:, :, write] = v
@@ -125,8 +125,8 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
 def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, positions: Any, write: Any,
                  mask: Any, k_len: int, layer_step: Any = layer_rows) -> tuple[Any, Any]:
     """forward_generate for rows of the caches ks / vs (one (capacity, H_kv, max_seq_len, D) tensor per layer):
-    inp (b, 11, Q), rows a slice (the first b rows, or every row for the prefix) or (b,) row ids, positions (b, Q),
-    write = a slot slice (the shared prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q) slots,
+    inp (b, 11, Q), rows a slice (the first b rows, or the one row of a prefix) or (b,) row ids, positions (b, Q),
+    write = a slot slice (a speaker prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q) slots,
     mask (b|1, 1, Q, K). Returns last-column logits (b, 1, V) and fast-projected hidden (b, 1, fast).
     `layer_step` runs each layer (layer_rows, or its compiled version in a decode step)."""
     import torch
@@ -194,6 +194,21 @@ def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, 
     return forward_rows(model, ks, vs, inp, slice(0, inp.shape[0]), slots, write, mask, k_len, layer_step)
 
 
+def prefill_prefix(model: Any, tokens: Any, device: Any, dtype: Any) -> tuple[list[Any], list[Any]]:
+    """A speaker prefix (11, P) prefilled alone at slots [0, P): its K and V per slow layer, (H_kv, P, D) each
+    (fishmp.engines.prefix_cache keeps them; BatchedModel.copy_prefix writes them into a row)."""
+    import torch
+
+    cfg, p = model.config, tokens.shape[1]
+    with torch.device(device):
+        ks = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
+        vs = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
+        positions = torch.arange(p)[None, :]
+        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]
+    forward_rows(model, ks, vs, tokens[None].to(device), slice(0, 1), positions, slice(0, p), mask, p)
+    return [k[0] for k in ks], [v[0] for v in vs]
+
+
 class BatchedModel:
     """A KV cache of `capacity` rows over a loaded fish-speech DualARTransformer, and the forwards that use it.
 
@@ -233,20 +248,18 @@ class BatchedModel:
         self.k = self.v = []
         self._fast_caches = {}
 
-    def prefill_prefix(self, prefix: Any) -> None:
-        """Run the shared prefix (11, P) at slots [0, P) once and write it into every row."""
-        import torch
+    def copy_prefix(self, row_ids: list[int], k: tuple[Any, ...], v: tuple[Any, ...]) -> None:
+        """Write a speaker prefix's KV (per layer (H_kv, P, D), prefill_prefix's) into slots [0, P) of these rows."""
+        ids = to_device(row_ids, self.device)
+        p = k[0].shape[1]
+        for kc, vc, pk, pv in zip(self.k, self.v, k, v, strict=True):
+            kc[ids, :, :p] = pk
+            vc[ids, :, :p] = pv
 
-        q = prefix.shape[1]
-        positions = torch.arange(q, device=self.device)[None, :]
-        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]
-        forward_rows(self.model, self.k, self.v, prefix[None].to(self.device), slice(0, self.capacity), positions,
-                     slice(0, q), mask, q)
-
-    def prefill_texts(self, texts: list[Any], row_ids: list[int], start: int) -> tuple[Any, Any]:
-        """Prefill each row's text (11, n) after the shared prefix (slots start.. ) in one forward. Texts are
-        right-aligned so every row's last token is the last column; pad columns write the scratch slot and attend
-        slot 0 only (finite, never read by a real row)."""
+    def prefill_texts(self, texts: list[Any], row_ids: list[int], starts: list[int]) -> tuple[Any, Any]:
+        """Prefill each row's text (11, n) after its own speaker prefix (slots starts[j].. ) in one forward. Texts
+        are right-aligned so every row's last token is the last column; pad columns write the scratch slot and
+        attend slot 0 only (finite, never read by a real row)."""
         import torch
 
         dev = self.device
@@ -255,11 +268,12 @@ class BatchedModel:
         for j, t in enumerate(texts):
             inp[j, :, width - t.shape[1]:] = t
         pad = to_device([width - t.shape[1] for t in texts], dev)
+        start = to_device(starts, dev)
         col = torch.arange(width, device=dev)
         real = col[None, :] >= pad[:, None]
-        positions = torch.where(real, start + col[None, :] - pad[:, None], 0)
+        positions = torch.where(real, start[:, None] + col[None, :] - pad[:, None], 0)
         write = torch.where(real, positions, self.scratch)
-        k_len = start + max(t.shape[1] for t in texts)
+        k_len = max(s + t.shape[1] for s, t in zip(starts, texts, strict=True))
         slots = torch.arange(k_len, device=dev)
         mask = torch.where(real[:, :, None], slots[None, None, :] <= positions[:, :, None], slots[None, None, :] == 0)
         return forward_rows(self.model, self.k, self.v, inp.to(dev), to_device(row_ids, dev), positions,

@@ -83,6 +83,7 @@ class FishSpeechEngine:
         self._prompt: tuple[Any, str] | None = None  # (tokens tensor (10, T) long on CPU, transcript) for _prompt_key
         self._fingerprint: str | None = None
         self._compiled_batch: Any = None  # FISH_COMPILE with batching: see compiled_batch()
+        self.prefixes: Any = None  # speaker prefixes' KV (prefix_cache.PrefixCache), made in load()
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -138,11 +139,14 @@ class FishSpeechEngine:
         samples = [b * hop for b in blocks["encoder"]] + [b * frame for b in blocks["quantizer"]]
         self.max_reference_s = min(samples, default=10**9) / self.sample_rate
         self.max_frames = min(blocks["quantizer"], default=10**9)
+        from .prefix_cache import PrefixCache, prefix_budget
+
+        self.prefixes = PrefixCache(prefix_budget(self.max_seq_len))
         if self.settings.compile:
             # torch.compile traces on the first call: pay it here, once per worker, before the worker says ready, so
             # no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it. The batched steps at FISH_BATCH_SIZE rows,
             # on the kept caches (batch 1 too: it is a session of one row).
-            session = self.open_batch(None, max(1, self.settings.batch_size), compiled=True)
+            session = self.open_batch(max(1, self.settings.batch_size), compiled=True)
             session.warm_up()
             session.close()
 
@@ -213,9 +217,9 @@ class FishSpeechEngine:
         """One segment in a batch session of one row: the tokens any batch size gives it (fishmp.engines.batched)."""
         self._require()
         check_params(params)
-        session = self.open_batch(speaker, 1)
+        session = self.open_batch(1)
         try:
-            session.add("", text, params)
+            session.add("", text, params, speaker)
             while True:
                 for _, audio in session.step():
                     return audio
@@ -255,21 +259,32 @@ class FishSpeechEngine:
         samples, frames = guard_oom(f"synthesizing {len(text)} characters on {self.device}", run)
         return Audio(samples=samples, sample_rate=self.sample_rate, tokens=frames)
 
-    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int, compiled: bool | None = None,
-                   bucketed: bool = False) -> Any:
-        """A BatchSession decoding up to `capacity` segments of this speaker together (fishmp.engines.batched):
-        same tokens as `synthesize` for each row on CPU float32, the speaker prefix prefilled once.
+    def open_batch(self, capacity: int, compiled: bool | None = None, bucketed: bool = False) -> Any:
+        """A BatchSession decoding up to `capacity` segments together, each row in its own speaker's voice
+        (fishmp.engines.batched): same tokens for a row whatever its batchmates on CPU float32.
         compiled (default FISH_COMPILE): decode steps run one torch.compile'd step over static batch / length
         buckets; bucketed: eager steps padded the same way (tests)."""
         self._require()
         from .batched import FishBatchSession
 
-        prompt = self._speaker_prompt(speaker)
-        if self.prompt_length("", prompt) >= self.max_seq_len - GENERATION_RESERVE:
-            raise BadReferenceError(f"speaker {speaker.key if speaker else None}: the reference prompt alone does not "
-                                    f"fit max_seq_len {self.max_seq_len}; use a shorter reference")
         compiled = self.settings.compile if compiled is None else compiled
-        return FishBatchSession(self, prompt, capacity, compiled=compiled, bucketed=bucketed)
+        return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed)
+
+    def prefix(self, speaker: SpeakerPrompt | None) -> Any:
+        """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
+        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used."""
+        self._require()
+        from .batched_model import prefill_prefix
+        from .prefix_cache import speaker_prefix
+
+        def prefill(tokens: Any) -> tuple[list, list]:
+            import torch
+
+            with torch.inference_mode():
+                return prefill_prefix(self._model, tokens, torch.device(self.device), self._dtype)
+
+        key = speaker.key if speaker is not None else None
+        return guard_oom(f"prefilling the prompt of speaker {key}", lambda: speaker_prefix(self, speaker, prefill))
 
     def compiled_batch(self) -> Any:
         """What this engine's compiled batch sessions share (batched_compile.CompiledBatch): the compiled steps and the
@@ -311,6 +326,8 @@ class FishSpeechEngine:
     # -- housekeeping --------------------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.clear()  # speaker prefixes are prefilled again when needed
         if self._compiled_batch is not None:
             self._compiled_batch.drop_caches()  # a compiled session's KV rows, kept between sessions
         gc.collect()
