@@ -179,7 +179,50 @@ def test_mixed_voices_match_batch_one_whatever_the_mix(engine: FishSpeechEngine)
     for capacity, order, refill in ((1, items, True), (3, items, True), (3, shuffled, False), (8, items[::-1], True),
                                     (8, shuffled, False)):
         assert_same(ref, run_session(engine, None, order, capacity, refill))
+    assert_same(ref, run_session(engine, None, items, 3, codec_thread=False))  # the codec inline: same audio
     assert engine.prefixes.prefills - prefills == 4  # no voice prefilled twice
+
+
+def test_codec_runs_off_the_decode_loop(engine: FishSpeechEngine) -> None:
+    # A row whose codes wait on a stalled codec does not stall the others: its slot takes the next row and the
+    # decode steps go on; the row is returned once its audio is there, the same audio as at batch 1.
+    import threading
+
+    voice = speaker("ivy", 14)
+    items = [("short", "Hi.", SynthesisParams(seed=1, max_new_tokens=3)),
+             ("long", TEXTS[1], SynthesisParams(seed=2, max_new_tokens=40)),
+             ("next", "Next one.", SynthesisParams(seed=3, max_new_tokens=30))]
+    ref = references(engine, voice, items)
+    gate, calls = threading.Event(), []
+    decode = engine._decode
+
+    def stalled(codes: object) -> object:
+        calls.append(threading.current_thread().name)
+        gate.wait(30)
+        return decode(codes)
+
+    engine._decode = stalled
+    try:
+        session = engine.open_batch(2)
+        for item in items[:2]:
+            session.add(*item, voice)
+        out: dict[str, Audio] = {}
+        while not calls:  # until the short row's codes reach the codec
+            out.update(session.step())
+        assert calls[0].startswith("fishmp-codec") and session.free_rows() == 1 and session.active() == 2
+        session.add(*items[2], voice)  # into the short row's slot, while its audio is still being made
+        steps = session._steps
+        for _ in range(4):
+            out.update(session.step())
+        assert session._steps == steps + 4 and "short" not in out  # four decode steps ran past the stalled codec
+        gate.set()
+        while session.active():
+            out.update(session.step())
+        session.close()
+    finally:
+        gate.set()
+        del engine._decode
+    assert_same(ref, out)
 
 
 def test_prefix_cache_is_bounded_least_recently_used_first() -> None:

@@ -77,9 +77,11 @@ class FishBatchSession:
     one device-to-host copy (the stop test). The host keeps what shapes need (the furthest slot a live row reads)
     as numpy arrays, updated only when rows start or stop."""
 
-    def __init__(self, engine: Any, capacity: int, compiled: bool = False, bucketed: bool = False) -> None:
+    def __init__(self, engine: Any, capacity: int, compiled: bool = False, bucketed: bool = False,
+                 codec_thread: bool = True) -> None:
         """compiled: decode steps run the engine's compiled step (FISH_COMPILE; static batch / length buckets);
-        bucketed: eager steps padded to the same buckets (what the compiled step sees, for tests)."""
+        bucketed: eager steps padded to the same buckets (what the compiled step sees, for tests);
+        codec_thread: finished rows become audio on a thread of their own (fishmp.engines.codec), else inline."""
         import torch
 
         if capacity < 1:
@@ -115,7 +117,7 @@ class FishBatchSession:
                 raise
 
         guard_oom(f"opening a batch of {capacity} rows on {engine.device}", allocate)
-        self._codec = CodecQueue(engine)
+        self._codec = CodecQueue(engine, threaded=codec_thread)
 
     def _allocate_state(self, rows: int) -> None:
         """Per-row state for the model's `rows` (capacity, or its bucket: dummy rows stay not live)."""
@@ -147,7 +149,7 @@ class FishBatchSession:
 
     @property
     def codec_seconds(self) -> float:
-        """Seconds the codec has spent decoding this session's rows."""
+        """Seconds the codec has spent decoding this session's rows (off the decode loop with codec_thread)."""
         return self._codec.busy_s
 
     def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
@@ -329,7 +331,7 @@ class FishBatchSession:
 
     def _finish_chunks(self, indices: list[int]) -> None:
         """Rows whose chunk ended this step: their codes go to the codec together (one padded codec call per group
-        on CUDA, each row cut to its own length), then each row moves to its next chunk."""
+        on CUDA, each row cut to its own length; off the decode loop), then each row moves to its next chunk."""
         import torch
 
         codes = []

@@ -259,16 +259,18 @@ class FishSpeechEngine:
         samples, frames = guard_oom(f"synthesizing {len(text)} characters on {self.device}", run)
         return Audio(samples=samples, sample_rate=self.sample_rate, tokens=frames)
 
-    def open_batch(self, capacity: int, compiled: bool | None = None, bucketed: bool = False) -> Any:
+    def open_batch(self, capacity: int, compiled: bool | None = None, bucketed: bool = False,
+                   codec_thread: bool = True) -> Any:
         """A BatchSession decoding up to `capacity` segments together, each row in its own speaker's voice
         (fishmp.engines.batched): same tokens for a row whatever its batchmates on CPU float32.
         compiled (default FISH_COMPILE): decode steps run one torch.compile'd step over static batch / length
-        buckets; bucketed: eager steps padded the same way (tests)."""
+        buckets; bucketed: eager steps padded the same way (tests); codec_thread: finished rows become audio on a
+        thread of their own, off the decode loop (False: inline, the benchmarks' "before")."""
         self._require()
         from .batched import FishBatchSession
 
         compiled = self.settings.compile if compiled is None else compiled
-        return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed)
+        return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed, codec_thread=codec_thread)
 
     def prefix(self, speaker: SpeakerPrompt | None) -> Any:
         """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
