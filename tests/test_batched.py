@@ -9,6 +9,7 @@ differing code changes the samples.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -360,13 +361,16 @@ def test_compiled_steps_match_batch_one(engine: FishSpeechEngine, backend: str) 
                     torch._functorch.config.patch(enable_autograd_cache=False):
                 got, code = run_and_get_code(run_bucketed, engine, voice, items, 4, compiled=True)
             # The KV caches are updated in place: no copy_ back into them (a write through a view of the cache
-            # made inductor copy every layer's whole cache twice per step).
-            assert code and not [c for c in code if "copy_" in c]
+            # made inductor copy every layer's whole cache twice per step). "_to_copy" is a dtype conversion.
+            assert code and not [c for c in code if re.search(r"(?<!to_)copy_", c)]
             assert_same(ref, got)
         else:
             assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))
         graphs = counters["stats"]["unique_graphs"] - before
-        assert 2 <= graphs <= 4  # a layer and the fast step, each static at its first shape then one dynamic graph
+        # a layer, the fast step, the main draw and the fast draw, each static at its first shape then one dynamic
+        # graph; no graph break (they compile with fullgraph: a break would have raised)
+        assert 4 <= graphs <= 8, graphs
+        assert not counters["graph_break"]
         assert_same(ref, run_bucketed(engine, voice, items, 4, compiled=True))  # again: no new graphs
         # a smaller session runs on the first rows of the kept caches (same addresses for CUDA graphs)
         two = {k: ref[k] for k, _, _ in items[:2]}

@@ -209,16 +209,38 @@ def prefill_prefix(model: Any, tokens: Any, device: Any, dtype: Any) -> tuple[li
     return [k[0] for k in ks], [v[0] for v in vs]
 
 
+def main_draw(model: Any, logits: Any, params: Any, previous: Any, keys: Any, frames: Any,
+              codebooks: Any) -> tuple[Any, Any, Any, Any]:
+    """The main token of b rows (logits (b, V), previous (b, 11) or None) and what the fast codebooks start from:
+    (main, codebook 0 = main - semantic_begin_id clamped at 0, its fast embedding, the fast codebooks' noise
+    (C - 1, b, 1024)). FISH_COMPILE compiles it (sampling in the graph: no graph break, no host sync)."""
+    import torch
+
+    main_noise, fast_noise = frame_noise(keys, frames, codebooks, logits.shape[-1], FAST_CODEBOOK_VOCAB)
+    main = sample_params(logits, params, previous, main_noise)
+    a = torch.clamp(main - model.tokenizer.semantic_begin_id, min=0)  # upstream: a[a < 0] = 0
+    return main, a, model.fast_embeddings(a), fast_noise
+
+
+def fast_draw(model: Any, fk: list[Any], fv: list[Any], h: Any, pos: Any, params: Any, previous: Any,
+              noise: Any) -> tuple[Any, Any]:
+    """One fast codebook for b rows: the fast transformer at position `pos` on h (b, fast_dim), its draw from the
+    first 1024 logits (previous (b, W) or None, noise (b, 1024)), and the next input (the draw's embedding)."""
+    logits = fast_rows(model, fk, fv, h, pos)
+    a = sample_params(logits[:, -1, :FAST_CODEBOOK_VOCAB], params, previous, noise)
+    return a, model.fast_embeddings(a)
+
+
 class BatchedModel:
     """A KV cache of `capacity` rows over a loaded fish-speech DualARTransformer, and the forwards that use it.
 
-    `compiled` = (decode step, fast step): decode_rows over a compiled layer_rows and a compiled fast_rows (few
-    shapes: batch and length buckets), else eager; `bucketed` pads eager steps the same way (to test that padding
-    never changes a real row). `caches` = (K, V, fast caches by batch size) kept by the engine for compiled
-    sessions."""
+    `compiled` = (decode step, fast step, main draw, fast draw): decode_rows over a compiled layer_rows, and
+    compiled fast_rows, main_draw and fast_draw (few shapes: batch and length buckets), else eager; `bucketed` pads
+    eager steps the same way (to test that padding never changes a real row). `caches` = (K, V, fast caches by
+    batch size) kept by the engine for compiled sessions."""
 
     def __init__(self, model: Any, device: Any, dtype: Any, capacity: int, max_seq_len: int,
-                 compiled: tuple[Any, Any] | None = None, bucketed: bool = False,
+                 compiled: tuple[Any, Any, Any, Any] | None = None, bucketed: bool = False,
                  caches: tuple[list[Any], list[Any], dict[int, Any]] | None = None) -> None:
         import torch
 
@@ -226,7 +248,8 @@ class BatchedModel:
         self.capacity, self.max_seq_len = capacity, max_seq_len
         self.bucketed = bucketed or compiled is not None
         self.rows = bucket_rows(capacity) if self.bucketed else capacity
-        self._decode, self._fast = compiled or (decode_rows, fast_rows)
+        self._decode, self._fast, self._main_draw, self._fast_draw = compiled or (decode_rows, fast_rows, main_draw,
+                                                                                  fast_draw)
         self.compiled = compiled is not None
         cfg = model.config
         if caches is None:
@@ -318,9 +341,11 @@ class BatchedModel:
                 mask = (torch.arange(k_len, device=dev) == 0)[None, None, None, :].expand(b, 1, 1, k_len)
                 if self.compiled and dev.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                self._decode(self.model, self.k, self.v, inp, slots, slots + self.scratch, mask.contiguous(), k_len)
-                fk, fv = self._fast_cache(b)
-                self._fast_step(torch.zeros((b, 1, cfg.fast_dim), dtype=self.dtype, device=dev), fk, fv, 1)
+                logits, hidden = self._decode(self.model, self.k, self.v, inp, slots, slots + self.scratch,
+                                              mask.contiguous(), k_len)
+                window = torch.zeros((b, cfg.num_codebooks + 1, 16), dtype=torch.long, device=dev)
+                self.sample_frame(logits.clone(), hidden.clone(), torch.ones((b, 3), dtype=torch.bfloat16, device=dev),
+                                  slots[:, 0], slots[:, 0], window)
 
     def sample_frame(self, logits: Any, hidden: Any, params: Any, keys: Any, frames: Any,
                      window: Any | None) -> Any:
@@ -340,23 +365,33 @@ class BatchedModel:
                 return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
 
             logits, hidden, params, keys, frames = (pad(t) for t in (logits, hidden, params, keys, frames))
-        main_noise, fast_noise = frame_noise(keys, frames, self._codebooks, logits.shape[-1], FAST_CODEBOOK_VOCAB)
-        main = sample_params(logits[:, -1], params, window[:, :, 0] if window is not None else None, main_noise)
-        codes = [main]
+        # the decode steps' draws run compiled under FISH_COMPILE; a prefill's (no window) eager: one graph each
+        compiled = self.compiled and window is not None
+        main_step, fast_step = (self._main_draw, self._fast_draw) if compiled else (main_draw, fast_draw)
         fk, fv = self._fast_cache(logits.shape[0])
         for t in fk + fv:  # decode_one_token_ar zeroes the fast cache every step
             t.zero_()
-        self._fast_step(hidden, fk, fv, 0)
-        a = torch.clamp(main - model.tokenizer.semantic_begin_id, min=0)  # upstream: a[a < 0] = 0
-        codes.append(a)
-        h = model.fast_embeddings(a)
+        previous = window[:, :, 0].contiguous() if window is not None else None
+        main, a, h, fast_noise = self._call(compiled, main_step, model, logits[:, -1].contiguous(), params, previous,
+                                            keys, frames, self._codebooks)
+        codes = [main, a]
+        self._fast_step(hidden, fk, fv, 0)  # position 0: the slow transformer's hidden state (logits unused)
         for c in range(1, model.config.num_codebooks):
-            fast_logits = self._fast_step(h, fk, fv, c)
-            a = sample_params(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], params,
-                              window[:, c + 1] if window is not None else None, fast_noise[:, c - 1])
+            previous = window[:, c + 1].contiguous() if window is not None else None
+            a, h = self._call(compiled, fast_step, model, fk, fv, h, self._codebook_pos[c], params, previous,
+                              fast_noise[c - 1])
             codes.append(a)
-            h = model.fast_embeddings(a)
         return torch.stack(codes, dim=1)
+
+    def _call(self, compiled: bool, fn: Any, *args: Any) -> Any:
+        """fn(*args); a compiled fn on CUDA replays CUDA graphs, whose outputs live in the graphs' pool until the
+        next replay: they are copied out."""
+        if not (compiled and self.device.type == "cuda"):
+            return fn(*args)
+        import torch
+
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in fn(*args))
 
     def _fast_step(self, x: Any, fk: list[Any], fv: list[Any], codebook: int) -> Any:
         import torch

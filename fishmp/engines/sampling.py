@@ -83,10 +83,11 @@ def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previou
 
 
 def frame_noise(keys: Any, frames: Any, codebooks: Any, vocab: int, fast_vocab: int) -> tuple[Any, Any]:
-    """The noise of one frame for b rows: the main token's (b, vocab) and the fast codebooks' (b, C - 1,
-    fast_vocab). keys / frames (b,) long, codebooks (C,) long = 0..C-1 (a tensor: one compiled graph for all)."""
-    codes = draw_code(keys[:, None], frames[:, None], codebooks)
-    return exponential(codes[:, 0], vocab), exponential(codes[:, 1:], fast_vocab)
+    """The noise of one frame for b rows: the main token's (b, vocab) and the fast codebooks' (C - 1, b,
+    fast_vocab), codebook-major so each codebook's is one contiguous block. keys / frames (b,) long, codebooks (C,)
+    long = 0..C-1."""
+    codes = draw_code(keys[None, :], frames[None, :], codebooks[:, None])  # (C, b)
+    return exponential(codes[0], vocab), exponential(codes[1:], fast_vocab)
 
 
 def sample_params(logits: Any, params: Any, previous: Any | None, noise: Any) -> Any:
