@@ -219,12 +219,16 @@ def test_compile_warm_up_is_paid_at_load(tiny_checkpoint: str, voice: SpeakerPro
     """FISH_COMPILE=true: the compile happens inside load(), so the first real segment is not the slow one."""
     import time
 
+    from torch._dynamo.utils import counters
+
     eng = FishSpeechEngine(Settings(checkpoint_dir=tiny_checkpoint, compile=True), "cpu")
     t0 = time.perf_counter()
     eng.load()
     load_s = time.perf_counter() - t0
+    graphs = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     audio = eng.synthesize("Hello there.", voice, SynthesisParams(max_new_tokens=8, seed=1))
     first_s = time.perf_counter() - t0
     assert audio.tokens > 0 and np.isfinite(audio.samples).all()
     assert first_s < load_s  # the trace was paid at load
+    assert counters["stats"]["unique_graphs"] == graphs  # and every graph the segment needed was compiled there

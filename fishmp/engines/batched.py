@@ -120,10 +120,12 @@ class FishBatchSession:
         self._codec = CodecQueue(engine, threaded=codec_thread)
 
     def _allocate_state(self, rows: int) -> None:
-        """Per-row state for the model's `rows` (capacity, or its bucket: dummy rows stay not live)."""
+        """Per-row state for the model's `rows` (capacity, or its bucket: dummy rows stay not live). Inference
+        tensors, as the steps that use them make theirs: a compiled step then sees one kind of input (a normal
+        tensor where warm-up passed an inference one would recompile it)."""
         import torch
 
-        with torch.device(self._device):
+        with torch.device(self._device), torch.inference_mode():
             self._history = torch.zeros((rows, self._ncb + 1, self._frames_cap), dtype=torch.long)
             self._current = torch.zeros((rows, self._ncb + 1), dtype=torch.long)  # the frame fed next
             self._first = torch.zeros((rows, self._ncb + 1), dtype=torch.long)  # the chunk's prefill frame
