@@ -63,7 +63,7 @@ class _Row:
     chunk: int = -1  # index of the chunk being decoded; -1 until the first prefill
     prompt_len: int = 0  # T of the current chunk
     max_new: int = 0
-    pieces: list[tuple[Future, int]] = field(default_factory=list)  # each chunk's audio: (codec job, row in it)
+    pieces: list[Future] = field(default_factory=list)  # each chunk's audio (the codec's)
     codes: list[Any] = field(default_factory=list)  # each chunk's codes (10, n), for `finished_codes`
     frames: int = 0
     pending: bool = True  # the current chunk still needs its prefill
@@ -238,16 +238,17 @@ class FishBatchSession:
         """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
         decode, wait for the codec rather than spin."""
         def ready(row: _Row) -> bool:
-            return all(f.done() for f, _ in row.pieces)
+            return all(f.done() for f in row.pieces)
 
         if self._draining and not self._starting and not self._h_live.any() and not any(map(ready, self._draining)):
-            concurrent.futures.wait([f for f, _ in self._draining[0].pieces])
+            concurrent.futures.wait([f for row in self._draining for f in row.pieces if not f.done()],
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
         finished, waiting = [], []
         for row in self._draining:
             if not ready(row):
                 waiting.append(row)
                 continue
-            pieces = [f.result()[j] for f, j in row.pieces]  # a codec error is raised here, for the whole batch
+            pieces = [f.result() for f in row.pieces]  # a codec error is raised here, for the whole batch
             samples = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
             self.finished_codes[row.key] = row.codes
             finished.append((row.key, Audio(samples=samples, sample_rate=self._engine.sample_rate, tokens=row.frames)))
@@ -343,11 +344,10 @@ class FishBatchSession:
             n = int(self._steps - self._h_start[index]) if row.max_new > 1 else 0
             frames = torch.cat([self._first[index, :, None], self._history[index, :, :n]], dim=1)
             codes.append(frames[1:, :-1])  # generate_long: drop the final im_end (or last frame when tokens ran out)
-        job = self._codec.submit(codes)
-        for j, (index, c) in enumerate(zip(indices, codes, strict=True)):
+        for index, c, audio in zip(indices, codes, self._codec.submit(codes), strict=True):
             row = self._rows[index]
             assert row is not None
             row.frames += c.shape[1]
-            row.pieces.append((job, j))
+            row.pieces.append(audio)
             row.codes.append(c)
             self._next_chunk(index, row)

@@ -194,21 +194,6 @@ def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, 
     return forward_rows(model, ks, vs, inp, slice(0, inp.shape[0]), slots, write, mask, k_len, layer_step)
 
 
-def prefill_prefix(model: Any, tokens: Any, device: Any, dtype: Any) -> tuple[list[Any], list[Any]]:
-    """A speaker prefix (11, P) prefilled alone at slots [0, P): its K and V per slow layer, (H_kv, P, D) each
-    (fishmp.engines.prefix_cache keeps them; BatchedModel.copy_prefix writes them into a row)."""
-    import torch
-
-    cfg, p = model.config, tokens.shape[1]
-    with torch.device(device):
-        ks = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
-        vs = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
-        positions = torch.arange(p)[None, :]
-        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]
-    forward_rows(model, ks, vs, tokens[None].to(device), slice(0, 1), positions, slice(0, p), mask, p)
-    return [k[0] for k in ks], [v[0] for v in vs]
-
-
 def main_draw(model: Any, logits: Any, params: Any, previous: Any, keys: Any, frames: Any,
               codebooks: Any) -> tuple[Any, Any, Any, Any]:
     """The main token of b rows (logits (b, V), previous (b, 11) or None) and what the fast codebooks start from:

@@ -54,6 +54,12 @@ def decode_many(engine: Any, codes: list[Any], batched: bool | None = None) -> l
     return out
 
 
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
 class CodecQueue:
     """Decodes groups of rows' codes to audio in submission order; `busy_s` = seconds spent decoding."""
 
@@ -73,21 +79,30 @@ class CodecQueue:
             if self._cuda:
                 self._stream = torch.cuda.Stream(device=engine.device)
 
-    def submit(self, codes: list[Any]) -> Future:
-        """Future of the rows' audio (one array per row). `codes` (10, n_i) must stay unchanged (fresh tensors,
-        not views of the rows' history); on CUDA the caller's stream may still be writing them: the codec's stream
-        waits for an event recorded here."""
+    def submit(self, codes: list[Any]) -> list[Future]:
+        """One future per row, of its audio. `codes` (10, n_i) must stay unchanged (fresh tensors, not views of
+        the rows' history); on CUDA the caller's stream may still be writing them: the codec's stream waits for an
+        event recorded here. On CUDA the rows are decoded together (decode_many's padded calls) and their futures
+        complete together; on a CPU each row is a job of its own, so the first row is back (and its lane can take
+        the next segment) without waiting for the others."""
         import torch
 
         if self._pool is None:
-            done: Future = Future()
-            done.set_result(self._decode(codes, None))
-            return done
-        event = None
-        if self._cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return self._pool.submit(self._decode, codes, event)
+            return [_done(a) for a in self._decode(codes, None)]
+        if not self._cuda:
+            return [self._pool.submit(lambda c: self._decode([c], None)[0], c) for c in codes]
+        event = torch.cuda.Event()
+        event.record()
+        group = self._pool.submit(self._decode, codes, event)
+        rows: list[Future] = [Future() for _ in codes]
+
+        def split(done: Future) -> None:
+            error = done.exception()
+            for j, row in enumerate(rows):
+                row.set_exception(error) if error is not None else row.set_result(done.result()[j])
+
+        group.add_done_callback(split)
+        return rows
 
     def _decode(self, codes: list[Any], event: Any) -> list[np.ndarray]:
         import contextlib

@@ -276,8 +276,7 @@ class FishSpeechEngine:
         """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
         in a bounded cache. BadReferenceError when the speaker's prompt cannot be used."""
         self._require()
-        from .batched_model import prefill_prefix
-        from .prefix_cache import speaker_prefix
+        from .prefix_cache import prefill_prefix, speaker_prefix
 
         def prefill(tokens: Any) -> tuple[list, list]:
             import torch

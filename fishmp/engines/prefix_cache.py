@@ -19,6 +19,7 @@ from typing import Any
 
 from ..planning.memory import PREFIX_CACHE_ROWS
 from .base import BadReferenceError, EngineError, SpeakerPrompt
+from .batched_model import forward_rows
 from .fish_common import GENERATION_RESERVE, import_fish_speech
 
 
@@ -81,6 +82,21 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def prefill_prefix(model: Any, tokens: Any, device: Any, dtype: Any) -> tuple[list[Any], list[Any]]:
+    """A speaker prefix (11, P) prefilled alone at slots [0, P): its K and V per slow layer, (H_kv, P, D) each
+    (the cache keeps them; BatchedModel.copy_prefix writes them into a row)."""
+    import torch
+
+    cfg, p = model.config, tokens.shape[1]
+    with torch.device(device):
+        ks = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
+        vs = [torch.zeros((1, cfg.n_local_heads, p, cfg.head_dim), dtype=dtype) for _ in model.layers]
+        positions = torch.arange(p)[None, :]
+        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]
+    forward_rows(model, ks, vs, tokens[None].to(device), slice(0, 1), positions, slice(0, p), mask, p)
+    return [k[0] for k in ks], [v[0] for v in vs]
 
 
 def prefix_budget(max_seq_len: int) -> int:
