@@ -1,5 +1,5 @@
 """Batched decoding benchmark (issue 10): frames/s of ONE worker's engine at batch sizes B, refill on and off, against
-fishmp's batch-1 path (`FishSpeechEngine.synthesize`), all configurations interleaved in one run.
+fish-speech's own batch-1 path (`FishSpeechEngine.synthesize_upstream`), all configurations interleaved in one run.
 
     .venv/bin/python benchmarks/batching.py                                   # tiny + S1-mini-sized, CPU
     .venv/bin/python benchmarks/batching.py --checkpoints s1-mini --device cuda --sizes 1,2,4,8,16,32,64 \\
@@ -9,7 +9,8 @@ fishmp's batch-1 path (`FishSpeechEngine.synthesize`), all configurations interl
 Per checkpoint: the engine loads once (bfloat16 on cuda, float32 on cpu, as the engine does), a random speaker prompt of
 --prompt-frames frames stands in for an encoded reference, and segments of mixed text lengths and max_new_tokens
 (drawn in [max_new_tokens / 2, max_new_tokens], seeded) are generated until the configuration's time is up:
-  baseline         engine.synthesize one segment after another (what a worker does today)
+  baseline         fish-speech's own generate_long one segment after another (engine.synthesize_upstream: fishmp
+                   before batching; a worker at FISH_BATCH_SIZE=1 now runs a session of one row, "B=1")
   B=n refill=on    one session of n rows; a row that finishes takes the next segment at the next step
   B=n refill=off   waves of n segments; the next wave starts when the whole wave has finished
 Frames = semantic frames produced (finished segments' tokens + the frames of rows cut off by the time limit); the
@@ -17,7 +18,10 @@ time includes the session's prefix prefill, text prefills and codec decodes. Eac
 --seconds-per-config seconds split over --rounds interleaved rounds (config order rotates each round), so drift of the
 machine affects every configuration alike. One JSON line per measurement goes to --json-out as it is made (a run cut
 short keeps what it measured), then one summary line per configuration with its ratio to batched B=1 and to baseline.
-On cuda the peak memory per configuration (torch.cuda.max_memory_allocated) is reported. Random weights: the audio is
+On cuda the peak memory per configuration (torch.cuda.max_memory_allocated) is reported. --codec thread,inline measures
+each batched configuration with the codec on its own thread (a worker's default: finished rows become audio off the
+decode loop) and inline; summaries give the codec's share of the time (seconds the codec spent / the
+configuration's seconds) and thread_vs_inline. Random weights: the audio is
 noise, and rows may stop early at a random end token (frames are counted, not assumed).
 
 --compile on|both (FISH_COMPILE): the engine loads with compile on (fish-speech's batch-1 decode step compiled, and
@@ -44,6 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from batching_compile import compile_baseline, compile_batched, compile_counters  # noqa: E402
 
 from fishmp.config import Settings  # noqa: E402
 from fishmp.engines.base import SpeakerPrompt, SynthesisParams  # noqa: E402
@@ -89,38 +95,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def in_flight_frames(session: Any) -> int:
-    """Frames produced so far by rows still in the session (benchmark bookkeeping only)."""
-    return sum(r.frames + (0 if r.pending else r.decoded + 1) for r in session._rows if r is not None)
-
-
 def run_baseline(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float) -> tuple[int, int, float]:
     t0, frames, done = time.perf_counter(), 0, 0
     while time.perf_counter() - t0 < seconds:
         _, text, params = segs.next()
-        frames += engine.synthesize(text, speaker, params).tokens
+        frames += engine.synthesize_upstream(text, speaker, params).tokens
         done += 1
     sync(engine.device)
     return frames, done, time.perf_counter() - t0
 
 
 def run_batched(engine: Any, speaker: SpeakerPrompt, segs: Segments, seconds: float, size: int,
-                refill: bool, compiled: bool = False) -> tuple[int, int, float]:
+                refill: bool, compiled: bool = False, codec_thread: bool = True) -> tuple[int, int, float, float]:
+    """Frames, segments finished, seconds, and the seconds the codec spent (on its thread, or inline)."""
     t0, frames, done = time.perf_counter(), 0, 0
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled, codec_thread=codec_thread)
     try:
         while time.perf_counter() - t0 < seconds:
             if session.free_rows() and (refill or session.active() == 0):
                 while session.free_rows():
-                    session.add(*segs.next())
+                    session.add(*segs.next(), speaker)
             for _, audio in session.step():
                 frames += audio.tokens
                 done += 1
         sync(engine.device)
-        frames += in_flight_frames(session)
+        frames += session.in_flight_frames()
+        codec_s = session.codec_seconds
     finally:
         session.close()
-    return frames, done, time.perf_counter() - t0
+    return frames, done, time.perf_counter() - t0, codec_s
 
 
 def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: int, out: Any,
@@ -144,11 +147,11 @@ def match_check(engine: Any, speaker: SpeakerPrompt, name: str, n: int, size: in
     finally:
         engine._decode = decode
     got: dict[str, Any] = {}
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled)
     pending = list(segs)
     while pending or session.active():
         while pending and session.free_rows():
-            session.add(*pending.pop(0))
+            session.add(*pending.pop(0), speaker)
         session.step()
         got.update({k: torch.cat(v, dim=1).cpu() for k, v in session.finished_codes.items()})
     session.close()
@@ -173,9 +176,9 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
     from torch.profiler import ProfilerActivity, profile
 
     segs = Segments(400, seed=5)
-    session = engine.open_batch(speaker, size, compiled=compiled)
+    session = engine.open_batch(size, compiled=compiled)
     while session.free_rows():
-        session.add(*segs.next())
+        session.add(*segs.next(), speaker)
     times = []
     for _ in range(8):
         sync(engine.device)
@@ -199,73 +202,6 @@ def profile_steps(engine: Any, speaker: SpeakerPrompt, name: str, size: int, out
     session.close()
 
 
-def compile_baseline(engine: Any, speaker: SpeakerPrompt, name: str, args: argparse.Namespace, modes: list[bool],
-                     out: Any) -> tuple[list[bool], Any]:
-    """fish-speech's batch-1 decode step compiled as FishSpeechEngine.load does under FISH_COMPILE (skipped with
-    --no-compile-baseline: 25-250 s for S1-mini on a GPU). Returns the baseline's modes and the compiled step."""
-    import torch
-
-    eager = engine._decode_one
-    if not args.compile_baseline:
-        return [m for m in modes if not m] or [False], eager
-    on_cuda = engine.device.startswith("cuda")
-    t0 = time.perf_counter()
-    try:
-        engine._decode_one = torch.compile(eager, backend="inductor" if on_cuda else "aot_eager",
-                                           mode="reduce-overhead" if on_cuda else None, fullgraph=True)
-        engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=8, seed=0))
-        compiled = engine._decode_one
-        error = None
-    except Exception as exc:  # reported; the eager baseline is still measured
-        compiled, error = eager, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    engine._decode_one = eager
-    emit(dict(event="compile", part="batch-1", checkpoint=name, seconds=round(time.perf_counter() - t0, 1),
-              error=error), out)
-    return ([m for m in modes if not m] or [False]) if error else modes, compiled
-
-
-def compile_batched(engine: Any, name: str, capacity: int, modes: list[bool], out: Any,
-                    backend: str | None = None) -> list[bool]:
-    """The batched steps compiled ahead, as load() does for FISH_BATCH_SIZE > 1 under FISH_COMPILE (`backend`:
-    the engine's default, inductor on CUDA and aot_eager on CPU, unless given)."""
-    t0 = time.perf_counter()
-    try:
-        engine.compiled_batch().steps(backend=backend)
-        session = engine.open_batch(None, capacity, compiled=True)
-        session.warm_up()
-        session.close()
-        error = None
-    except Exception as exc:  # reported; the eager configurations are still measured
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        engine.release_memory()
-    emit(dict(event="compile", part="batched", checkpoint=name, capacity=capacity, backend=backend,
-              seconds=round(time.perf_counter() - t0, 1), error=error), out)
-    return ([m for m in modes if not m] or [False]) if error else modes
-
-
-def compile_counters(name: str, device: str) -> dict:
-    """What torch.compile did in this run: graphs dynamo compiled, and on CUDA the graphs CUDA-graph trees recorded
-    and the graphs they skipped (each skip's reason is logged with TORCH_LOGS=perf_hints). A skip means that step
-    runs without CUDA graphs: slower, and the numbers above do not show compile at its best."""
-    from torch._dynamo.utils import counters
-
-    rec = dict(event="compile_counters", checkpoint=name, device=device,
-               dynamo_graphs=counters["stats"]["unique_graphs"],
-               cudagraph_skips=counters["inductor"]["cudagraph_skips"])
-    if device.startswith("cuda"):
-        from torch._inductor import cudagraph_trees
-
-        index = int(device.split(":")[1]) if ":" in device else 0
-        manager = cudagraph_trees.get_container(index).tree_manager
-        nodes, recorded = list(manager.get_roots()) if manager is not None else [], 0
-        while nodes:
-            node = nodes.pop()
-            recorded += 1
-            nodes += [c for children in node.children.values() for c in children]
-        rec["cudagraphs_recorded"] = recorded
-    return rec
-
-
 def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict]:
     import torch
 
@@ -277,25 +213,29 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
     engine = FishSpeechEngine(settings, args.device)
     engine.load()
     emit(dict(event="load", checkpoint=name, device=args.device, seconds=round(time.perf_counter() - t0, 1)), out)
+
+    def report(rec: dict) -> None:
+        emit(rec, out)
+
     rng = np.random.default_rng(1)
     speaker = SpeakerPrompt(key=f"bench-{name}", tokens=rng.integers(0, 1024, (10, args.prompt_frames)),
                             text="This is the reference transcript of the benchmark voice, a sentence or two long.")
-    engine.synthesize("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
+    engine.synthesize_upstream("Warm-up.", speaker, SynthesisParams(max_new_tokens=4, seed=0))
     eager_one = compiled_one = engine._decode_one
     base_modes = batch_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     if args.compile != "off":
         # As FISH_COMPILE does in load(), timed here and allowed to fail: a failure drops the compiled
         # configurations (reported) instead of ending the run.
-        base_modes, compiled_one = compile_baseline(engine, speaker, name, args, base_modes, out)
-        batch_modes = compile_batched(engine, name, max(args.sizes), batch_modes, out, args.backend)
+        base_modes, compiled_one = compile_baseline(engine, speaker, name, args, base_modes, report)
+        batch_modes = compile_batched(engine, name, max(args.sizes), batch_modes, report, args.backend)
     # Warm-up, not timed: a few steps at every batch size (the first step at a new shape pays kernel selection:
     # seconds at B=64 on an H200; compiled, CUDA graphs record).
     warm = Segments(8, seed=99)
     for size in args.sizes:
         for compiled in batch_modes:
-            session = engine.open_batch(speaker, size, compiled=compiled)
+            session = engine.open_batch(size, compiled=compiled)
             while session.free_rows():
-                session.add(*warm.next())
+                session.add(*warm.next(), speaker)
             for _ in range(3):
                 session.step()
             session.close()
@@ -307,56 +247,65 @@ def bench_checkpoint(name: str, args: argparse.Namespace, out: Any) -> list[dict
         for compiled in batch_modes:
             profile_steps(engine, speaker, name, size, out, compiled)
 
-    configs: list[tuple[str, int, bool, bool]] = [] if args.no_baseline else [("baseline", 1, False, c)
-                                                                              for c in base_modes]
+    # (kind, batch, refill, compiled, codec on its thread); the baseline decodes inline
+    configs: list[tuple[str, int, bool, bool, bool]] = [] if args.no_baseline else [
+        ("baseline", 1, False, c, False) for c in base_modes]
     for size in args.sizes:
-        configs += [("batched", size, refill, c) for refill in args.refill for c in batch_modes]
-    totals: dict[tuple[str, int, bool, bool], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0])
+        configs += [("batched", size, refill, c, t) for refill in args.refill for c in batch_modes for t in args.codec]
+    totals: dict[tuple, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0, 0.0])
     budget = args.seconds_per_config / args.rounds
     for rnd in range(args.rounds):
         order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
         for cfg in order:
-            kind, size, refill, compiled = cfg
+            kind, size, refill, compiled, thread = cfg
             segs = Segments(args.max_new_tokens, seed=1000 * rnd + size)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+            codec_s = 0.0
             try:
                 if kind == "baseline":
                     engine._decode_one = compiled_one if compiled else eager_one
                     frames, done, secs = run_baseline(engine, speaker, segs, budget)
                 else:
-                    frames, done, secs = run_batched(engine, speaker, segs, budget, size, refill, compiled)
+                    frames, done, secs, codec_s = run_batched(engine, speaker, segs, budget, size, refill, compiled,
+                                                              thread)
                 error = None
             except Exception as exc:  # e.g. out of memory at a large B: report it, keep measuring the others
                 frames, done, secs, error = 0, 0, 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 engine.release_memory()
             peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
             rec = dict(event="measure", checkpoint=name, device=args.device, round=rnd, config=kind, batch=size,
-                       compiled=compiled,
+                       compiled=compiled, codec="thread" if thread else "inline",
                        refill=refill if kind == "batched" else None, frames=frames, segments=done,
                        seconds=round(secs, 3), frames_per_s=round(frames / secs, 3) if secs else 0.0,
-                       peak_memory_gib=round(peak, 3) if peak is not None else None, error=error)
+                       codec_s=round(codec_s, 3), peak_memory_gib=round(peak, 3) if peak is not None else None,
+                       error=error)
             emit(rec, out)
             acc = totals[cfg]
             acc[0] += frames
             acc[1] += done
             acc[2] += secs
             acc[3] = max(acc[3], peak or 0)
+            acc[4] += codec_s
     fps = {cfg: (t[0] / t[2] if t[2] else 0.0) for cfg, t in totals.items()}
-    first = batch_modes[0]  # eager when measured
-    b1 = fps.get(("batched", 1, True, first)) or fps.get(("batched", 1, False, first)) or 0.0
-    base = fps.get(("baseline", 1, False, base_modes[0]), 0.0)
-    best1 = max([v for (kind, size, _, _), v in fps.items() if size == 1], default=0.0)
+    first, codec0 = batch_modes[0], args.codec[0]  # eager when measured
+    b1 = fps.get(("batched", 1, True, first, codec0)) or fps.get(("batched", 1, False, first, codec0)) or 0.0
+    base = fps.get(("baseline", 1, False, base_modes[0], False), 0.0)
+    best1 = max([v for (kind, size, *_), v in fps.items() if size == 1], default=0.0)
     summary = []
     for cfg in configs:
-        kind, size, refill, compiled = cfg
+        kind, size, refill, compiled, thread = cfg
+        t = totals[cfg]
+        inline = fps.get((kind, size, refill, compiled, False)) if thread and False in args.codec else None
         rec = dict(event="summary", checkpoint=name, device=args.device, compiled=compiled, config=kind,
-                   batch=size, refill=refill if kind == "batched" else None, frames=totals[cfg][0],
-                   segments=totals[cfg][1], seconds=round(totals[cfg][2], 2), frames_per_s=round(fps[cfg], 3),
+                   batch=size, refill=refill if kind == "batched" else None, codec="thread" if thread else "inline",
+                   frames=t[0], segments=t[1], seconds=round(t[2], 2), frames_per_s=round(fps[cfg], 3),
                    ratio_to_b1=round(fps[cfg] / b1, 2) if b1 else None,
                    ratio_to_baseline=round(fps[cfg] / base, 2) if base else None,
                    ratio_to_best_batch1=round(fps[cfg] / best1, 2) if best1 else None,
-                   peak_memory_gib=round(totals[cfg][3], 3) if args.device.startswith("cuda") else None)
+                   codec_share=round(t[4] / t[2], 3) if t[2] and kind == "batched" else None,
+                   thread_vs_inline=round(fps[cfg] / inline, 2) if inline else None,
+                   peak_memory_gib=round(t[3], 3) if args.device.startswith("cuda") else None)
         emit(rec, out)
         summary.append(rec)
     if True in base_modes + batch_modes:
@@ -376,9 +325,11 @@ def emit(rec: dict, out: Any) -> None:
         refill = "" if rec["refill"] is None else (" refill" if rec["refill"] else " waves ")
         mem = f"  peak {rec['peak_memory_gib']:.2f} GiB" if rec.get("peak_memory_gib") else ""
         mode = "compiled" if rec["compiled"] else "eager"
+        codec = "" if rec["codec_share"] is None else f"  codec {rec['codec'] } {rec['codec_share']:.0%} of the time"
+        codec += f" (x{rec['thread_vs_inline']} vs inline)" if rec["thread_vs_inline"] else ""
         print(f"[{rec['checkpoint']}] {rec['config']:8s} {mode:8s} B={rec['batch']:<3d}{refill:7s} "
               f"{rec['frames_per_s']:9.2f} frames/s  x{rec['ratio_to_b1']} vs B=1  x{rec['ratio_to_baseline']} vs "
-              f"baseline  x{rec['ratio_to_best_batch1']} vs best batch-1{mem}", flush=True)
+              f"baseline  x{rec['ratio_to_best_batch1']} vs best batch-1{mem}{codec}", flush=True)
     else:
         print(line, file=sys.stderr, flush=True)
 
@@ -391,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", help="one checkpoint directory (overrides --checkpoints)")
     ap.add_argument("--sizes", default="1,2,4,8,16", help="batch sizes, e.g. 1,2,4,8,16,32,64")
     ap.add_argument("--refill", default="on,off", help="on, off or on,off")
+    ap.add_argument("--codec", default="thread",
+                    help="thread (finished rows become audio on the codec's own thread), inline, or thread,inline")
     ap.add_argument("--seconds-per-config", type=float, default=20.0, help="time per configuration (all rounds)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="segments draw max_new_tokens in [n/2, n]")
@@ -406,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", type=int, default=0,
                     help="first check N segments: batched (B=min(8, max size)) vs synthesize give the same audio")
     ap.add_argument("--profile", default="", help="batch sizes to profile (step times + torch.profiler table)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip engine.synthesize")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the baseline (fish-speech's own generate_long)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cache-dir", default="/tmp", help="where random checkpoints are cached")
     ap.add_argument("--json-out", help="append one JSON line per measurement and per summary")
@@ -415,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
         args.profile = [int(s) for s in args.profile.split(",") if s.strip()]
         args.refill = [{"on": True, "off": False}[s.strip()] for s in args.refill.split(",") if s.strip()]
-        if not args.sizes or min(args.sizes) < 1 or not args.refill or args.rounds < 1:
+        args.codec = [{"thread": True, "inline": False}[s.strip()] for s in args.codec.split(",") if s.strip()]
+        if not args.sizes or min(args.sizes) < 1 or not args.refill or not args.codec or args.rounds < 1:
             raise ValueError
     except (KeyError, ValueError):
-        ap.error("--sizes takes whole numbers >= 1, --refill on/off, --rounds >= 1")
+        ap.error("--sizes takes whole numbers >= 1, --refill on/off, --codec thread/inline, --rounds >= 1")
     import torch
 
     if args.threads:

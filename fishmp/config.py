@@ -25,7 +25,7 @@ PRECISIONS = ("bfloat16", "float16", "float32")
 MODES = ("auto", "true", "false")
 ENGINES = ("fish", "synthetic")
 # FISH_* variables that are not settings but are read on purpose: the synthetic test engine's knobs and a benchmark's.
-EXTRA_VARIABLES = frozenset({"FISH_BATCH_REFILL"})
+EXTRA_VARIABLES = frozenset({"FISH_BATCH_REFILL", "FISH_BATCH_MIXED"})
 EXTRA_PREFIXES = ("FISH_SYNTHETIC_",)
 MODEL_MEMORY_GB_RANGE = (0.5, 1024.0)  # below: no real model fits; above: no GPU has it (and the plan's arithmetic)
 

@@ -130,7 +130,7 @@ def _child(env: dict[str, str], text: str, batch: bool = False) -> None:
     if not batch:
         eng.synthesize(text, None, SynthesisParams())
         return
-    session = eng.open_batch(None, 3)
+    session = eng.open_batch(3)
     for i, row in enumerate(["fine", text, "also fine"]):
         session.add(str(i), row, SynthesisParams())
     while session.active():
@@ -180,26 +180,29 @@ def _drain(session) -> dict[str, object]:
 
 
 def test_batch_audio_is_synthesize_audio_whatever_the_batch(monkeypatch) -> None:
+    # Rows of three voices mixed in one session: each row's audio is its own voice's, as synthesize gives it.
     eng = _engine(monkeypatch)
-    texts = {f"r{i}": "word " * (3 + 7 * i) for i in range(6)}
-    alone = {k: eng.synthesize(t, VOICE, PARAMS) for k, t in texts.items()}
+    voices = [VOICE, SpeakerPrompt(key="b", tokens=VOICE.tokens, text="ref"), None]
+    texts = {f"r{i}": ("word " * (3 + 7 * i), voices[i % 3]) for i in range(6)}
+    alone = {k: eng.synthesize(t, v, PARAMS) for k, (t, v) in texts.items()}
+    assert len({alone[k].samples.tobytes()[:4000] for k in ("r0", "r1", "r2")}) == 3  # the voices differ
     for capacity in (1, 2, 6):
-        session = eng.open_batch(VOICE, capacity)
+        session = eng.open_batch(capacity)
         assert session.capacity == capacity and session.free_rows() == capacity
         pending, got = list(texts.items()), {}
         while pending or session.active():
             while pending and session.free_rows():  # continuous refill
-                key, text = pending.pop()
-                session.add(key, text, PARAMS)
+                key, (text, voice) = pending.pop()
+                session.add(key, text, PARAMS, voice)
             got.update(session.step())
         assert set(got) == set(texts)
         for key, audio in got.items():
             assert np.array_equal(audio.samples, alone[key].samples) and audio.tokens == alone[key].tokens
         session.close()
     with pytest.raises(RuntimeError, match="cannot add row"):
-        session = eng.open_batch(VOICE, 1)
-        session.add("x", "a", PARAMS)
-        session.add("y", "b", PARAMS)
+        session = eng.open_batch(1)
+        session.add("x", "a", PARAMS, VOICE)
+        session.add("y", "b", PARAMS, VOICE)
 
 
 def test_batch_costs_base_plus_rows(monkeypatch) -> None:
@@ -207,13 +210,13 @@ def test_batch_costs_base_plus_rows(monkeypatch) -> None:
     text = "x" * 80
     t0 = time.perf_counter()
     for i in range(8):
-        one = eng.open_batch(VOICE, 1)
-        one.add(str(i), text, PARAMS)
+        one = eng.open_batch(1)
+        one.add(str(i), text, PARAMS, VOICE)
         _drain(one)
     alone = time.perf_counter() - t0  # 8 x 80 steps x 2 ms = 1.28 s
-    session = eng.open_batch(VOICE, 8)
+    session = eng.open_batch(8)
     for i in range(8):
-        session.add(str(i), text, PARAMS)
+        session.add(str(i), text, PARAMS, VOICE)
     t0 = time.perf_counter()
     assert len(_drain(session)) == 8
     together = time.perf_counter() - t0  # 80 steps x (1.7 + 8 x 0.3) ms = 0.33 s
@@ -233,37 +236,37 @@ def test_batch_defaults_follow_seconds_per_char(monkeypatch) -> None:
 
 def test_batch_faults_per_row(monkeypatch, tmp_path) -> None:
     eng = _engine(monkeypatch, FISH_SYNTHETIC_STATE_DIR=str(tmp_path / "state"), FISH_SYNTHETIC_MAX_ROWS="2")
-    session = eng.open_batch(VOICE, 4)
-    session.add("a", "fine", PARAMS)
+    session = eng.open_batch(4)
+    session.add("a", "fine", PARAMS, VOICE)
     with pytest.raises(TextTooLongError):  # an input error of that row, from add: the others go on
-        session.add("b", "long @@toolong@@", PARAMS)
+        session.add("b", "long @@toolong@@", PARAMS, VOICE)
     assert session.active() == 1 and session.free_rows() == 3
-    session.add("c", "fine too", PARAMS)
+    session.add("c", "fine too", PARAMS, VOICE)
     assert set(_drain(session)) == {"a", "c"}
     for marker, error in (("@@error@@", EngineError), ("@@oom@@", EngineOutOfMemoryError),
                           ("@@cuda@@", RuntimeError)):
-        session = eng.open_batch(VOICE, 2)
-        session.add("a", "fine", PARAMS)
-        session.add("b", f"bad {marker}", PARAMS)
+        session = eng.open_batch(2)
+        session.add("a", "fine", PARAMS, VOICE)
+        session.add("b", f"bad {marker}", PARAMS, VOICE)
         with pytest.raises(error):
             session.step()
         with pytest.raises(EngineError, match="after an error"):  # the session is unusable; the worker redoes it
             session.step()
         session.close()
-    session = eng.open_batch(VOICE, 3)  # more rows than FISH_SYNTHETIC_MAX_ROWS: out of memory
+    session = eng.open_batch(3)  # more rows than FISH_SYNTHETIC_MAX_ROWS: out of memory
     for key in "abc":
-        session.add(key, "fine", PARAMS)
+        session.add(key, "fine", PARAMS, VOICE)
     with pytest.raises(EngineOutOfMemoryError, match="FISH_SYNTHETIC_MAX_ROWS=2"):
         session.step()
     monkeypatch.setenv("FISH_SYNTHETIC_MAX_CAPACITY", "2")
     with pytest.raises(EngineOutOfMemoryError, match="FISH_SYNTHETIC_MAX_CAPACITY=2"):  # preallocating 3 rows
-        SyntheticEngine(Settings(engine="synthetic"), "cpu").open_batch(VOICE, 3)
-    session = eng.open_batch(VOICE, 2)
-    session.add("a", "x @@oom-once@@", PARAMS)
+        SyntheticEngine(Settings(engine="synthetic"), "cpu").open_batch(3)
+    session = eng.open_batch(2)
+    session.add("a", "x @@oom-once@@", PARAMS, VOICE)
     with pytest.raises(EngineOutOfMemoryError):
         session.step()
-    session = eng.open_batch(VOICE, 2)
-    session.add("a", "x @@oom-once@@", PARAMS)
+    session = eng.open_batch(2)
+    session.add("a", "x @@oom-once@@", PARAMS, VOICE)
     assert set(_drain(session)) == {"a"}  # fired once only, across sessions
 
 
@@ -296,9 +299,9 @@ def test_bad_takes_in_a_batch_are_synthesize_takes(monkeypatch) -> None:
     eng = _engine(monkeypatch)
     texts = {"a": "@@silent:1@@ hello", "b": "@@runaway@@ hello", "c": "hello"}
     params = SynthesisParams(max_new_tokens=50, seed=0)
-    session = eng.open_batch(VOICE, 3)
+    session = eng.open_batch(3)
     for key, text in texts.items():
-        session.add(key, text, params)
+        session.add(key, text, params, VOICE)
     out = {}
     while session.active():
         out.update(dict(session.step()))

@@ -1,4 +1,4 @@
-"""Lanes: a worker decodes up to FISH_BATCH_SIZE segments of one speaker at once (fishmp/worker/lanes.py).
+"""Lanes: a worker decodes up to FISH_BATCH_SIZE segments at once, of any speakers (fishmp/worker/lanes.py).
 
 Real worker processes: `worker_main` in a spawned process with real pipes (as fishmp/backends/local.py starts it), fed
 several SegmentTasks at once, and the whole CLI through the real pool. The synthetic engine's batched session models
@@ -136,25 +136,43 @@ TEXTS = ["Hello there, this is a line.", "Short.", "A somewhat longer line of di
 def test_rows_run_together_and_audio_matches_batch_1(tmp_path, monkeypatch, voice) -> None:
     a, b = voice("a"), voice("b")
     results = {}
-    for batch in (1, 4):
-        w = Worker(tmp_path, monkeypatch, batch)
-        tasks = tasks_for(tmp_path, a, TEXTS[:4], f"B{batch}-") + tasks_for(tmp_path, b, ["Other voice."], f"B{batch}-") \
-            + tasks_for(tmp_path, a, TEXTS[4:], f"B{batch}-x")
+    for batch, mixed in ((1, "1"), (4, "1"), (4, "0")):
+        name = f"B{batch}{mixed}-"
+        w = Worker(tmp_path, monkeypatch, batch, FISH_BATCH_MIXED=mixed)
+        tasks = tasks_for(tmp_path, a, TEXTS[:4], name) + tasks_for(tmp_path, b, ["Other voice."], name) \
+            + tasks_for(tmp_path, a, TEXTS[4:], f"{name}x")
         w.send(*tasks)
         run = w.collect({t.id for t in tasks})
         assert w.stop() == 0
         assert run.ready.batch_size == batch
         assert set(run.done()) == {t.id for t in tasks} and not run.failed()
         assert len([m for _, m in run.messages if isinstance(m, Done)]) == len(tasks)  # each exactly once
-        # One speaker per session; a task of another voice waits for the session to drain, and the tasks behind it
-        # wait for it: tasks start in the order they were sent.
-        assert run.started_order() == [t.id for t in tasks]
+        assert run.started_order() == [t.id for t in tasks]  # rows start in the order the tasks came
         if batch == 4:  # the first four rows were decoding together before any of them finished
-            assert max(run.started(t.id) for t in tasks[:4]) < min(run.done_at(t.id) for t in tasks[:4])
-        results[batch] = {t.id.split("-", 1)[1]: samples(t.output) for t in tasks}
-    assert results[1].keys() == results[4].keys()
-    for key, audio in results[1].items():
-        assert np.array_equal(audio, results[4][key]), key
+            first = tasks[:4]
+            assert max(run.started(t.id) for t in first) < min(run.done_at(t.id) for t in first)
+            # when each first row finished in the worker (Done arrives later: the writer thread sends it)
+            drained = max(run.started(t.id) + run.done()[t.id].synthesis_seconds for t in first)
+            other = run.started(tasks[4].id)
+            if mixed == "1":  # the other voice takes the first free row, beside the first voice's rows (~0.1 s)
+                assert other < drained - 0.03
+            else:  # single-voice sessions (FISH_BATCH_MIXED=0): it waits until the session drains
+                assert other > drained - 0.02
+        results[(batch, mixed)] = {t.id.split("-", 1)[1]: samples(t.output) for t in tasks}
+    for key, audio in results[(1, "1")].items():
+        assert np.array_equal(audio, results[(4, "1")][key]) and np.array_equal(audio, results[(4, "0")][key]), key
+
+
+def test_poison_row_in_a_mixed_batch_fails_alone(tmp_path, monkeypatch, voice) -> None:
+    voices = [voice(name) for name in "pqr"]
+    w = Worker(tmp_path, monkeypatch, 4)
+    tasks = [t for i, v in enumerate(voices)
+             for t in tasks_for(tmp_path, v, [f"Line {i} of {v.id}.", "Poison @@error@@ here." if i == 1 else "Yes."])]
+    w.send(*tasks)
+    run = w.collect({t.id for t in tasks})
+    assert set(run.failed()) == {"q1"} and run.failed()["q1"].input_error  # its batchmates of other voices live on
+    assert set(run.done()) == {t.id for t in tasks} - {"q1"}
+    assert w.proc.is_alive() and w.stop() == 0
 
 
 def test_refill_fills_freed_rows_at_the_next_step(tmp_path, monkeypatch, voice) -> None:

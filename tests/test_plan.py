@@ -234,8 +234,8 @@ def test_plan_explain_cli(tiny_checkpoint: str, tmp_path) -> None:
     assert [g["workers"] for g in data["gpus"]] == [2, 0]  # the guide's plan is unchanged by --explain
     ex = data["explain"]
     names = [c["name"] for c in ex["estimate"]["components"]]
-    assert names == ["LLM weights", "LLM buffers", "KV cache", "codec weights", "codec buffers", "activations",
-                     "CUDA context", "allocator slack", "safety margin"]
+    assert names == ["LLM weights", "LLM buffers", "KV cache", "prefix cache", "codec weights", "codec buffers",
+                     "activations", "CUDA context", "allocator slack", "safety margin"]
     assert sum(c["bytes"] for c in ex["estimate"]["components"]) == ex["estimate"]["total_bytes"]
     assert ex["gpus"][0]["alternatives"][0]["workers"] == 1
     assert any("[GPU 1] NVIDIA L4: one worker needs about" in s and "short by" in s for s in ex["suggestions"])

@@ -81,6 +81,30 @@ def test_shared_speaker_is_joined_by_most_work_per_holder() -> None:
     assert sched.holders("a") == 2
 
 
+def test_a_worker_of_many_lanes_never_leaves_one_empty() -> None:
+    # Mixed voices: a worker's 8 lanes (batch rows) pull one task each; with work pending every pull gets one,
+    # whatever speaker it is, and affinity still groups a speaker's segments longest first.
+    spec = {f"s{k}": [float(c) for c in range(n, 0, -1)] for k, n in enumerate([12, 10, 8, 7, 5, 4, 2, 2])}
+    sched = Scheduler(tasks(spec))
+    lanes: list[Task | None] = [None] * 8
+    order: list[Task] = []
+    rng = random.Random(4)
+    while not sched.all_finished:
+        for i, t in enumerate(lanes):
+            if t is None:
+                lanes[i] = sched.next_for("w0")
+                assert lanes[i] is not None or sched.pending_count == 0  # no lane idles while work is pending
+                if lanes[i] is not None:
+                    order.append(lanes[i])
+        done = rng.choice([i for i, t in enumerate(lanes) if t is not None])
+        sched.done(lanes[done].id)
+        lanes[done] = None
+    speakers = [t.speaker for t in order]
+    assert speakers == sorted(speakers, key=lambda s: -len(spec[s]))  # one speaker after another, biggest first
+    for s in spec:
+        assert [t.cost for t in order if t.speaker == s] == sorted(spec[s], reverse=True)  # longest first
+
+
 def test_requeue_counts_attempts_and_declares_poison() -> None:
     sched = Scheduler(tasks({"a": [1.0, 2.0]}), max_attempts=3)
     t = sched.next_for("w0")

@@ -1,10 +1,12 @@
 """Layer 4, engines: `fish` (Fish Speech, real voice cloning) and `synthetic` (no model; a test engine for orchestration).
 May import: fishmp.config, fishmp.job, fishmp.planning. The only layer that imports torch or fish_speech.
 
-Modules: `base` (the Engine and BatchSession contracts), `fish` (Fish Speech at batch 1), `fish_common` (what it
-shares with the batch sessions), `batched` (batch sessions: rows, refill, stop, codec), `batched_model` (the batched
-model math), `batched_compile` (FISH_COMPILE's compiled steps), `synthetic` (the test engine), `tiny` (random
-checkpoints), `audio` (reading references; a speech-like test signal).
+Modules: `base` (the Engine and BatchSession contracts), `fish` (the Fish Speech engine: loading, references, a
+segment as a session of one row, fish-speech's own path), `fish_common` (what it shares with the batch sessions),
+`batched` (batch sessions: rows of any speakers, refill, stop), `batched_model` (the batched model math),
+`sampling` (counter-based sampling), `prefix_cache` (speaker prefixes' KV, kept per worker), `codec` (codes to audio,
+on a thread of its own), `batched_compile` (FISH_COMPILE's compiled steps), `synthetic` (the test engine), `tiny`
+(random checkpoints), `audio` (reading references; a speech-like test signal).
 """
 
 from __future__ import annotations

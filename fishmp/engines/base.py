@@ -70,12 +70,14 @@ class Audio:
 
 
 class BatchSession(Protocol):
-    """Rows of ONE speaker decoded together, one step at a time (batched decoding, FISH_BATCH_SIZE).
+    """Rows decoded together, one step at a time (batched decoding, FISH_BATCH_SIZE); each row has its own speaker
+    (mixed voices: rows of different speakers and jobs share a step).
 
     The worker adds rows whenever some are free (continuous refill: a row that finished takes the next segment at
     the next step) and calls `step()` until no row is active. Each row is one segment: a long text split into chunks
-    is decoded chunk after chunk inside its row. A row's audio must not depend on its batchmates: same text, params
-    and seed -> same tokens as `Engine.synthesize` (exact on CPU float32).
+    is decoded chunk after chunk inside its row. A row's audio must not depend on its batchmates (their texts,
+    speakers, number or order): same text, params, seed and voice -> same tokens as `Engine.synthesize` (exact on
+    CPU float32).
     """
 
     capacity: int  # rows this session can hold at once
@@ -84,11 +86,12 @@ class BatchSession(Protocol):
         """Rows that `add` can take now."""
 
     def active(self) -> int:
-        """Rows still decoding."""
+        """Rows added and not yet returned by `step`."""
 
-    def add(self, key: str, text: str, params: SynthesisParams) -> None:
-        """Start a row for segment `key`. Input errors of this segment alone (TextTooLongError, ValueError for
-        parameters) are raised here and leave the other rows untouched."""
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
+        """Start a row for segment `key` in `speaker`'s voice. Input errors of this segment alone (TextTooLongError,
+        ValueError for parameters, BadReferenceError for an unusable voice) are raised here and leave the other rows
+        untouched."""
 
     def step(self) -> list[tuple[str, Audio]]:
         """Advance every active row (one or a few decode steps); return the rows that finished, as (key, audio).
@@ -104,10 +107,9 @@ class SequentialSession:
 
     capacity = 1
 
-    def __init__(self, synthesize: Callable[[str, SpeakerPrompt | None, SynthesisParams], Audio],
-                 speaker: SpeakerPrompt | None) -> None:
-        self._synthesize, self._speaker = synthesize, speaker
-        self._row: tuple[str, str, SynthesisParams] | None = None
+    def __init__(self, synthesize: Callable[[str, SpeakerPrompt | None, SynthesisParams], Audio]) -> None:
+        self._synthesize = synthesize
+        self._row: tuple[str, str, SynthesisParams, SpeakerPrompt | None] | None = None
 
     def free_rows(self) -> int:
         return 0 if self._row else 1
@@ -115,17 +117,17 @@ class SequentialSession:
     def active(self) -> int:
         return 1 if self._row else 0
 
-    def add(self, key: str, text: str, params: SynthesisParams) -> None:
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
         if self._row is not None:
             raise RuntimeError("SequentialSession holds one row")
-        self._row = (key, text, params)
+        self._row = (key, text, params, speaker)
 
     def step(self) -> list[tuple[str, Audio]]:
         if self._row is None:
             return []
-        key, text, params = self._row
+        key, text, params, speaker = self._row
         self._row = None
-        return [(key, self._synthesize(text, self._speaker, params))]
+        return [(key, self._synthesize(text, speaker, params))]
 
     def close(self) -> None:
         self._row = None
@@ -144,9 +146,9 @@ class Engine(Protocol):
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
         """One segment of text in the speaker's voice."""
 
-    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> BatchSession:
-        """A session decoding up to `capacity` rows of this speaker together (engines without batching return a
-        SequentialSession). The speaker's prompt is prefilled once per session and shared by its rows."""
+    def open_batch(self, capacity: int) -> BatchSession:
+        """A session decoding up to `capacity` rows together, each of its own speaker (engines without batching
+        omit this method; the worker then wraps `synthesize` in a SequentialSession)."""
 
     def release_memory(self) -> None:
         """Free cached device memory after an out-of-memory error (called outside the except block)."""

@@ -1,5 +1,6 @@
 """The model-facing math of batched decoding (fishmp.engines.batched): the session's own KV cache, the slow forward
-with per-row RoPE positions and a (B, 1, Q, K) mask over the filled slots only, and fish-speech's sampling for B rows.
+with per-row RoPE positions and a (B, 1, Q, K) mask over the filled slots only, the fast transformer and the sampling
+of a frame for B rows (the sampler itself: fishmp.engines.sampling).
 
 fish-speech's Attention repeat_interleaves the whole preallocated cache every layer, every step, and attends over all
 max_seq_len slots; `forward_rows` attends over the first K slots only (GQA inside SDPA, `enable_gqa`), K = the
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from .sampling import frame_noise, sample_params
 
 LENGTH_BUCKET = 256  # attention-length bucket (slots) of a compiled decode step
 FAST_CODEBOOK_VOCAB = 1024  # decode_one_token_ar cuts the fast logits to this many codes
@@ -59,35 +62,6 @@ def length_bucket(n: int, limit: int) -> int:
     return min(-(-n // LENGTH_BUCKET) * LENGTH_BUCKET, limit)
 
 
-def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previous: Any | None,
-                generators: list[Any]) -> Any:
-    """fish-speech's logits_to_probs + multinomial_sample_one_no_sync, row by row in one batch.
-
-    logits (b, V); temperature / top_p / penalty (b, 1) bf16; previous (b, W) or None; one generator per row.
-    Returns (b,) long."""
-    import torch
-
-    if previous is not None:
-        previous = previous.long()
-        score = torch.gather(logits, dim=-1, index=previous)
-        score = torch.where(score < 0, score * penalty, score / penalty)
-        logits = logits.scatter(dim=-1, index=previous, src=score)
-    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
-    cum_probs = torch.cumsum(torch.nn.functional.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cum_probs > top_p
-    remove[:, 0] = False  # keep at least one option (upstream: [0] on a 1-D row)
-    remove = remove.scatter(dim=-1, index=sorted_indices, src=remove)
-    logits = logits.masked_fill(remove, -float("Inf"))
-    logits = logits / torch.clip(temperature, min=1e-5)
-    probs = torch.nn.functional.softmax(logits, dim=-1)
-    # Each row draws exponential noise over its whole row from its own generator, as the global RNG does at batch 1,
-    # in place into its row of one buffer (no per-row allocation, no stack copy: two host ops per row, not three).
-    q = torch.empty_like(probs)
-    for r, g in enumerate(generators):
-        q[r].exponential_(1, generator=g)
-    return torch.argmax(probs / q, dim=-1)
-
-
 def rotary_rows(x: Any, freqs: Any) -> Any:
     """apply_rotary_emb with per-row positions: x (b, Q, H, D), freqs (b, Q, D/2, 2) (the bf16 table's rows)."""
     import torch
@@ -117,7 +91,7 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
                rows: Any = None) -> Any:
     """One slow-transformer layer for b rows against its cache (capacity, H_kv, max_seq_len, D). The K/V of x go
     to cache[write] (write = (row, head, slot) index tensors broadcasting to (b, H_kv, Q)), or with `write` a slot
-    slice (the shared prefix, b = 1) into every row of the `rows` slice. Attention reads the first k_len slots of
+    slice (a speaker prefix, b = 1) into every row of the `rows` slice. Attention reads the first k_len slots of
     the first b rows (rows None: a decode step, a view) or of the `rows` ids (text prefill, a copy).
     Under FISH_COMPILE this is the unit compiled (regional compilation): every layer has the same code and shapes,
     so one graph serves all of them and compiling costs one layer, not the whole unrolled model."""
@@ -128,7 +102,7 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
     b, s, q_size = x.shape[0], x.shape[1], att.n_head * att.head_dim
     q, k = rotary_rows(q, freqs), rotary_rows(k, freqs)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if isinstance(write, slice):  # the shared prefix: computed once (b = 1), written into every row
+    if isinstance(write, slice):  # a speaker prefix: computed once (b = 1), alone in its own cache
         kc, vc = kcache[rows], vcache[rows]
         kc[:, :, write] = k
         vc[:, :, write] = v
@@ -151,8 +125,8 @@ def layer_rows(layer: Any, kcache: Any, vcache: Any, x: Any, freqs: Any, write: 
 def forward_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, rows: Any, positions: Any, write: Any,
                  mask: Any, k_len: int, layer_step: Any = layer_rows) -> tuple[Any, Any]:
     """forward_generate for rows of the caches ks / vs (one (capacity, H_kv, max_seq_len, D) tensor per layer):
-    inp (b, 11, Q), rows a slice (the first b rows, or every row for the prefix) or (b,) row ids, positions (b, Q),
-    write = a slot slice (the shared prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q) slots,
+    inp (b, 11, Q), rows a slice (the first b rows, or the one row of a prefix) or (b,) row ids, positions (b, Q),
+    write = a slot slice (a speaker prefix: b = 1 broadcast into every row of the `rows` slice) or (b, Q) slots,
     mask (b|1, 1, Q, K). Returns last-column logits (b, 1, V) and fast-projected hidden (b, 1, fast).
     `layer_step` runs each layer (layer_rows, or its compiled version in a decode step)."""
     import torch
@@ -220,16 +194,38 @@ def decode_rows(model: Any, ks: list[Any], vs: list[Any], inp: Any, slots: Any, 
     return forward_rows(model, ks, vs, inp, slice(0, inp.shape[0]), slots, write, mask, k_len, layer_step)
 
 
+def main_draw(model: Any, logits: Any, params: Any, previous: Any, keys: Any, frames: Any,
+              codebooks: Any) -> tuple[Any, Any, Any, Any]:
+    """The main token of b rows (logits (b, V), previous (b, 11) or None) and what the fast codebooks start from:
+    (main, codebook 0 = main - semantic_begin_id clamped at 0, its fast embedding, the fast codebooks' noise
+    (C - 1, b, 1024)). FISH_COMPILE compiles it (sampling in the graph: no graph break, no host sync)."""
+    import torch
+
+    main_noise, fast_noise = frame_noise(keys, frames, codebooks, logits.shape[-1], FAST_CODEBOOK_VOCAB)
+    main = sample_params(logits, params, previous, main_noise)
+    a = torch.clamp(main - model.tokenizer.semantic_begin_id, min=0)  # upstream: a[a < 0] = 0
+    return main, a, model.fast_embeddings(a), fast_noise
+
+
+def fast_draw(model: Any, fk: list[Any], fv: list[Any], h: Any, pos: Any, params: Any, previous: Any,
+              noise: Any) -> tuple[Any, Any]:
+    """One fast codebook for b rows: the fast transformer at position `pos` on h (b, fast_dim), its draw from the
+    first 1024 logits (previous (b, W) or None, noise (b, 1024)), and the next input (the draw's embedding)."""
+    logits = fast_rows(model, fk, fv, h, pos)
+    a = sample_params(logits[:, -1, :FAST_CODEBOOK_VOCAB], params, previous, noise)
+    return a, model.fast_embeddings(a)
+
+
 class BatchedModel:
     """A KV cache of `capacity` rows over a loaded fish-speech DualARTransformer, and the forwards that use it.
 
-    `compiled` = (decode step, fast step): decode_rows over a compiled layer_rows and a compiled fast_rows (few
-    shapes: batch and length buckets), else eager; `bucketed` pads eager steps the same way (to test that padding
-    never changes a real row). `caches` = (K, V, fast caches by batch size) kept by the engine for compiled
-    sessions."""
+    `compiled` = (decode step, fast step, main draw, fast draw): decode_rows over a compiled layer_rows, and
+    compiled fast_rows, main_draw and fast_draw (few shapes: batch and length buckets), else eager; `bucketed` pads
+    eager steps the same way (to test that padding never changes a real row). `caches` = (K, V, fast caches by
+    batch size) kept by the engine for compiled sessions."""
 
     def __init__(self, model: Any, device: Any, dtype: Any, capacity: int, max_seq_len: int,
-                 compiled: tuple[Any, Any] | None = None, bucketed: bool = False,
+                 compiled: tuple[Any, Any, Any, Any] | None = None, bucketed: bool = False,
                  caches: tuple[list[Any], list[Any], dict[int, Any]] | None = None) -> None:
         import torch
 
@@ -237,7 +233,8 @@ class BatchedModel:
         self.capacity, self.max_seq_len = capacity, max_seq_len
         self.bucketed = bucketed or compiled is not None
         self.rows = bucket_rows(capacity) if self.bucketed else capacity
-        self._decode, self._fast = compiled or (decode_rows, fast_rows)
+        self._decode, self._fast, self._main_draw, self._fast_draw = compiled or (decode_rows, fast_rows, main_draw,
+                                                                                  fast_draw)
         self.compiled = compiled is not None
         cfg = model.config
         if caches is None:
@@ -253,25 +250,24 @@ class BatchedModel:
         # host-to-device copy, which on CUDA waits for every queued kernel (10 per decode step)
         with torch.device(device):
             self._codebook_pos = [torch.tensor([i], dtype=torch.long) for i in range(cfg.num_codebooks)]
+            self._codebooks = torch.arange(cfg.num_codebooks)  # the draws of a frame (main token, codebooks 1-9)
 
     def close(self) -> None:
         self.k = self.v = []
         self._fast_caches = {}
 
-    def prefill_prefix(self, prefix: Any) -> None:
-        """Run the shared prefix (11, P) at slots [0, P) once and write it into every row."""
-        import torch
+    def copy_prefix(self, row_ids: list[int], k: tuple[Any, ...], v: tuple[Any, ...]) -> None:
+        """Write a speaker prefix's KV (per layer (H_kv, P, D), prefill_prefix's) into slots [0, P) of these rows."""
+        ids = to_device(row_ids, self.device)
+        p = k[0].shape[1]
+        for kc, vc, pk, pv in zip(self.k, self.v, k, v, strict=True):
+            kc[ids, :, :p] = pk
+            vc[ids, :, :p] = pv
 
-        q = prefix.shape[1]
-        positions = torch.arange(q, device=self.device)[None, :]
-        mask = (positions[0][None, :] <= positions[0][:, None])[None, None]
-        forward_rows(self.model, self.k, self.v, prefix[None].to(self.device), slice(0, self.capacity), positions,
-                     slice(0, q), mask, q)
-
-    def prefill_texts(self, texts: list[Any], row_ids: list[int], start: int) -> tuple[Any, Any]:
-        """Prefill each row's text (11, n) after the shared prefix (slots start.. ) in one forward. Texts are
-        right-aligned so every row's last token is the last column; pad columns write the scratch slot and attend
-        slot 0 only (finite, never read by a real row)."""
+    def prefill_texts(self, texts: list[Any], row_ids: list[int], starts: list[int]) -> tuple[Any, Any]:
+        """Prefill each row's text (11, n) after its own speaker prefix (slots starts[j].. ) in one forward. Texts
+        are right-aligned so every row's last token is the last column; pad columns write the scratch slot and
+        attend slot 0 only (finite, never read by a real row)."""
         import torch
 
         dev = self.device
@@ -280,41 +276,39 @@ class BatchedModel:
         for j, t in enumerate(texts):
             inp[j, :, width - t.shape[1]:] = t
         pad = to_device([width - t.shape[1] for t in texts], dev)
+        start = to_device(starts, dev)
         col = torch.arange(width, device=dev)
         real = col[None, :] >= pad[:, None]
-        positions = torch.where(real, start + col[None, :] - pad[:, None], 0)
+        positions = torch.where(real, start[:, None] + col[None, :] - pad[:, None], 0)
         write = torch.where(real, positions, self.scratch)
-        k_len = start + max(t.shape[1] for t in texts)
+        k_len = max(s + t.shape[1] for s, t in zip(starts, texts, strict=True))
         slots = torch.arange(k_len, device=dev)
         mask = torch.where(real[:, :, None], slots[None, None, :] <= positions[:, :, None], slots[None, None, :] == 0)
         return forward_rows(self.model, self.k, self.v, inp.to(dev), to_device(row_ids, dev), positions,
                             write, mask[:, None], k_len)
 
-    def decode(self, tokens: Any, slots: list[int], active: list[bool]) -> tuple[Any, Any]:
-        """One decode step of rows [0, len(slots)): tokens (hi, 11) are fed at each active row's slot; inactive rows
-        are masked (their outputs are meaningless). Returns logits (b, 1, V) and hidden (b, 1, fast), b = hi or
-        hi's batch bucket: rows past hi are dummies (pass them to sample_frame as rows without a generator)."""
+    def step_rows(self, hi: int) -> int:
+        """Rows a decode step of rows [0, hi) runs: hi, or its batch bucket (the extra rows are dummies)."""
+        return batch_bucket(hi, self.rows) if self.bucketed else hi
+
+    def decode(self, tokens: Any, slots: Any, live: Any, k_len: int) -> tuple[Any, Any]:
+        """One decode step of rows [0, b): tokens (b, 11) are fed at each live row's slot (b,); rows not live are
+        masked (token 0, writing the scratch slot; their outputs are meaningless). k_len: the furthest slot a live
+        row reads + 1 (a host int: it sets the shapes). Returns logits (b, 1, V) and hidden (b, 1, fast)."""
         import torch
 
-        hi, dev = len(slots), self.device
-        k_len = max(s for s, a in zip(slots, active, strict=True) if a) + 1
-        b = hi
+        dev = self.device
         if self.bucketed:
-            b, k_len = batch_bucket(hi, self.rows), length_bucket(k_len, self.max_seq_len)
-            slots, active = slots + [0] * (b - hi), active + [False] * (b - hi)
-        live = to_device(active, dev)
-        slot_t = to_device(slots, dev)
-        inp = torch.zeros((b, tokens.shape[1]), dtype=torch.long, device=dev)
-        inp[:hi] = tokens
-        inp = torch.where(live[:, None], inp, 0)[:, :, None]
-        write = torch.where(live, slot_t, self.scratch)
-        mask = (torch.arange(k_len, device=dev)[None, :] <= slot_t[:, None])[:, None, None, :]
+            k_len = length_bucket(k_len, self.max_seq_len)
+        inp = torch.where(live[:, None], tokens, 0)[:, :, None]
+        write = torch.where(live, slots, self.scratch)
+        mask = (torch.arange(k_len, device=dev)[None, :] <= slots[:, None])[:, None, None, :]
         if self.compiled and dev.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: replay may reuse them
             # CUDA graph outputs live in the graphs' pool until the next step: copied out, as the fast steps follow
-            return tuple(t.clone() for t in self._decode(self.model, self.k, self.v, inp, slot_t[:, None],
+            return tuple(t.clone() for t in self._decode(self.model, self.k, self.v, inp, slots[:, None],
                                                           write[:, None], mask, k_len))
-        return self._decode(self.model, self.k, self.v, inp, slot_t[:, None], write[:, None], mask, k_len)
+        return self._decode(self.model, self.k, self.v, inp, slots[:, None], write[:, None], mask, k_len)
 
     def warm_up(self) -> None:
         """Compile ahead (FISH_COMPILE traces on first use, which no segment's deadline should absorb): dummy steps
@@ -332,52 +326,57 @@ class BatchedModel:
                 mask = (torch.arange(k_len, device=dev) == 0)[None, None, None, :].expand(b, 1, 1, k_len)
                 if self.compiled and dev.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                self._decode(self.model, self.k, self.v, inp, slots, slots + self.scratch, mask.contiguous(), k_len)
-                fk, fv = self._fast_cache(b)
-                self._fast_step(torch.zeros((b, 1, cfg.fast_dim), dtype=self.dtype, device=dev), fk, fv, 1)
+                logits, hidden = self._decode(self.model, self.k, self.v, inp, slots, slots + self.scratch,
+                                              mask.contiguous(), k_len)
+                window = torch.zeros((b, cfg.num_codebooks + 1, 16), dtype=torch.long, device=dev)
+                self.sample_frame(logits.clone(), hidden.clone(), torch.ones((b, 3), dtype=torch.bfloat16, device=dev),
+                                  slots[:, 0], slots[:, 0], window)
 
-    def sample_frame(self, logits: Any, hidden: Any, params: tuple[Any, Any, Any], generators: list[Any | None],
+    def sample_frame(self, logits: Any, hidden: Any, params: Any, keys: Any, frames: Any,
                      window: Any | None) -> Any:
-        """decode_one_token_ar after forward_generate, for b rows: (b, 11) long. Rows whose generator is None (free
-        or dummy rows) draw nothing; their tokens are 0 or meaningless. generators / params / window may cover
-        fewer rows than logits (a bucket's dummy rows at the end)."""
+        """decode_one_token_ar after forward_generate, for b rows at once: (b, 11) long. params (b, 3) bf16
+        (temperature, top_p, repetition penalty), keys (b,) the rows' chunk keys, frames (b,) the frame index of
+        this draw (fishmp.engines.sampling), window (b, 11, W) the penalty window or None (the prefill's frame).
+        Every row is sampled (free and dummy rows too: their tokens are meaningless), so nothing here depends on
+        which rows are live. A prefill's rows are padded to their batch bucket when bucketed, so the fast step
+        sees bucketed shapes only; the result keeps the padded rows."""
         import torch
 
-        model, dev = self.model, self.device
+        model = self.model
         if self.bucketed and batch_bucket(logits.shape[0], self.rows) > logits.shape[0]:
-            # a text prefill's rows: padded to their batch bucket too, so the fast step sees bucketed shapes only
             extra = batch_bucket(logits.shape[0], self.rows) - logits.shape[0]
-            logits = torch.cat([logits, logits.new_zeros((extra, *logits.shape[1:]))])
-            hidden = torch.cat([hidden, hidden.new_zeros((extra, *hidden.shape[1:]))])
-        b = logits.shape[0]
-        generators = generators + [None] * (b - len(generators))
-        live = [i for i, g in enumerate(generators) if g is not None]
-        sel = to_device(live, dev)
-        live_params = tuple(x[sel] for x in params)
-        gens = [generators[i] for i in live]
-        out = torch.zeros((b, model.config.num_codebooks + 1), dtype=torch.long, device=dev)
 
-        def draw(lg: Any, prev: Any | None) -> Any:
-            res = torch.zeros(b, dtype=torch.long, device=dev)
-            res[sel] = sample_rows(lg[sel], *live_params, prev[sel] if prev is not None else None, gens)
-            return res
+            def pad(t: Any) -> Any:
+                return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
 
-        main = draw(logits[:, -1], window[:, :, 0] if window is not None else None)
-        out[:, 0] = main
-        fk, fv = self._fast_cache(b)
+            logits, hidden, params, keys, frames = (pad(t) for t in (logits, hidden, params, keys, frames))
+        # the decode steps' draws run compiled under FISH_COMPILE; a prefill's (no window) eager: one graph each
+        compiled = self.compiled and window is not None
+        main_step, fast_step = (self._main_draw, self._fast_draw) if compiled else (main_draw, fast_draw)
+        fk, fv = self._fast_cache(logits.shape[0])
         for t in fk + fv:  # decode_one_token_ar zeroes the fast cache every step
             t.zero_()
-        self._fast_step(hidden, fk, fv, 0)
-        a = main - model.tokenizer.semantic_begin_id
-        a[a < 0] = 0
-        out[:, 1] = a
-        h = model.fast_embeddings(a)
-        for cb in range(1, model.config.num_codebooks):
-            fast_logits = self._fast_step(h, fk, fv, cb)
-            a = draw(fast_logits[:, -1, :FAST_CODEBOOK_VOCAB], window[:, cb + 1] if window is not None else None)
-            out[:, cb + 1] = a
-            h = model.fast_embeddings(a)
-        return out
+        previous = window[:, :, 0].contiguous() if window is not None else None
+        main, a, h, fast_noise = self._call(compiled, main_step, model, logits[:, -1].contiguous(), params, previous,
+                                            keys, frames, self._codebooks)
+        codes = [main, a]
+        self._fast_step(hidden, fk, fv, 0)  # position 0: the slow transformer's hidden state (logits unused)
+        for c in range(1, model.config.num_codebooks):
+            previous = window[:, c + 1].contiguous() if window is not None else None
+            a, h = self._call(compiled, fast_step, model, fk, fv, h, self._codebook_pos[c], params, previous,
+                              fast_noise[c - 1])
+            codes.append(a)
+        return torch.stack(codes, dim=1)
+
+    def _call(self, compiled: bool, fn: Any, *args: Any) -> Any:
+        """fn(*args); a compiled fn on CUDA replays CUDA graphs, whose outputs live in the graphs' pool until the
+        next replay: they are copied out."""
+        if not (compiled and self.device.type == "cuda"):
+            return fn(*args)
+        import torch
+
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in fn(*args))
 
     def _fast_step(self, x: Any, fk: list[Any], fv: list[Any], codebook: int) -> Any:
         import torch

@@ -1,9 +1,11 @@
 """The Fish Speech engine (OpenAudio S1 / S1-mini) on fish-speech 0.1.0's low-level API.
 
-- LLM: `DualARTransformer.from_pretrained(dir, load_weights=True, max_length=...)`, then the same steps as
-  `fish_speech.models.text2semantic.inference.init_model` (to device/dtype, `setup_caches`, optional torch.compile).
-  init_model itself has no max_length argument: it would build the causal mask and allocate the KV cache for the
-  checkpoint's full max_seq_len (8192 on S1-mini) before we could lower it, so its ten lines are mirrored here.
+- LLM: `DualARTransformer.from_pretrained(dir, load_weights=True, max_length=...)`, then to device/dtype as
+  `fish_speech.models.text2semantic.inference.init_model` does. init_model itself has no max_length argument: it
+  would build the causal mask and allocate the KV cache for the checkpoint's full max_seq_len (8192 on S1-mini)
+  before we could lower it. fish-speech's own KV cache is not allocated at load: every segment decodes in a batch
+  session (fishmp.engines.batched, its own cache), and `synthesize_upstream` (fish-speech's generate_long, the
+  oracle of tests and the benchmarks' baseline) lets generate() allocate it on first use.
   `settings.max_seq_len` only ever lowers the checkpoint's value (RoPE was trained up to it); it must leave room for
   fish-speech's own rule that the prompt be shorter than max_seq_len - 2048.
 - Precision: on CUDA `settings.precision` is used for the LLM, and the codec runs float32 weights under autocast to
@@ -17,9 +19,11 @@
 - Side effects of importing fish_speech are contained in `import_fish_speech()`: environment variables it sets are
   restored, the per-token tqdm bar is replaced by a plain iterator, loguru's "fish_speech" logger is disabled.
   Nothing is written to the cwd and no `.env` is read.
-- Sampling in fish-speech draws from the GLOBAL torch RNG (`torch.empty_like(p).exponential_()`), so a seed cannot go
-  through a local generator: with `params.seed` set, each text chunk seeds torch with seed + chunk index inside
-  `torch.random.fork_rng`, which restores the global RNG state afterwards (numpy/random are not used by sampling).
+- `synthesize` is a batch session of one row: the same session and sampler as every batch size
+  (fishmp.engines.sampling: counter-based noise, a pure function of seed, chunk, frame and codebook), so the batch
+  size never changes a segment's audio. `synthesize_upstream` is fish-speech's own path: its sampling draws from
+  the GLOBAL torch RNG (`torch.empty_like(p).exponential_()`), so with `params.seed` set each text chunk seeds torch
+  with seed + chunk index inside `torch.random.fork_rng`, which restores the global RNG state afterwards.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class FishSpeechEngine:
         self._prompt: tuple[Any, str] | None = None  # (tokens tensor (10, T) long on CPU, transcript) for _prompt_key
         self._fingerprint: str | None = None
         self._compiled_batch: Any = None  # FISH_COMPILE with batching: see compiled_batch()
+        self.prefixes: Any = None  # speaker prefixes' KV (prefix_cache.PrefixCache), made in load()
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -106,13 +111,7 @@ class FishSpeechEngine:
             # As init_model, but with max_length so the causal mask and KV cache are built at the lowered length.
             model = fish["DualARTransformer"].from_pretrained(ckpt, load_weights=True, max_length=max_len)
             model = model.to(device=self.device, dtype=self._dtype).eval()
-            with torch.device(self.device):
-                model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=self._dtype)
-            decode_one = fish["inference"].decode_one_token_ar
-            if self.settings.compile:
-                decode_one = torch.compile(
-                    decode_one, backend="inductor" if on_cuda else "aot_eager",
-                    mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+            decode_one = fish["inference"].decode_one_token_ar  # synthesize_upstream's (benchmarks may compile it)
             overrides_path = os.path.join(ckpt, CODEC_OVERRIDES_FILE)
             overrides = json.loads(Path(overrides_path).read_text()) if os.path.isfile(overrides_path) else None
             codec = build_codec(overrides)
@@ -140,14 +139,16 @@ class FishSpeechEngine:
         samples = [b * hop for b in blocks["encoder"]] + [b * frame for b in blocks["quantizer"]]
         self.max_reference_s = min(samples, default=10**9) / self.sample_rate
         self.max_frames = min(blocks["quantizer"], default=10**9)
+        from .prefix_cache import PrefixCache, prefix_budget
+
+        self.prefixes = PrefixCache(prefix_budget(self.max_seq_len))
         if self.settings.compile:
-            # torch.compile traces on the first call (25-250 s for S1-mini on a GPU): pay it here, once per worker,
-            # before the worker says ready, so no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it.
-            self.synthesize("Warm-up.", None, SynthesisParams(max_new_tokens=8, seed=0))
-            if self.settings.batch_size > 1:  # and the batched steps (FISH_BATCH_SIZE rows), on the kept caches
-                session = self.open_batch(None, self.settings.batch_size, compiled=True)
-                session.warm_up()
-                session.close()
+            # torch.compile traces on the first call: pay it here, once per worker, before the worker says ready, so
+            # no segment's deadline (FISH_SEGMENT_TIMEOUT_S) absorbs it. The batched steps at FISH_BATCH_SIZE rows,
+            # on the kept caches (batch 1 too: it is a session of one row).
+            session = self.open_batch(max(1, self.settings.batch_size), compiled=True)
+            session.warm_up()
+            session.close()
 
     def _require(self) -> None:
         if self._model is None:
@@ -213,6 +214,21 @@ class FishSpeechEngine:
         return int(encoded.shape[1])
 
     def synthesize(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        """One segment in a batch session of one row: the tokens any batch size gives it (fishmp.engines.batched)."""
+        self._require()
+        check_params(params)
+        session = self.open_batch(1)
+        try:
+            session.add("", text, params, speaker)
+            while True:
+                for _, audio in session.step():
+                    return audio
+        finally:
+            session.close()
+
+    def synthesize_upstream(self, text: str, speaker: SpeakerPrompt | None, params: SynthesisParams) -> Audio:
+        """fish-speech's own generate_long, chunk by chunk (its global RNG seeded seed + chunk index): the oracle of
+        the model math in tests, and the benchmarks' baseline (fishmp before batching)."""
         self._require()
         import torch
 
@@ -243,21 +259,33 @@ class FishSpeechEngine:
         samples, frames = guard_oom(f"synthesizing {len(text)} characters on {self.device}", run)
         return Audio(samples=samples, sample_rate=self.sample_rate, tokens=frames)
 
-    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int, compiled: bool | None = None,
-                   bucketed: bool = False) -> Any:
-        """A BatchSession decoding up to `capacity` segments of this speaker together (fishmp.engines.batched):
-        same tokens as `synthesize` for each row on CPU float32, the speaker prefix prefilled once.
+    def open_batch(self, capacity: int, compiled: bool | None = None, bucketed: bool = False,
+                   codec_thread: bool = True) -> Any:
+        """A BatchSession decoding up to `capacity` segments together, each row in its own speaker's voice
+        (fishmp.engines.batched): same tokens for a row whatever its batchmates on CPU float32.
         compiled (default FISH_COMPILE): decode steps run one torch.compile'd step over static batch / length
-        buckets; bucketed: eager steps padded the same way (tests)."""
+        buckets; bucketed: eager steps padded the same way (tests); codec_thread: finished rows become audio on a
+        thread of their own, off the decode loop (False: inline, the benchmarks' "before")."""
         self._require()
         from .batched import FishBatchSession
 
-        prompt = self._speaker_prompt(speaker)
-        if self.prompt_length("", prompt) >= self.max_seq_len - GENERATION_RESERVE:
-            raise BadReferenceError(f"speaker {speaker.key if speaker else None}: the reference prompt alone does not "
-                                    f"fit max_seq_len {self.max_seq_len}; use a shorter reference")
         compiled = self.settings.compile if compiled is None else compiled
-        return FishBatchSession(self, prompt, capacity, compiled=compiled, bucketed=bucketed)
+        return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed, codec_thread=codec_thread)
+
+    def prefix(self, speaker: SpeakerPrompt | None) -> Any:
+        """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
+        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used."""
+        self._require()
+        from .prefix_cache import prefill_prefix, speaker_prefix
+
+        def prefill(tokens: Any) -> tuple[list, list]:
+            import torch
+
+            with torch.inference_mode():
+                return prefill_prefix(self._model, tokens, torch.device(self.device), self._dtype)
+
+        key = speaker.key if speaker is not None else None
+        return guard_oom(f"prefilling the prompt of speaker {key}", lambda: speaker_prefix(self, speaker, prefill))
 
     def compiled_batch(self) -> Any:
         """What this engine's compiled batch sessions share (batched_compile.CompiledBatch): the compiled steps and the
@@ -299,6 +327,8 @@ class FishSpeechEngine:
     # -- housekeeping --------------------------------------------------------------------------------------------
 
     def release_memory(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.clear()  # speaker prefixes are prefilled again when needed
         if self._compiled_batch is not None:
             self._compiled_batch.drop_caches()  # a compiled session's KV rows, kept between sessions
         gc.collect()

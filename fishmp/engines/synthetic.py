@@ -4,8 +4,9 @@ must never be presented as such; it exists to exercise the orchestrator (schedul
 Timing (read from the environment when the engine is constructed; spawned workers inherit it):
   FISH_SYNTHETIC_LOAD_S            seconds load() sleeps (default 0.5)
   FISH_SYNTHETIC_SECONDS_PER_CHAR  seconds synthesize() sleeps per character of text (default 0.002)
-Batched decoding (open_batch, FISH_BATCH_SIZE > 1): a session holds rows of one speaker; a row of a text of L
-characters needs L decode steps, and one step of R rows costs STEP_S + STEP_ROW_S x R seconds:
+Batched decoding (open_batch; the worker uses it at every FISH_BATCH_SIZE): a session holds rows of any speakers
+(mixed voices, each row's audio in its own speaker's tone); a row of a text of L characters needs L decode steps,
+and one step of R rows costs STEP_S + STEP_ROW_S x R seconds:
   FISH_SYNTHETIC_STEP_S            fixed cost of one step (default 0.85 x SECONDS_PER_CHAR)
   FISH_SYNTHETIC_STEP_ROW_S        cost of each row in a step (default 0.15 x SECONDS_PER_CHAR)
   FISH_SYNTHETIC_MAX_ROWS          a step with more rows raises EngineOutOfMemoryError (default: no limit)
@@ -181,11 +182,11 @@ class SyntheticEngine:
         if self.grow_bytes:
             self._grown.append(b"\x01" * self.grow_bytes)  # written, so resident (bytes(n) might not be)
 
-    def open_batch(self, speaker: SpeakerPrompt | None, capacity: int) -> SyntheticBatch:
+    def open_batch(self, capacity: int) -> SyntheticBatch:
         if self.max_capacity is not None and capacity > self.max_capacity:
             raise EngineOutOfMemoryError(f"synthetic out of memory: a session of {capacity} rows "
                                          f"(FISH_SYNTHETIC_MAX_CAPACITY={self.max_capacity})")
-        return SyntheticBatch(self, speaker, capacity)
+        return SyntheticBatch(self, capacity)
 
     @staticmethod
     def _audio(text: str, speaker: SpeakerPrompt | None, params: SynthesisParams | None = None) -> Audio:
@@ -229,11 +230,11 @@ def _bad_take(text: str, seed: int | None) -> str | None:
 class SyntheticBatch:
     """A BatchSession of the synthetic engine (see the module docstring for its cost model and faults)."""
 
-    def __init__(self, engine: SyntheticEngine, speaker: SpeakerPrompt | None, capacity: int) -> None:
+    def __init__(self, engine: SyntheticEngine, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
-        self.engine, self.speaker, self.capacity = engine, speaker, capacity
-        self._rows: dict[str, list] = {}  # key -> [text, steps left, stepped yet, params]
+        self.engine, self.capacity = engine, capacity
+        self._rows: dict[str, list] = {}  # key -> [text, steps left, stepped yet, params, speaker]
         self._broken = False
 
     def free_rows(self) -> int:
@@ -242,11 +243,11 @@ class SyntheticBatch:
     def active(self) -> int:
         return len(self._rows)
 
-    def add(self, key: str, text: str, params: SynthesisParams) -> None:
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
         if self.free_rows() < 1 or key in self._rows:
             raise RuntimeError(f"cannot add row {key!r}: {len(self._rows)}/{self.capacity} rows, keys must be unique")
         self.engine._faults(text, only=("toolong",))  # an input error: this row alone, the others go on
-        self._rows[key] = [text, len(text), False, params]
+        self._rows[key] = [text, len(text), False, params, speaker]
 
     def step(self) -> list[tuple[str, Audio]]:
         if self._broken:
@@ -272,7 +273,7 @@ class SyntheticBatch:
             if row[1] <= 0:
                 del self._rows[key]
                 self.engine._grow()
-                done.append((key, self.engine._audio(row[0], self.speaker, row[3])))
+                done.append((key, self.engine._audio(row[0], row[4], row[3])))
         return done
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ What one worker holds (fishmp.engines.fish loads it so):
   LLM buffers        causal mask (L x L bool) + RoPE table (L x head_dim) at the precision, L = max_seq_len
   KV cache           layers x 2 (K and V) x kv heads x head dim x L (rounded up to 8) x bytes x rows,
                      plus the fast transformer's (num_codebooks positions)
+  prefix cache       speakers' prompt prefixes kept prefilled (fishmp.engines.prefix_cache): at most
+                     PREFIX_CACHE_ROWS x L tokens of slow-layer KV, whatever the batch size
   codec weights      every codec.pth tensor in float32 (the engine keeps the codec float32 under autocast)
   codec buffers      per codec transformer: block x block bool mask + block x head_dim float32 RoPE table
   activations        codec encode of the longest reference + the larger of LLM prefill and codec decode of the
@@ -54,6 +56,10 @@ ENCODE_LIVE_TENSORS = 10.3
 CUDA_CONTEXT_BYTES = 700 * 1024**2
 ALLOCATOR_SLACK = 0.10
 SAFETY_MARGIN = 0.10
+# The speaker-prefix KV a worker keeps (fishmp.engines.prefix_cache), in KV rows of max_seq_len tokens: one row
+# holds several speakers' prompts (a 30 s reference is ~750 tokens), so rows of many voices start without a prefill
+# each, for the memory of one more batch row.
+PREFIX_CACHE_ROWS = 1
 
 
 class CheckpointReadError(ValueError):
@@ -311,6 +317,9 @@ def estimate(checkpoint_dir: str, precision: str = "bfloat16", max_seq_len: int 
         Line("KV cache", (kv_row + fast_row) * rows,
              f"{n_layer} layers x 2 x {kv_heads} kv heads x {head_dim} head dim x {cache_len} tokens x {pb} bytes"
              f" x {rows} row(s) (+ fast layers {n_fast} x 2 x {codebooks} x {fast_kv} x {fast_hd} x {pb})"),
+        Line("prefix cache", PREFIX_CACHE_ROWS * n_layer * 2 * kv_heads * seq * head_dim * pb,
+             f"speaker prefixes kept prefilled: at most {PREFIX_CACHE_ROWS} x {seq} tokens x {n_layer} layers x 2 x "
+             f"{kv_heads} kv heads x {head_dim} head dim x {pb} bytes"),
         Line("codec weights", codec_float * 4 + codec_other,
              f"{_fmt(codec_float)} parameters in codec.pth x 4 bytes (float32, as the engine loads it)"),
         Line("codec buffers", codec_buffers,

@@ -1,8 +1,11 @@
 """Which segment each worker runs next. Pure policy: no processes, no I/O, so it is tested in isolation.
 
 Rules (each exists for a measured reason, see README "Scheduling"):
-- Workers pull; a worker keeps its current speaker while that speaker has pending work, so the speaker's prompt
-  stays prepared in that worker.
+- Workers pull, one task per free lane (batch row); a worker keeps its current speaker while that speaker has
+  pending work, so the speaker's prompt and prefix KV stay prepared in that worker. Affinity is a preference, never
+  a reason to leave a lane empty: a worker's batch holds rows of several speakers (mixed voices), so when its
+  speaker has nothing left it takes the next speaker's task at once, and `next_for` returns a task whenever any is
+  pending (a queued-ahead task's `max_cost` aside).
 - A worker that needs a speaker takes the one with the most pending work that no worker holds.
 - When every speaker with pending work is held, it joins the one with the most pending work per holder, so no
   worker idles while work remains (1 speaker x 4 workers: all four work).

@@ -1,11 +1,14 @@
 """The worker's generation loop: B lanes (rows of one BatchSession) fed from the worker's inbox.
 
-Tasks arrive in order on the inbox and wait in a backlog. A session holds rows of ONE speaker: the loop adds a row
-per task of that speaker while the session has free rows, steps the session, hands finished rows to the writer and,
-with refill on, fills the rows that freed up before the next step (continuous refill); with refill off it adds rows
-only when the session is empty (the benchmark's baseline, FISH_BATCH_REFILL=0). Refill takes tasks from the head of
-the backlog only, so a task of another speaker (or a solo task, an encode task, the stop sentinel) ends the refill and
-waits until the session drains: nothing waits behind an endless stream of one voice.
+Tasks arrive in order on the inbox and wait in a backlog. A session's rows may be of any speakers (mixed voices): the
+loop adds a row for the task at the head of the backlog while the session has free rows, whatever its speaker, steps
+the session, hands finished rows to the writer and, with refill on, fills the rows that freed up before the next
+step (continuous refill); with refill off it adds rows only when the session is empty (the benchmark's baseline,
+FISH_BATCH_REFILL=0). Refill takes tasks from the head of the backlog only, so a solo task (a session of its own),
+an encode task or the stop sentinel ends the refill and waits until the session drains: tasks start in the order
+they came. FISH_BATCH_MIXED=0 (a benchmarking knob) restores single-voice sessions: a task of another speaker than
+the rows' waits until the session drains. Batch 1 runs the same kind of session (engine.open_batch(1)), so the batch
+size never changes a segment's audio; only an engine without open_batch gets a SequentialSession.
 
 Faults are per segment (see fishmp/worker/process.py's docstring for the table and the reasons).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import queue
 import time
 import traceback
@@ -48,22 +52,29 @@ def is_fatal(exc: BaseException) -> bool:
     return any(marker in str(exc) for marker in FATAL_MARKERS)
 
 
+def mixed_voices_enabled() -> bool:
+    """FISH_BATCH_MIXED=0 (a benchmarking knob, not a setting): a session holds rows of one speaker at a time."""
+    return os.environ.get("FISH_BATCH_MIXED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class Leave(Exception):
     """The worker must exit so that the main process starts a clean replacement (after the Failed messages)."""
 
 
 class LaneRunner:
     def __init__(self, worker_id: str, engine: Any, inbox: queue.Queue, send: Any, writes: queue.Queue,
-                 prompt: Any, cache_dir: str, batch_size: int = 1, refill: bool = True) -> None:
+                 prompt: Any, cache_dir: str, batch_size: int = 1, refill: bool = True,
+                 mixed: bool | None = None) -> None:
         self.worker_id, self.engine, self.inbox, self.send, self.writes = worker_id, engine, inbox, send, writes
         self.cache_dir = cache_dir  # encoded references (encode tasks)
         self.prompt = prompt  # SpeakerRef -> SpeakerPrompt (cached by the caller)
         batched = batch_size > 1 and callable(getattr(engine, "open_batch", None))
         self.capacity = batch_size if batched else 1  # halves on out-of-memory, never grows back
         self.refill = refill
+        self.mixed = mixed_voices_enabled() if mixed is None else mixed  # rows of several speakers in a session
         self.backlog: deque[Any] = deque()  # received, not yet in a row; None = stop
         self.session: Any = None
-        self.session_speaker: Any = None
+        self.session_speaker: Any = None  # the rows' speaker, when sessions hold one (FISH_BATCH_MIXED=0)
         self.rows: dict[str, SegmentTask] = {}  # task id -> task, in the order the rows were added
         self.t0: dict[str, float] = {}  # when each task started (its first row), for synthesis_seconds
         self.solo: set[str] = set()  # tasks to run alone: their batch failed, or the main process asked
@@ -144,37 +155,38 @@ class LaneRunner:
         return 1 if getattr(task, "solo", False) or task.id in self.solo else self.capacity
 
     def _fits(self, item: Any) -> bool:
-        return (isinstance(item, SegmentTask) and item.speaker == self.session_speaker
-                and self._wanted_capacity(item) == self.session.capacity)
+        return (isinstance(item, SegmentTask) and self._wanted_capacity(item) == self.session.capacity
+                and (self.mixed or not self.rows or item.speaker == self.session_speaker))
 
     # -- sessions ---------------------------------------------------------------------------------------------------
     def _open_for(self, task: SegmentTask) -> bool:
         """Make the session fit `task` (reusing the open one when it does); False when the task was dealt with."""
-        if self.session is not None and self._fits(task):
+        capacity = self._wanted_capacity(task)
+        if self.session is not None and self.session.capacity == capacity:
             return True
         self._close_session()
-        capacity = self._wanted_capacity(task)
         try:
-            prompt = self.prompt(task.speaker)
-            if capacity > 1:
-                session = self.engine.open_batch(prompt, capacity)
+            if callable(getattr(self.engine, "open_batch", None)):  # batch 1 too: the same session and sampler
+                session = self.engine.open_batch(capacity)
             else:
-                session = SequentialSession(self.engine.synthesize, prompt)
-        except BadReferenceError as exc:  # the voice is unusable: every task of it here fails the same way
-            for t in [t for t in self.backlog if isinstance(t, SegmentTask) and t.speaker == task.speaker]:
-                self.backlog.remove(t)
-                self._start(t)
-                self._fail(t, exc.kind, str(exc), input_error=True)
-            return False
+                session = SequentialSession(self.engine.synthesize)
         except Exception as exc:  # noqa: BLE001 - classified below, outside the except block
             err, tb = exc, traceback.format_exc()
         else:
-            self.session, self.session_speaker = session, task.speaker
+            self.session = session
             return True
         self.backlog.popleft()
         self._start(task)
         self._batch_failed([task], err, tb, capacity)
         return False
+
+    def _fail_voice(self, task: SegmentTask, exc: BadReferenceError) -> None:
+        """The task's voice is unusable: it and every task of that speaker waiting here fail the same way."""
+        self._fail(task, exc.kind, str(exc), input_error=True)
+        for t in [t for t in self.backlog if isinstance(t, SegmentTask) and t.speaker == task.speaker]:
+            self.backlog.remove(t)
+            self._start(t)
+            self._fail(t, exc.kind, str(exc), input_error=True)
 
     def _close_session(self) -> None:
         if self.session is not None:
@@ -199,8 +211,11 @@ class LaneRunner:
             task = self.backlog.popleft()
             self._start(task)
             try:
-                self.session.add(task.id, task.text, SynthesisParams(**task.params))
-            except (BadReferenceError, TextTooLongError) as exc:
+                self.session.add(task.id, task.text, SynthesisParams(**task.params), self.prompt(task.speaker))
+            except BadReferenceError as exc:
+                self._fail_voice(task, exc)
+                continue
+            except TextTooLongError as exc:
                 self._fail(task, exc.kind, str(exc), input_error=True)
                 continue
             except (ValueError, TypeError) as exc:  # sampling parameters the engine refuses
@@ -210,6 +225,7 @@ class LaneRunner:
                 err, tb = exc, traceback.format_exc()
             else:
                 self.rows[task.id] = task
+                self.session_speaker = task.speaker
                 continue
             # Out of memory or an engine error while adding: the session is suspect; redo its rows.
             self._batch_failed([*self.rows.values(), task], err, tb, self.session.capacity)

@@ -13,8 +13,8 @@ Data flow (per worker, two one-way pipes, so a killed worker can never corrupt a
 
 Protocol with the main process (batched decoding, FISH_BATCH_SIZE; fishmp/worker/lanes.py runs the loop):
 - `Ready.batch_size` = B, the lanes this worker offers (1 when the engine cannot batch). The main process may have up
-  to B running + 1 queued tasks outstanding on it. Tasks of one speaker share a session of up to B rows; a task of
-  another speaker waits until that session drains.
+  to B running + 1 queued tasks outstanding on it. Tasks of any speakers share a session of up to B rows (mixed
+  voices; FISH_BATCH_MIXED=0, a benchmarking knob: one speaker at a time).
 - `Started(task)` when the task's row is added (its deadline starts then), then exactly one `Done` or `Failed` per
   task. A retake (the take check failed, fishmp/worker/takes.py) sends `Started` again when its row is added: each take gets
   the segment's full deadline. Rows start and finish independently: several tasks are running at once, and a row
