@@ -4,7 +4,8 @@ A line is one job of one speaker, in a directory of its own under `<data dir>/li
 is sent. Its segments: the text whole, or, streaming, its chunks (cut at sentence ends, at most `chunk_length`
 characters each) as consecutive segments that the worker decodes as rows of one batch where it has lanes; the
 stream sends each chunk's PCM in text order as soon as it and those before it are done. The voice's speaker id comes
-from the reference content (refstore.Voice), so concurrent lines of one voice can share a batch session.
+from the reference content (refstore.Voice), so a voice sent with every line is encoded and prefilled once per
+worker (concurrent lines of any voices share a batch session: mixed voices).
 """
 
 from __future__ import annotations

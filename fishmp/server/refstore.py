@@ -42,7 +42,8 @@ class Voice:
 
     @property
     def speaker_id(self) -> str:
-        """The same audio and transcript give the same id, so equal voices of concurrent requests share a batch."""
+        """The same audio and transcript give the same id, so equal voices of concurrent requests share one encoded
+        reference and one prefilled prefix per worker."""
         digest = hashlib.sha256(os.path.basename(self.path).encode() + b"\0" + self.text.encode()).hexdigest()
         return f"v{digest[:20]}"
 
