@@ -409,7 +409,11 @@ def test_a_worker_frozen_while_idle_is_replaced_and_its_segment_done_elsewhere(n
         warm = pool.submit(_voice_job(make_wav, tmp_path, "w", ["Warm one.", "Warm two."]), output_dir=str(tmp_path / "w"),
                            on_event=events.append)
         assert warm.result(timeout=60).exit_code == 0
-        ready = {e["worker"]: e["pid"] for e in events if e["event"] == "worker_ready"}
+        # Under load one worker can do both warm segments before the other is ready: wait for both.
+        deadline = time.monotonic() + 60
+        while pool.stats()["workers"].get("ready", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = {h.id: h.pid for h in pool._workers.handles.values() if h.state == "ready"}
         frozen = ready["w0"]  # the first worker: the one a lone segment is sent to
         os.kill(frozen, signal.SIGSTOP)
         try:
