@@ -12,7 +12,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fishmp.engines.fish_common import import_fish_speech  # noqa: E402
-from fishmp.engines.sampling import draw_code, exponential, mix32, row_key, sample_rows  # noqa: E402
+from fishmp.engines.sampling import (  # noqa: E402
+    draw_code,
+    exponential,
+    mix32,
+    noise_from_bits,
+    row_key,
+    sample_rows,
+)
 
 
 def test_noise_depends_only_on_its_counters() -> None:
@@ -37,6 +44,19 @@ def test_noise_depends_only_on_its_counters() -> None:
     assert big.dtype == torch.float32 and bool(torch.isfinite(big).all()) and float(big.min()) > 0
     assert abs(float(big.mean()) - 1) < 0.01 and abs(float(big.var()) - 1) < 0.03
     assert len(torch.unique(big[0])) > 4000
+
+
+def test_noise_is_never_zero_at_the_extreme_hashes() -> None:
+    # The largest hashes once gave u = 1.0 in float32, noise 0, and probs / noise = NaN for every token top-p had
+    # removed, which argmax then drew (about one frame in 600 on the tiny checkpoint). Every 32-bit hash around the
+    # extremes must give finite noise > 0, and a removed token must never be drawn whatever the noise.
+    hashes = torch.tensor([0, 1, 255, 256, 511, 512, 2**31, 2**32 - 512, 2**32 - 257, 2**32 - 256, 2**32 - 1])
+    noise = noise_from_bits(hashes.clone())
+    assert bool(torch.isfinite(noise).all()) and float(noise.min()) > 0 and float(noise.max()) < 17
+    logits = torch.tensor([[3.0, 0.0, -1.0, 0.5]] * len(hashes))
+    one = torch.ones((len(hashes), 1))
+    drawn = sample_rows(logits, one, one * 1e-4, one, None, noise[:, None].expand(-1, 4).contiguous())
+    assert drawn.tolist() == [0] * len(hashes)  # top_p keeps the best token alone: greedy, whatever the noise
 
 
 def fish_probs(logits: torch.Tensor, params: tuple[float, float, float], previous: torch.Tensor | None) -> np.ndarray:

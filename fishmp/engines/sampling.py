@@ -10,8 +10,8 @@ five numbers (`row_key`, `draw_code`, `exponential`). So
 - the whole batch's noise is one elementwise computation in tensor ops (no torch.Generator per row, no Python loop
   over rows), which torch.compile fuses into one kernel and a CUDA graph can capture;
 - the integer hash is exact on every device (64-bit integer ops on values below 2^32: products stay below 2^59),
-  and the uniform built from its top 24 bits is exact in float32; only `-log(u)` is a float op (a device's log
-  may round differently in the last bit, which changes a draw only on an exact tie).
+  and the uniform built from its top 23 bits is exact in float32 and strictly inside (0, 1); only `-log(u)` is a
+  float op (a device's log may round differently in the last bit, which changes a draw only on an exact tie).
 It does not reproduce fish-speech's RNG draws (nothing could, batch-invariantly), so tests feed fish-speech's own
 generate the same noise to prove the model math equal, and check the sampler's distribution statistically.
 """
@@ -46,7 +46,7 @@ def draw_code(keys: Any, frames: Any, codebooks: Any) -> Any:
 
 def exponential(codes: Any, size: int) -> Any:
     """Exp(1) noise (..., size) float32 for draws `codes` (...) int64: vocabulary index i of a draw gets
-    -log(u), u = (top 24 bits of mix32(code ^ mix32(i + salt)) + 0.5) / 2^24, in (0, 1)."""
+    `noise_from_bits` of mix32(code ^ mix32(i + salt))."""
     import torch
 
     index = mix32(torch.arange(size, device=codes.device, dtype=torch.long) + _INDEX_SALT)
@@ -56,8 +56,18 @@ def exponential(codes: Any, size: int) -> Any:
         h *= _MUL
         h &= M32
     h ^= h >> 16
-    h >>= 8
-    return h.to(torch.float32).add_(0.5).mul_(1.0 / 2**24).log_().neg_()
+    return noise_from_bits(h)
+
+
+def noise_from_bits(h: Any) -> Any:
+    """-log(u) float32 for 32-bit hashes h (int64 tensor, consumed in place): u = (top 23 bits + 0.5) / 2^23, so
+    2^-24 <= u <= 1 - 2^-24, both exact in float32, and the noise is in (0, 16.7]. Never 0: with 24 bits the
+    largest u, 1 - 2^-25, rounds to 1.0 in float32, the noise to 0, and probs / noise then gave NaN (0 / 0) for
+    the tokens top-p had removed, which argmax picks: a removed token drawn about once in 600 frames."""
+    import torch
+
+    h >>= 9
+    return h.to(torch.float32).add_(0.5).mul_(1.0 / 2**23).log_().neg_()
 
 
 def sample_rows(logits: Any, temperature: Any, top_p: Any, penalty: Any, previous: Any | None, noise: Any) -> Any:
