@@ -180,10 +180,9 @@ def test_plan_arithmetic_is_o_gpus_not_o_workers() -> None:
 
 def _batched(mem: float, batch: int, **kw: object) -> Settings:
     settings = Settings(model_memory_gb=mem, multiprocess_mode="true", **kw)
-    return settings.replace(batch_size=batch) if hasattr(settings, "batch_size") else settings
+    return settings.replace(batch_size=batch)
 
 
-@pytest.mark.skipif(not hasattr(Settings(), "batch_size"), reason="Settings.batch_size (FISH_BATCH_SIZE) not there yet")
 def test_workers_times_batch_rows() -> None:
     """One more row costs its KV cache only; FISH_MODEL_MEMORY_GB stays the memory of one worker at batch 1."""
     from fishmp.planning.plan import DEFAULT_ROW_GIB
