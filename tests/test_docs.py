@@ -2,7 +2,7 @@
 against the repository and the code.
 
 - every relative link and image between them points at a file that exists, and every `#anchor` at a heading of its
-  target, as GitHub renders heading slugs (or an explicit HTML id);
+  target, as GitHub renders heading slugs (or an explicit HTML id); every docs page is linked from the README;
 - every FISH_* setting that fishmp/config.py declares (read from its dataclasses' field metadata and its string
   literals, never from a list kept here) is listed in a table of docs/configuration.md;
 - every file under scripts/, benchmarks/, tests/, fishmp/, docs/ or .ci/ that the docs name exists; every
@@ -118,6 +118,13 @@ def broken_links(path: str, root: str = ROOT) -> list[str]:
 def test_links_and_anchors_between_readme_and_docs_resolve() -> None:
     problems = [p for path in doc_files() for p in broken_links(path)]
     assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    readme = os.path.join(ROOT, "README.md")
+    linked = {os.path.normpath(os.path.join(ROOT, href.partition("#")[0])) for href in links(readme)}
+    orphans = [rel(page) for page in doc_files()[1:] if page not in linked]
+    assert not orphans, f"add these pages to the README's 'Where each topic lives': {orphans}"
 
 
 def test_the_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path) -> None:
