@@ -60,6 +60,11 @@ FIT_KEYS = tuple(f.name for f in dataclasses.fields(FitSettings))
 assert set(FIT_KEYS) == set(_RULES)
 
 
+def settings_from(fit: dict[str, Any]) -> FitSettings:
+    """The FitSettings in a task's fit dict (which also carries the slot and the raw take's path)."""
+    return FitSettings(**{k: v for k, v in fit.items() if k in FIT_KEYS})
+
+
 def parse_fit(raw: Any, where: str, p: Problems, base: FitSettings | None = None) -> FitSettings:
     """`base` (the job's settings, or the defaults) with the keys `raw` gives. `false` turns fitting off, `true` on,
     absent keeps `base`; every bad key or value is recorded in `p`."""

@@ -205,6 +205,8 @@ class JobRun:
             args["solo"] = True
         if seg.max_seconds is not None:
             args["max_seconds"] = seg.max_seconds
+        if seg.fit is not None:  # fitted: the settings, the slot and where the raw take goes (fishmp/worker/fit.py)
+            args["fit"] = {**seg.fit.to_dict(), "slot": seg.slot, "raw_output": seg.raw_output}
         return SegmentTask(self.gid(seg.id), seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output,
                            **args)
 
@@ -239,7 +241,7 @@ class JobRun:
             "done", round(msg.audio_seconds, 3), round(msg.synthesis_seconds, 3), msg.tokens)
         rec.worker, rec.device, rec.finished_at = h.id, h.device, time.time()
         rec.attempts, rec.error, rec.error_kind = self.sched.tasks[sid].attempts + 1, None, None
-        take = results.take_fields(getattr(msg, "take", None))  # the take check's record (fishmp/worker/takes.py)
+        take = results.take_fields(getattr(msg, "take", None), getattr(msg, "fit", None))  # takes.py, fit.py
         for name, value in take.items():
             setattr(rec, name, value)
         self.emit(make_event("segment_done", id=sid, path=msg.path, audio_seconds=rec.audio_seconds,

@@ -12,21 +12,16 @@ The policy (which speed, when a line overruns) is fishmp/job/fitting.py; silence
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
 
-from ..job.fitting import FitSettings, applied_speed, wanted_speed
+from ..job.fitting import applied_speed, settings_from, wanted_speed
 from .silence import shape
 
 BLOCK_S = 0.4  # BS.1770's gating block: shorter lines are measured padded with silence to one block
 CUT_FADE_S = 0.05  # the fade-out of a line cut at its slot (fit.cut)
-FIT_KEYS = ("slot", "raw_output")  # what a task's fit dict carries besides the settings
-
-
-def settings_of(fit: dict[str, Any]) -> FitSettings:
-    """The FitSettings of a SegmentTask.fit dict (which also carries the slot and the raw take's path)."""
-    return FitSettings(**{k: v for k, v in fit.items() if k not in FIT_KEYS})
 
 
 def stretch(x: np.ndarray, sr: int, speed: float) -> np.ndarray:
@@ -120,7 +115,7 @@ def fit_line(x: np.ndarray, sr: int, fit: dict[str, Any]) -> tuple[np.ndarray, d
     """Fit one take to `fit["slot"]` seconds: (the fitted samples, the record the manifest keeps). A line that needs
     more than max_speed is stretched by max_speed and marked `overrun` with the speed it would have needed (cut at
     the slot with a fade only when `cut` is set)."""
-    settings, slot = settings_of(fit), float(fit["slot"])
+    settings, slot = settings_from(fit), float(fit["slot"])
     shaped = shape(x, sr, slot, settings.pad_s, settings.max_pause_s)
     y, seconds = shaped.samples, shaped.seconds
     need = wanted_speed(seconds, slot, settings)
@@ -144,3 +139,16 @@ def fit_line(x: np.ndarray, sr: int, fit: dict[str, Any]) -> tuple[np.ndarray, d
         record.update(levels)
     record["final_s"] = round(len(y) / sr, 3)
     return y, record
+
+
+def fit_take(samples: np.ndarray, sr: int, fit: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The writer's step for a fitted segment: keep the raw take at fit["raw_output"] (written atomically, for review
+    and for a later refit), then fit it. Returns (fitted samples, the record with `raw` and `fit_ms`)."""
+    from .files import write_wav
+
+    t0 = time.perf_counter()
+    write_wav(fit["raw_output"], samples, sr)
+    fitted, record = fit_line(np.asarray(samples, dtype=np.float32), sr, fit)
+    record["raw"] = fit["raw_output"]
+    record["fit_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    return fitted, record
