@@ -221,6 +221,8 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
                                     end=end, fit=fit))
     p.item = None
     segments = _fitted(segments, outputs, p)
+    if any(s.start is not None for s in segments):  # the film's track (fishmp/running/track.py) is written there
+        outputs.resolve("track.wav", "job", "the film's track (written because segments have a start)", ".wav")
     outputs.check_collisions([(f'speaker "{s.id}"', "prompt_tokens" if s.prompt_tokens else "reference_audio",
                                s.reference_path) for s in speakers.values()])
     speakers, kept, skipped = _keep(segments, speakers, p, skip, source)

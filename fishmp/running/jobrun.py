@@ -23,7 +23,7 @@ from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segmen
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
 from ..worker.references import cache_dir_problem
-from . import results
+from . import results, track
 from .amend import Amendment, Amendments, Edit
 from .delivery import EventDelivery
 from .delivery import current as current_delivery
@@ -302,6 +302,8 @@ class JobRun:
         gpus = self.gpu_stats.summary() if self.gpu_stats else {}  # telemetry: peak/mean per GPU, {} without one
         if gpus and isinstance(getattr(self.manifest, "summary", None), dict):
             self.manifest.summary["gpus"] = gpus
+        if self.stop_signal is None:  # the film's track, when the job places its lines
+            track.finish(self.job, self.manifest, self.emit)
         try:
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
             remove_temp_files(dirs, worker_pids)  # first: on a full disk that may be the room the manifest needs
