@@ -116,6 +116,19 @@ def test_the_job_api_serves_the_track(server: Server) -> None:
     manifest = json.loads(server.get(f"/v1/jobs/{jid}/manifest").content)
     assert manifest["summary"]["track"]["lines"] == 2
     assert manifest["segments"]["0001"]["fit"]["final_s"] == pytest.approx(1.2)
+    # a retake of a fitted line is fitted as the line was, its raw take beside it
+    assert server.post(f"/v1/jobs/{jid}/segments/0001/retake").status_code == 202
+    deadline = time.monotonic() + 120
+    def first() -> dict:
+        return next(s for s in server.get(f"/v1/jobs/{jid}").json()["segments"] if s["id"] == "0001")
+
+    while (seg := first()).get("retake") or not seg.get("history"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    manifest = json.loads(server.get(f"/v1/jobs/{jid}/manifest").content)
+    rec = manifest["segments"]["0001"]
+    assert rec["fit"]["final_s"] == pytest.approx(1.2) and rec["fit"]["raw"] == rec["path"][:-4] + ".raw.wav"
+    assert seconds(server.get(f"/v1/jobs/{jid}/segments/0001").content) == pytest.approx(1.2)
     plain = server.post("/v1/jobs", json={**job, "segments": [{"speaker": "a", "text": LINE}]}).json()["id"]
     while server.get(f"/v1/jobs/{plain}").json()["status"] not in ("done", "failed"):
         time.sleep(0.2)
