@@ -116,6 +116,10 @@ def test_the_job_api_serves_the_track(server: Server) -> None:
     manifest = json.loads(server.get(f"/v1/jobs/{jid}/manifest").content)
     assert manifest["summary"]["track"]["lines"] == 2
     assert manifest["segments"]["0001"]["fit"]["final_s"] == pytest.approx(1.2)
+    raw = server.get(f"/v1/jobs/{jid}/segments/0001/raw")
+    assert raw.status_code == 200 and seconds(raw.content) == pytest.approx(1.38)  # before the fit
+    unfitted = server.get(f"/v1/jobs/{jid}/segments/0002/raw")  # a start alone: placed, not fitted
+    assert unfitted.status_code == 404 and "not fitted" in unfitted.json()["detail"]
     # a retake of a fitted line is fitted as the line was, its raw take beside it
     assert server.post(f"/v1/jobs/{jid}/segments/0001/retake").status_code == 202
     deadline = time.monotonic() + 120
