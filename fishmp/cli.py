@@ -1,4 +1,4 @@
-"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint, install-legacy-scripts, schema.
+"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint, install-legacy-scripts, schema, serve, job-from-subtitles.
 `main(argv) -> exit code`, testable in-process.
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
