@@ -119,3 +119,26 @@ def test_jobs_without_slots_fit_false_and_legacy_configs_write_the_same_bytes(tm
     with open(tmp_path / "lout" / "s0.wav", "rb") as f:
         assert f.read() == expected
     assert not [n for n in os.listdir(tmp_path / "lout") if n.endswith(".raw.wav")]
+
+
+@pytest.mark.timeout(400)
+def test_a_line_of_the_real_fish_path_is_fitted(tmp_path, make_wav, fishmp_cli, tiny_checkpoint) -> None:
+    """The tiny random checkpoint through the real fish-speech code path: its take (all 40 frames, no end token) is
+    kept raw beside the wav, and the wav is fitted to the slot at 44.1 kHz."""
+    job = _job(tmp_path, make_wav, [{"id": "a", "text": "Hello there.", "start": 0.0, "end": 1.6,
+                                     "params": {"max_new_tokens": 40, "seed": 5}}], fit={"max_speed": 1.5})
+    out = str(tmp_path / "out")
+    env = {"FISH_ENGINE": "fish", "FISH_CHECKPOINT_DIR": tiny_checkpoint, "FISH_CPU_WORKERS": "1",
+           "FISH_MULTIPROCESS_MODE": "true", "FISH_PRECISION": "float32", "FISH_CACHE_DIR": str(tmp_path / "cache"),
+           "FISH_TAKE_CHECK": "false"}  # every tiny take runs to max_new_tokens: judged, it would be retried
+    res = fishmp_cli(["generate", job, "-o", out], str(tmp_path), env, timeout=360)
+    assert res.returncode == 0, res.stderr
+    rec = _segments(out)["a"]
+    raw, rate = sf.read(rec["fit"]["raw"])
+    fitted, fitted_rate = sf.read(rec["path"])
+    assert rate == fitted_rate == 44100 and len(raw) / rate == pytest.approx(39 * 2048 / 44100, abs=0.01)
+    fit = rec["fit"]  # 39 frames = 1.811 s of noise-like audio, no silence to trim: stretched 1.132x
+    assert fit["trimmed_s"] == pytest.approx(1.811, abs=0.01) and fit["speed"] == pytest.approx(1.811 / 1.6, abs=0.01)
+    assert len(fitted) == round(1.6 * rate) and "overrun" not in fit
+    assert fit["loudness_after"] == pytest.approx(-23.0, abs=0.5) and fit["true_peak_db"] <= -1.0
+    assert "takes" not in rec  # FISH_TAKE_CHECK=false: no take choice, the one take fitted
