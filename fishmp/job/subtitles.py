@@ -60,6 +60,11 @@ def _srt_cues(text: str, source: str) -> list[tuple[str, float, float, str, str 
     return [(f"cue {s.index}", _seconds(s.start), _seconds(s.end), s.content, None) for s in subs]
 
 
+def _vtt_seconds(t: Any) -> float:
+    """A webvtt Timestamp in seconds, to the millisecond (its own in_seconds() drops the milliseconds)."""
+    return round(t.hours * 3600 + t.minutes * 60 + t.seconds + t.milliseconds / 1000, 3)
+
+
 def _vtt_cues(text: str, source: str) -> list[tuple[str, float, float, str, str | None]]:
     from webvtt import utils
     from webvtt.models import Caption
@@ -79,12 +84,8 @@ def _vtt_cues(text: str, source: str) -> list[tuple[str, float, float, str, str 
                             "'HH:MM:SS.mmm --> HH:MM:SS.mmm', then its text"], source)
         cue = WebVTTCueBlock.from_lines(block)
         cap = Caption(cue.start, cue.end, cue.payload, cue.identifier)
-
-        def secs(t: Any) -> float:
-            return round(t.hours * 3600 + t.minutes * 60 + t.seconds + t.milliseconds / 1000, 3)
-
         name = f"cue {len(cues) + 1}" + (f" ({cue.identifier})" if cue.identifier else "")
-        cues.append((name, secs(cap.start_time), secs(cap.end_time), cap.text, cap.voice))
+        cues.append((name, _vtt_seconds(cap.start_time), _vtt_seconds(cap.end_time), cap.text, cap.voice))
     return cues
 
 
@@ -162,6 +163,7 @@ def add_parser(sub: Any) -> None:
                     "{reference_id} or {prompt_tokens, reference_text}}; --voice entries win")
     sp.add_argument("--max-speed", type=float, help="fit: the largest speed-up (default 1.25)")
     sp.add_argument("--loudness", type=float, help="fit: the loudness target in LUFS (default -23)")
+    sp.add_argument("--video-seconds", type=float, help="the film's length: the track is at least this long")
 
 
 def run(args: argparse.Namespace, settings: Any = None) -> int:
@@ -181,6 +183,8 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         voices[name.strip()] = _voice(value.strip(), f"--voice {item!r}")
     fit = {k: v for k, v in (("max_speed", args.max_speed), ("loudness_lufs", args.loudness)) if v is not None}
     job = job_from_subtitles(args.subtitles, voices, args.speaker, fit)
+    if args.video_seconds is not None:
+        job["video_seconds"] = args.video_seconds
     text = json.dumps(job, indent=1, ensure_ascii=False) + "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
