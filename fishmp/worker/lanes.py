@@ -35,19 +35,7 @@ from ..engines import (
 )
 from .protocol import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
-from .takes import (
-    RateModel,
-    TakeLimits,
-    Verdict,
-    best_index,
-    check_take,
-    fitted_index,
-    retry_max_new_tokens,
-    retry_seed,
-    speed_needed,
-    take_record,
-    wants_another_take,
-)
+from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
@@ -327,6 +315,8 @@ class LaneRunner:
         `retries` more seeds are tried first (fishmp/worker/takes.py wants_another_take)."""
         if not self.take_check:
             return audio
+        from .takes import speed_needed, wants_another_take  # the fit-aware take choice
+
         limits = self.take_limits
         fit = getattr(task, "fit", None)
         state = self.takes.setdefault(task.id, _Takes(task.params.get("seed"), fit))
@@ -401,6 +391,8 @@ class _Takes:
         return any(v.passed for v in self.verdicts)
 
     def add(self, verdict: Verdict, audio: Audio, seed: int | None) -> None:
+        from .takes import fitted_index
+
         self.verdicts.append(verdict)
         self.seeds.append(seed)
         best = fitted_index(self.verdicts, self.fit) if self.fit else best_index(self.verdicts)
