@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import Problems, is_int, is_number, typename
+from .checks import MAX_SECONDS_LIMIT, Problems, is_int, is_number, typename
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def slot_of(max_seconds: float | None, start: float | None, end: float | None) -
 def fit_slots(segments: list[tuple[float | None, float | None, float | None, FitSettings]]) -> list[float | None]:
     """The slot each segment is fitted to (None: not fitted), given (max_seconds, start, end, settings) in job order.
     With `borrow_gap`, a segment with a start and an end also gets the silence up to the next line's start (the
-    nearest start after its end, any speaker's), never past it."""
+    nearest start after its end, any speaker's), never past it. No slot is longer than MAX_SECONDS_LIMIT."""
     starts = sorted(s for _, s, _, _ in segments if s is not None)
     out: list[float | None] = []
     for max_s, start, end, fit in segments:
@@ -115,7 +115,7 @@ def fit_slots(segments: list[tuple[float | None, float | None, float | None, Fit
             later = [s for s in starts if s >= end]
             if later:
                 slot = later[0] - start
-        out.append(slot)
+        out.append(min(slot, MAX_SECONDS_LIMIT))  # a slot never exceeds what max_seconds may say (an hour)
     return out
 
 
