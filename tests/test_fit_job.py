@@ -67,9 +67,13 @@ def test_legacy_configs_are_never_fitted(proj: Path) -> None:
     ({"max_seconds": 2, "fit": {"speed": 2}}, "unknown fit setting 'speed'"),
     ({"max_seconds": 2, "fit": "yes"}, "fit must be an object of fit settings, true or false, not a string"),
     ({"max_seconds": 2, "fit": {"retries": 1.5}}, "fit retries must be an integer from 0 to 8"),
+    ({"max_seconds": 2, "fit": '{"cut": true, "cut": false}'}, "fit: key 'cut' is given more than once"),
 ])
 def test_bad_timing_and_settings_are_named(proj: Path, segment: dict, needle: str) -> None:
-    one_problem(proj, _job(**segment), 'segment "a"', needle)
+    text = json.dumps(_job(**segment))
+    if isinstance(segment.get("fit"), str) and segment["fit"].startswith("{"):  # a duplicate key: only JSON text has it
+        text = text.replace(json.dumps(segment["fit"]), segment["fit"])
+    one_problem(proj, text, 'segment "a"', needle)
 
 
 def test_the_raw_take_may_not_be_another_segments_output(proj: Path) -> None:

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import MAX_SECONDS_LIMIT, Problems, is_int, is_number, typename
+from .checks import MAX_SECONDS_LIMIT, Problems, check_duplicate_keys, is_int, is_number, typename
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ def parse_fit(raw: Any, where: str, p: Problems, base: FitSettings | None = None
     if not isinstance(raw, dict):
         p.add(f"{where}: fit must be an object of fit settings, true or false, not {typename(raw)}")
         return base
+    check_duplicate_keys(raw, f"{where} fit", p)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if isinstance(key, str) and key.startswith("_"):
