@@ -60,3 +60,31 @@ def test_the_track_places_each_line_at_its_start(tmp_path, make_wav, fishmp_cli)
     (event,) = [e for e in jsonl_events(res.stdout) if e["event"] == "track"]
     assert event["missing"] == ["gone"] and event["path"] == summary["path"]
     assert os.path.exists(out / "one.raw.wav") and not os.path.exists(out / "three.raw.wav")
+
+
+def test_the_track_is_the_same_whatever_its_block_size(tmp_path, monkeypatch) -> None:
+    """The track is mixed block by block (never whole in memory): lines across block edges, overlapping lines and a
+    line at another sample rate come out the same with 1 s blocks as with one block for all."""
+    from fishmp.job import job_from_dict
+    from fishmp.running import track
+
+    rng = np.random.default_rng(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    segments = []
+    for i, (start, seconds, rate) in enumerate([(0.3, 1.5, 44100), (1.2, 2.2, 44100), (3.95, 0.4, 22050)]):
+        sf.write(str(out / f"{i}.wav"), rng.uniform(-0.3, 0.3, round(seconds * rate)).astype(np.float32), rate,
+                 subtype="PCM_16")
+        segments.append({"id": str(i), "speaker": "a", "text": "x", "output": f"{i}.wav", "start": start})
+    sf.write(str(tmp_path / "v.wav"), np.zeros(1600, np.float32), 16000)
+    job = job_from_dict({"speakers": {"a": {"reference_audio": "v.wav", "reference_text": "x"}},
+                         "segments": segments}, str(tmp_path), str(out))
+    whole = track.write_track(job, {"0", "1", "2"})
+    one = (out / "track.wav").read_bytes()
+    monkeypatch.setattr(track, "BLOCK_S", 1)
+    assert track.write_track(job, {"0", "1", "2"}) == whole and (out / "track.wav").read_bytes() == one
+    assert whole["overlaps"] == [{"a": "0", "b": "1", "seconds": 0.6}] and whole["seconds"] == pytest.approx(4.35)
+    mixed, rate = sf.read(str(out / "track.wav"), dtype="int16")
+    first, _ = sf.read(str(out / "0.wav"), dtype="int16")
+    start = round(0.3 * rate)
+    assert np.array_equal(mixed[start:round(1.2 * rate)], first[:round(1.2 * rate) - start])
