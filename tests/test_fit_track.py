@@ -57,6 +57,11 @@ def test_the_track_places_each_line_at_its_start(tmp_path, make_wav, fishmp_cli)
         (0.5, f"a: {LINE}"), (2.25, f"b: {LINE}"), (3.0, f"a: {LINE}")]
     assert subs[0].end.total_seconds() == pytest.approx(1.7, abs=1e-3)  # the dub's own timing
     assert subs[1].end.total_seconds() == pytest.approx(2.25 + 1.38, abs=2e-3)
+    from fishmp.job.subtitles import job_from_subtitles  # the dub's SRT reads back as a job of the same lines
+
+    again = job_from_subtitles(str(out / "track.srt"), {"a": {"reference_id": "a"}, "b": {"reference_id": "b"}})
+    assert [(s["speaker"], s["text"], s["start"]) for s in again["segments"]] == [
+        ("a", LINE, 0.5), ("b", LINE, 2.25), ("a", LINE, 3.0)]
     (event,) = [e for e in jsonl_events(res.stdout) if e["event"] == "track"]
     assert event["missing"] == ["gone"] and event["path"] == summary["path"]
     assert os.path.exists(out / "one.raw.wav") and not os.path.exists(out / "three.raw.wav")
