@@ -79,6 +79,10 @@ def test_volume_sample_rate_max_seconds_and_what_is_ignored(server: Server) -> N
     both = server.post("/v1/audio/speech", json={"input": LINE, "ref_audio": b64(VOICE), "ref_text": "Ref.",
                                                  "response_format": "wav", "max_seconds": 1.2, "speed": 2.0})
     assert both.status_code == 200 and seconds(both.content) == pytest.approx(0.6, abs=1e-3)
+    assert "X-Fishmp-Ignored" not in both.headers
+    styled = server.post("/v1/audio/speech", json={"input": LINE, "ref_audio": b64(VOICE), "ref_text": "Ref.",
+                                                   "response_format": "wav", "instructions": "Whisper.", "volume": 3})
+    assert styled.status_code == 200 and styled.headers["X-Fishmp-Ignored"] == "instructions, volume"
 
 
 @pytest.mark.parametrize("route, fields, needle", [

@@ -76,7 +76,7 @@ async def speech(request: Request) -> Response:
         req = SpeechRequest.model_validate(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid request", validation_detail(exc)) from None
-    tone = prosody.openai(body, req.speed)  # speed 0.25-4.0 and max_seconds (prosody.py)
+    tone = prosody.openai(body, req.speed, set(SpeechRequest.model_fields))  # speed, max_seconds (prosody.py)
     if req.stream_format == "sse":
         raise ApiError(400, "stream_format not supported", "stream_format \"sse\" is not available; leave it out "
                        "for the whole file")

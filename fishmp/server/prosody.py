@@ -87,10 +87,12 @@ def fish(body: dict, known: set[str]) -> Prosody:
     return Prosody(speed, volume, rate, _max_seconds(body), tuple(ignored))
 
 
-def openai(body: dict, speed: float) -> Prosody:
-    """OpenAI's `speed` (0.25-4.0) and fishmp's `max_seconds`."""
+def openai(body: dict, speed: float, known: set[str]) -> Prosody:
+    """OpenAI's `speed` (0.25-4.0) and fishmp's `max_seconds`; `known`: the request model's fields. Unknown keys and
+    `instructions` (accepted, unused: the model takes no style prompt) are named as ignored."""
     _number({"speed": speed}, "speed", *OPENAI_SPEED, "speed")
-    return Prosody(float(speed), 0.0, None, _max_seconds(body))
+    ignored = [k for k in body if (k not in known and k not in HONOURED) or (k == "instructions" and body[k])]
+    return Prosody(float(speed), 0.0, None, _max_seconds(body), tuple(ignored))
 
 
 def apply(samples: np.ndarray, rate: int, p: Prosody) -> tuple[np.ndarray, int]:
