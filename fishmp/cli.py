@@ -1,4 +1,4 @@
-"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint, install-legacy-scripts, schema.
+"""`python -m fishmp`: plan, generate, encode, demo, tiny-checkpoint, install-legacy-scripts, schema, serve, job-from-subtitles.
 `main(argv) -> exit code`, testable in-process.
 
 Exit codes: 0 all done; 1 some segments failed (the rest are written); 2 invalid job or configuration;
@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from .config import ConfigError, Settings, load_dotenv_file
-from .job import JobError
+from .job import JobError, subtitles
 from .running.outputlock import OutputDirError
 
 log = logging.getLogger("fishmp")
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the JSON Schema of fishmp's job format",
                    description="Print the JSON Schema (draft 2020-12) of fishmp's job format on stdout, for apps "
                    "that build job files. Loading a job checks more (files exist, unique ids, outputs inside).")
+    subtitles.add_parser(sub)  # job-from-subtitles (fishmp/job/subtitles.py)
     return p
 
 
@@ -444,4 +445,4 @@ def _cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS = {"plan": _cmd_plan, "generate": _cmd_generate, "encode": _cmd_encode, "demo": _cmd_demo,
             "tiny-checkpoint": _cmd_tiny, "install-legacy-scripts": _cmd_install,
-            "schema": _cmd_schema, "serve": _cmd_serve}
+            "schema": _cmd_schema, "serve": _cmd_serve, "job-from-subtitles": subtitles.run}

@@ -8,13 +8,15 @@ VENV=.venv
 STAMP=$VENV/.fishmp-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
-# The review page's browser tests (tests/test_server_page.py) drive Debian's chromium through its chromedriver.
+# The review page's browser tests (tests/test_server_page.py) drive Debian's chromium through its chromedriver; the
+# fit's tests speak real lines with espeak-ng and compare stretchers with Rubber Band's command (rubberband-cli).
 # Installed where apt-get can (CI runs as root on Debian), once and quietly; elsewhere those tests skip, saying why.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v espeak-ng >/dev/null \
+    || ! command -v rubberband >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        chromium chromium-driver; } >/dev/null 2>&1 || echo "setup.sh: chromium could not be installed with apt-get:" \
-        "the browser tests will skip" >&2
+        chromium chromium-driver espeak-ng rubberband-cli; } >/dev/null 2>&1 || echo "setup.sh: chromium," \
+        "espeak-ng or rubberband-cli could not be installed with apt-get: the tests that need them will skip" >&2
   fi
 fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then exit 0; fi

@@ -249,7 +249,7 @@ def test_max_seconds_keeps_the_closest_take_with_its_overrun(tmp_path, make_wav,
     job = _job(tmp_path, make_wav, [
         {"id": "slot", "text": f"@@runaway:1@@ {LINE}", "max_seconds": 0.5, "params": {"max_new_tokens": 200}},
         {"id": "fits", "text": LINE, "max_seconds": 2.0},
-    ])
+    ], fit=False)  # a slot is fitted by default (tests/test_fit_run.py); unfitted, it only judges takes
     out = str(tmp_path / "out")
     res = fishmp_cli(["generate", job, "-o", out], str(tmp_path), synthetic_env(tmp_path, FISH_CPU_WORKERS="1"))
     assert res.returncode == 4, res.stderr

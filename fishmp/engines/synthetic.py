@@ -37,6 +37,8 @@ takes with no seed or a seed below K, so with the job's seed unset or 0 (retries
   runaway   the take runs to max_new_tokens (like a missed end token): max_new_tokens - 1 frames of tone
   silent    all-zero samples            clipped   a full-scale square wave      nan   the tone with NaN samples
   short     a fifth of the normal length (at least one sample)
+Take lengths (the fit-aware take choice, fishmp/worker/lanes.py): `@@pace:F0/F1/...@@` makes the take with seed s (none:
+0) F[s] times its normal length (the last factor for later seeds), e.g. `@@pace:1.5/1.1@@`.
 Load faults: FISH_SYNTHETIC_LOAD_FAULT = die (SIGKILL) | raise (EngineError) | oom (EngineOutOfMemoryError) | hang.
 FISH_SYNTHETIC_FOOTPRINT_GB: the GiB a worker reports as its measured footprint under FISH_MODEL_MEMORY_GB=auto (a
 simulated GPU has no NVML; fishmp/measure.py FootprintProbe uses this figure instead). Default: none.
@@ -65,6 +67,7 @@ MARKER = re.compile(r"@@(kill|segv|exit|hang|oom|error|toolong|cuda|slow)(?:=([0
 STEPS_PER_CALL = 8  # decode steps one BatchSession.step() advances
 LOAD_FAULTS = ("die", "raise", "oom", "hang")
 TAKE = re.compile(r"@@(runaway|silent|clipped|nan|short)(?::([0-9]+))?@@")
+PACE = re.compile(r"@@pace:([0-9]*\.?[0-9]+(?:/[0-9]*\.?[0-9]+)*)@@")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -190,12 +193,12 @@ class SyntheticEngine:
 
     @staticmethod
     def _audio(text: str, speaker: SpeakerPrompt | None, params: SynthesisParams | None = None) -> Audio:
-        spoken = TAKE.sub("", MARKER.sub("", text)).strip()
+        spoken = PACE.sub("", TAKE.sub("", MARKER.sub("", text))).strip()
         key = speaker.key if speaker is not None else ""
         freq = 110.0 + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 330
         params = params or SynthesisParams()
         bad = _bad_take(text, params.seed)
-        n = round(len(spoken) * SECONDS_PER_CHAR * SAMPLE_RATE)
+        n = round(len(spoken) * SECONDS_PER_CHAR * SAMPLE_RATE * _pace(text, params.seed))
         if bad == "runaway":
             n = round((params.max_new_tokens - 1) / FRAME_RATE * SAMPLE_RATE)
         elif bad == "short":
@@ -216,6 +219,15 @@ class SyntheticEngine:
 
     def fingerprint(self) -> str:
         return "synthetic"
+
+
+def _pace(text: str, seed: int | None) -> float:
+    """The length factor of a take of `text` with `seed` (`@@pace:F0/F1/...@@`; 1.0 without the marker)."""
+    m = PACE.search(text)
+    if m is None:
+        return 1.0
+    factors = [float(f) for f in m.group(1).split("/")]
+    return factors[min(seed or 0, len(factors) - 1)]
 
 
 def _bad_take(text: str, seed: int | None) -> str | None:

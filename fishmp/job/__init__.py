@@ -9,8 +9,9 @@ Three input formats are read:
   `EncodeJob` (`load_encode_config`; `load_config` dispatches on the format).
 
 Modules, bottom to top: `checks` (Problems, JobError, field checks, text, the output guarantee), `params` (sampling
-parameters and their ranges), `model` (dataclasses, fingerprints), `formats` (one parser per format), `load`
-(files and entry points), `schema` (JSON Schema of fishmp's format).
+parameters and their ranges), `fitting` (start/end, slots and the fit's settings and policy), `model` (dataclasses,
+fingerprints), `formats` (one parser per format), `load` (files and entry points), `schema` (JSON Schema of fishmp's
+format), `subtitles` (SRT/WebVTT to a job: `fishmp job-from-subtitles`).
 Parsing collects every problem and raises one `JobError` listing them all, each naming its item; with
 `skip_invalid` the items that have a problem are left out instead (their problems kept in `Job.skipped`). Every
 output path in a loaded job is absolute and resolves to a file strictly inside the output directory. Writers should

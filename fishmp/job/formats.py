@@ -4,6 +4,7 @@ or, with skip_invalid, leave the spoilt items out and keep their problems on the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Hashable
 from typing import Any
@@ -27,13 +28,14 @@ from .checks import (
     typename,
     unknown_keys,
 )
+from .fitting import fit_slots, parse_fit, time_fields, video_seconds_field
 from .model import REFERENCE_ID, EncodeItem, EncodeJob, Job, Segment, Speaker, VoiceSource
 from .params import LEGACY_PARAMS, Params, params_in, parse_params
 
-NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir"}
+NEW_TOP_KEYS = {"speakers", "segments", "params", "output_dir", "fit", "video_seconds"}
 NEW_SPEAKER_KEYS = {"reference_audio", "prompt_tokens", "reference_text", "reference_id"}
 SOURCES = ("reference_audio", "prompt_tokens", "reference_id")
-NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params", "max_seconds"}
+NEW_SEGMENT_KEYS = {"id", "speaker", "text", "output", "params", "max_seconds", "start", "end", "fit"}
 
 
 def _settle(p: Problems, skip: bool, source: str | None) -> set[Hashable | None]:
@@ -113,6 +115,8 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
     unknown_keys(data, NEW_TOP_KEYS, "job", p)
     check_opt_path(data, "output_dir", "job", p)
     job_params = parse_params(data.get("params"), "job params", p)
+    job_fit = parse_fit(data.get("fit"), "job", p)
+    video_seconds = video_seconds_field(data, p)
 
     speakers: dict[str, Speaker] = {}
     raw_speakers = data.get("speakers")
@@ -204,6 +208,8 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
         text = text_field(raw, "text", where, p)
         params = job_params.merged(parse_params(raw.get("params"), f"{where} params", p))
         max_seconds = max_seconds_field(raw, where, p)
+        start, end = time_fields(raw, where, p)
+        fit = parse_fit(raw.get("fit"), where, p, job_fit)
         raw_out = raw.get("output")
         given = raw_out is not None
         if not given:
@@ -211,12 +217,35 @@ def parse_new(data: dict, base: str, out: str, p: Problems, source: str | None, 
             raw_out = f"{seg_id}.wav" if seg_id is not None and not duplicate_id else None
         output = outputs.resolve(raw_out, where, "output", ".wav", given=given)
         if seg_id is not None and speaker is not None and text is not None and output is not None:
-            segments.append(Segment(seg_id, speaker, text, output, params, i, max_seconds=max_seconds))
+            segments.append(Segment(seg_id, speaker, text, output, params, i, max_seconds=max_seconds, start=start,
+                                    end=end, fit=fit))
     p.item = None
+    segments = _fitted(segments, outputs, p)
+    if any(s.start is not None for s in segments):  # the film's track (fishmp/running/track.py) is written there
+        outputs.resolve("track.wav", "job", "the film's track (written because segments have a start)", ".wav")
     outputs.check_collisions([(f'speaker "{s.id}"', "prompt_tokens" if s.prompt_tokens else "reference_audio",
                                s.reference_path) for s in speakers.values()])
     speakers, kept, skipped = _keep(segments, speakers, p, skip, source)
-    return Job(speakers, kept, out, None, None, source, skipped, len(raw_segments), _invalid(p, ids, segments, speakers))
+    return Job(speakers, kept, out, None, None, source, skipped, len(raw_segments), _invalid(p, ids, segments, speakers),
+               video_seconds)
+
+
+def _fitted(segments: list[Segment], outputs: Outputs, p: Problems) -> list[Segment]:
+    """Each segment with its slot resolved (fit None when it is not fitted), and the raw take's file of every fitted
+    one claimed among the outputs (it must not be another segment's output)."""
+    slots = fit_slots([(s.max_seconds, s.start, s.end, s.fit) for s in segments])  # type: ignore[misc]
+    out = []
+    for seg, slot in zip(segments, slots, strict=True):
+        seg = dataclasses.replace(seg, fit=seg.fit if slot is not None else None, slot=slot)
+        if seg.raw_output is not None:
+            p.item = ("item", seg.order)
+            rel = os.path.relpath(seg.raw_output, outputs.out)
+            if outputs.resolve(rel, f'segment "{seg.id}"', "output (its raw take, kept beside the fitted one)",
+                               ".wav") is None:
+                continue
+        out.append(seg)
+    p.item = None
+    return out
 
 
 def parse_generate(data: dict, base: str, out: str, p: Problems, source: str | None, skip: bool) -> Job:

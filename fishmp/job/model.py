@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .fitting import FitSettings
 from .params import Params
 
 # A stored voice's name (fishmp serve's reference store): a name, never a path (upstream had a traversal through it).
@@ -48,6 +49,20 @@ class Segment:
     order: int  # position in the job file (0-based)
     legacy_index: int | None = None  # segment_index of the legacy generate config
     max_seconds: float | None = None  # subtitle slot: a longer take fails the take check (fishmp/worker/takes.py)
+    start: float | None = None  # where the line starts in the video (seconds); the film's track places it there
+    end: float | None = None  # where the original line ends: end - start is the slot when max_seconds is not given
+    fit: FitSettings | None = None  # None: not fitted (no slot, fitting off, a legacy config); else the settings...
+    slot: float | None = None  # ...and the slot it is fitted to (seconds; borrow_gap may extend it)
+
+    @property
+    def raw_output(self) -> str | None:
+        """Where a fitted segment's raw take is kept, beside the fitted wav (None when not fitted)."""
+        return raw_take_path(self.output) if self.fit is not None else None
+
+
+def raw_take_path(output: str) -> str:
+    """`x.wav` -> `x.raw.wav`: the raw take of a fitted line, kept for review."""
+    return output[: -len(".wav")] + ".raw.wav"
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class Job:
     items: int | None = None  # segments (tasks) the file lists, skipped ones included; None: len(segments)
     # The same, one entry per problem for manifest.json's "invalid": {"id", "index", "speaker", "reason"} (keys known)
     invalid: tuple[dict[str, Any], ...] = ()
+    video_seconds: float | None = None  # the film's length: the track (track.wav) is at least this long
 
 
 @dataclass(frozen=True)
@@ -112,5 +128,7 @@ def segment_fingerprint(segment: Segment, speaker_fingerprint: str, engine_finge
         "speaker": speaker_fingerprint,
         "engine": engine_fingerprint,
     }
+    if segment.fit is not None:  # only fitted segments: an unfitted one keeps the fingerprint it had before fitting
+        payload["fit"] = {**segment.fit.to_dict(), "slot": segment.slot}
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -23,7 +23,7 @@ from ..job import Job, JobError, Segment, Speaker, reference_fingerprint, segmen
 from ..worker.files import remove_temp_files, wav_ok
 from ..worker.protocol import Done, Failed, SegmentTask, SpeakerRef
 from ..worker.references import cache_dir_problem
-from . import results
+from . import results, track
 from .amend import Amendment, Amendments, Edit
 from .delivery import EventDelivery
 from .delivery import current as current_delivery
@@ -205,6 +205,8 @@ class JobRun:
             args["solo"] = True
         if seg.max_seconds is not None:
             args["max_seconds"] = seg.max_seconds
+        if seg.fit is not None:  # fitted: the settings, the slot and where the raw take goes (fishmp/worker/fit.py)
+            args["fit"] = {**seg.fit.to_dict(), "slot": seg.slot, "raw_output": seg.raw_output}
         return SegmentTask(self.gid(seg.id), seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output,
                            **args)
 
@@ -239,7 +241,7 @@ class JobRun:
             "done", round(msg.audio_seconds, 3), round(msg.synthesis_seconds, 3), msg.tokens)
         rec.worker, rec.device, rec.finished_at = h.id, h.device, time.time()
         rec.attempts, rec.error, rec.error_kind = self.sched.tasks[sid].attempts + 1, None, None
-        take = results.take_fields(getattr(msg, "take", None))  # the take check's record (fishmp/worker/takes.py)
+        take = results.take_fields(getattr(msg, "take", None), getattr(msg, "fit", None))  # takes.py, fit.py
         for name, value in take.items():
             setattr(rec, name, value)
         self.emit(make_event("segment_done", id=sid, path=msg.path, audio_seconds=rec.audio_seconds,
@@ -300,6 +302,8 @@ class JobRun:
         gpus = self.gpu_stats.summary() if self.gpu_stats else {}  # telemetry: peak/mean per GPU, {} without one
         if gpus and isinstance(getattr(self.manifest, "summary", None), dict):
             self.manifest.summary["gpus"] = gpus
+        if self.stop_signal is None:  # the film's track, when the job places its lines
+            track.finish(self.job, self.manifest, self.emit)
         try:
             dirs = {os.path.dirname(s.output) for s in self.job.segments} | {self.job.output_dir}
             remove_temp_files(dirs, worker_pids)  # first: on a full disk that may be the room the manifest needs

@@ -66,18 +66,28 @@ class SegmentRecord:
     kept_take: int | None = None  # index of the kept take in `takes`
     takes: list[dict] | None = None  # every take tried: passed, reasons, duration_s, expected_s, rms, ... seed
     over_slot_s: float | None = None  # the kept take is this much longer than the segment's max_seconds
+    # The fit (fishmp/worker/fit.py; absent when not fitted): slot_s, raw_s, trimmed_s, shortened_s, final_s, speed,
+    # speed_needed, loudness_before/after, true_peak_db, raw (the raw take's wav), fit_ms, and `overrun`
+    # ({"needed_speed", "over_s"}) when even max_speed left it over its slot: then the segment is suspect too.
+    fit: dict | None = None
     # Human review (fishmp/running/review.py): the takes written before a retake replaced them, and the decision on
     # the current take ({"decision": "accepted", "at", "by"?}). Absent in manifests from before review existed.
     history: list[dict] | None = None
     review: dict | None = None
 
 
-def take_fields(take: dict | None) -> dict[str, Any]:
-    """SegmentRecord fields from a Done's take record (None: takes were not checked, every field cleared)."""
+def take_fields(take: dict | None, fit: dict | None = None) -> dict[str, Any]:
+    """SegmentRecord fields from a Done's take record (None: takes were not checked, every field cleared) and its fit
+    record (None: not fitted). A fitted line that overruns its slot is suspect, whatever its takes."""
     if not take:
-        return {"suspect": None, "seed": None, "kept_take": None, "takes": None, "over_slot_s": None}
-    return {"suspect": bool(take.get("suspect")), "seed": take.get("seed"), "kept_take": take.get("kept"),
-            "takes": take.get("takes"), "over_slot_s": take.get("over_slot_s")}
+        out: dict[str, Any] = {"suspect": None, "seed": None, "kept_take": None, "takes": None, "over_slot_s": None}
+    else:
+        out = {"suspect": bool(take.get("suspect")), "seed": take.get("seed"), "kept_take": take.get("kept"),
+               "takes": take.get("takes"), "over_slot_s": take.get("over_slot_s")}
+    out["fit"] = fit or None
+    if fit and fit.get("overrun"):
+        out["suspect"] = True
+    return out
 
 
 def suspect_count(records: dict[str, SegmentRecord]) -> int:

@@ -23,10 +23,10 @@ from .results import Manifest, SegmentRecord
 TAKES_DIR = ".takes"  # hidden: the output directory keeps one wav per segment, as apps reading it expect
 # What a replaced take keeps in its history entry: the fields that describe one written take.
 TAKE_FIELDS = ("seed", "suspect", "kept_take", "takes", "over_slot_s", "audio_seconds", "synthesis_seconds", "tokens",
-               "worker", "device", "finished_at", "review")
+               "worker", "device", "finished_at", "review", "fit")
 # What a retake copies from its own run's record onto the segment's.
 RETAKE_FIELDS = ("audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "finished_at", "suspect", "seed",
-                 "kept_take", "takes", "over_slot_s")
+                 "kept_take", "takes", "over_slot_s", "fit")
 
 
 class ReviewError(Exception):
@@ -139,6 +139,11 @@ def adopt_retake(manifest: Manifest, sid: str, output_dir: str, new: SegmentReco
     _place(new.path, rec.path)
     for name in RETAKE_FIELDS:
         setattr(rec, name, getattr(new, name))
+    raw = (rec.fit or {}).get("raw")
+    if raw and os.path.isfile(raw):  # a fitted retake's raw take goes beside the segment's wav too (x.raw.wav)
+        dst = rec.path[: -len(".wav")] + ".raw.wav" if rec.path.lower().endswith(".wav") else rec.path + ".raw.wav"
+        _place(raw, dst)
+        rec.fit = {**rec.fit, "raw": dst}
     if rec.seed is None:
         rec.seed = seed  # takes unchecked: the take used the seed it was asked for
     rec.status, rec.error, rec.error_kind, rec.review, rec.history = "done", None, None, None, history

@@ -7,7 +7,9 @@
     GET    /v1/jobs/{id}/events                     server-sent events: `id: N`, `event: <kind>`, `data: <event JSON>`
     GET    /v1/jobs/{id}/segments/{segment_id}      the segment's wav (409 until it is done)
     GET    /v1/jobs/{id}/manifest                   manifest.json
-    GET    /v1/jobs/{id}/archive                    a zip of the wavs done so far and manifest.json
+    GET    /v1/jobs/{id}/archive                    a zip of the wavs done so far and manifest.json (and the track)
+    GET    /v1/jobs/{id}/track                      the film's track.wav (?format=srt: track.srt), server/fit_api.py
+    GET    /v1/jobs/{id}/segments/{sid}/raw         a fitted segment's raw take (server/fit_api.py)
     DELETE /v1/jobs/{id}                            cancel: running segments get FISH_SHUTDOWN_GRACE_S
 
 The event stream starts at the job's first event (a late reader misses nothing), or after `Last-Event-ID` (the
@@ -28,6 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..worker.files import new_temp
+from . import fit_api
 from .bodies import JSON, read_object
 from .errors import ApiError
 from .jobstore import JobStore, StoredJob
@@ -140,6 +143,8 @@ def _zip(sj: StoredJob) -> str:
                 z.write(path, os.path.relpath(os.path.realpath(path), out))
         if os.path.isfile(os.path.join(out, "manifest.json")):
             z.write(os.path.join(out, "manifest.json"), "manifest.json")
+        for name in fit_api.track_files(out):  # the film's track, when the job places its lines
+            z.write(os.path.join(out, name), name)
     return tmp
 
 
@@ -158,5 +163,6 @@ ROUTES = [
     Route("/v1/jobs/{job_id}/events", events, methods=["GET"]),
     Route("/v1/jobs/{job_id}/manifest", manifest, methods=["GET"]),
     Route("/v1/jobs/{job_id}/archive", archive, methods=["GET"]),
+    *fit_api.ROUTES,  # the track, a fitted segment's raw take: before the segment route, which would take them
     Route("/v1/jobs/{job_id}/segments/{segment_id:path}", segment, methods=["GET"]),
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 TERMINAL = ("done", "failed", "cancelled")
 DONE_FIELDS = ("path", "audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect",
-               "takes", "kept_take", "seed", "over_slot_s")
+               "takes", "kept_take", "seed", "over_slot_s", "fit")
 TAKE_FIELDS = (*DONE_FIELDS[1:], "history", "review")  # what a retake replaces (the path stays the segment's)
 
 

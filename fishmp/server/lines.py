@@ -56,12 +56,13 @@ def chunks(text: str, chunk_length: int) -> list[str]:
 class LineRun:
     """A submitted line; `segment(i)` waits for chunk i's wav path."""
 
-    def __init__(self, state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any]) -> None:
+    def __init__(self, state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any],
+                 segment: dict[str, Any] | None = None) -> None:
         self.state = state
         self.dir = os.path.join(state.data_dir, "lines", uuid.uuid4().hex)
         self.ids = [f"{i + 1:04d}" for i in range(len(texts))]
         data = {"speakers": {voice.speaker_id: {"reference_audio": voice.path, "reference_text": voice.text}},
-                "segments": [{"id": sid, "speaker": voice.speaker_id, "text": t, "params": params}
+                "segments": [{"id": sid, "speaker": voice.speaker_id, "text": t, "params": params, **(segment or {})}
                              for sid, t in zip(self.ids, texts, strict=True)]}
         try:
             job = job_from_dict(data, state.data_dir, self.dir)

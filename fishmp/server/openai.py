@@ -4,7 +4,8 @@ accept there (vllm-omni, sglang-omni) and VideoLingo sends.
 The voice, first found wins: `ref_audio` (base64 or a data URL; needs `ref_text`), `references[0]` (`audio` as
 base64 or a data URL, or `audio_path`: a file on this server, only inside --root), then `voice` as a stored
 reference id (a string, or {"id": ...}). `model` is accepted and not checked (the server has one model);
-`instructions` is ignored; `speed` other than 1.0 and `stream_format: "sse"` are refused (400, saying so).
+`instructions` is ignored; `stream_format: "sse"` is refused (400, saying so). `speed` (0.25-4.0) and fishmp's
+`max_seconds` are applied (prosody.py).
 `response_format` defaults to mp3, as OpenAI's does; aac is not available.
 """
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import prosody
 from .bodies import JSON, read_object
 from .errors import ApiError
 from .lines import check_max_new_tokens, check_text
@@ -74,9 +76,7 @@ async def speech(request: Request) -> Response:
         req = SpeechRequest.model_validate(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid request", validation_detail(exc)) from None
-    if req.speed != 1.0:
-        raise ApiError(400, "speed not supported", f"speed {req.speed:g}: only 1.0 for now (fishmp does not "
-                       "time-stretch)")
+    tone = prosody.openai(body, req.speed, set(SpeechRequest.model_fields))  # speed, max_seconds (prosody.py)
     if req.stream_format == "sse":
         raise ApiError(400, "stream_format not supported", "stream_format \"sse\" is not available; leave it out "
                        "for the whole file")
@@ -86,7 +86,7 @@ async def speech(request: Request) -> Response:
     check_max_new_tokens(req.max_new_tokens)
     ref_id, refs, what = _reference(state, req)
     voice = await voice_for(state, ref_id, refs, what)
-    return await answer(state, request, voice, req.input, sampling(req), req.response_format)
+    return await answer(state, request, voice, req.input, sampling(req), req.response_format, tone=tone)
 
 
 async def models(request: Request) -> Response:

@@ -44,6 +44,14 @@ def _api_error(exc: Exception) -> ApiError:
     return ApiError(500, "manifest not written", str(exc))
 
 
+def _slot(segment: Any) -> dict[str, Any]:
+    """A retake is fitted as its segment is (the same settings and slot: fishmp/job/fitting.py), or judged by its
+    max_seconds alone when the segment is not fitted."""
+    if segment.fit is not None:
+        return {"max_seconds": segment.slot, "fit": {**segment.fit.to_dict(), "borrow_gap": False}}
+    return {"max_seconds": segment.max_seconds, "fit": False} if segment.max_seconds is not None else {}
+
+
 class Review:
     def __init__(self, state: ServerState, jobs: JobStore) -> None:
         self.state, self.jobs = state, jobs
@@ -101,7 +109,7 @@ class Review:
         data = {"speakers": {segment.speaker: resolved["speakers"][segment.speaker]},
                 "segments": [{"id": sid, "speaker": segment.speaker, "text": segment.text, "output": "take.wav",
                               "params": {**segment.params.to_dict(), "seed": seed},
-                              **({"max_seconds": segment.max_seconds} if segment.max_seconds is not None else {})}]}
+                              **_slot(segment)}]}
         failures: dict[str, dict] = {}
         try:
             job = job_from_dict(data, sj.dir, directory)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from . import formats
+from . import formats, prosody
 from .bodies import MULTIPART, URLENCODED, as_list, read_fields
 from .errors import ApiError
 from .lines import ClientGone, LineRun, check_max_new_tokens, check_text, chunks
@@ -57,9 +57,11 @@ async def parse_request(request: Request, state: ServerState) -> TTSRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid request", f"the body must be an object with text, not {type(body).__name__}")
     try:
-        return TTSRequest.model_validate(body)
+        req = TTSRequest.model_validate(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid request", validation_detail(exc)) from None
+    request.state.prosody = prosody.fish(body, set(TTSRequest.model_fields))  # speed, volume...: prosody.py
+    return req
 
 
 async def voice_for(state: ServerState, reference_id: str | None, refs: list[tuple[bytes, str]],
@@ -93,49 +95,59 @@ def sampling(req: Any) -> dict[str, Any]:
 
 
 async def answer(state: ServerState, request: Request, voice: Voice, text: str, params: dict[str, Any], fmt: str,
-                 stream_chunk_length: int | None = None) -> Response:
-    """Run the line and answer with its audio in `fmt` (streamed as WAV when `stream_chunk_length` is set)."""
+                 stream_chunk_length: int | None = None, tone: prosody.Prosody | None = None) -> Response:
+    """Run the line and answer with its audio in `fmt` (streamed as WAV when `stream_chunk_length` is set), at the
+    speed, volume and sample rate of `tone` (prosody.py)."""
+    tone = tone or prosody.Prosody()
     if problem := formats.unavailable(fmt):
         raise ApiError(400, "unsupported format", problem)
     if stream_chunk_length is not None:
-        return _stream(state, voice, chunks(text, stream_chunk_length), params)
-    run = LineRun(state, voice, [text], params)
+        if tone.max_seconds is not None:
+            raise ApiError(400, "max_seconds needs the whole line", "max_seconds cannot be used with streaming")
+        return _stream(state, voice, chunks(text, stream_chunk_length), params, tone)
+    run = LineRun(state, voice, [text], params, tone.segment_fields())
     try:
         path = await run.segment(0, request)
-        body = await asyncio.to_thread(_file_body, path, fmt)
+        body = await asyncio.to_thread(_file_body, path, fmt, tone)
     except ClientGone:
         log.info("[Serve] client disconnected: its line was cancelled")
         return Response(status_code=499)
     finally:
         run.close()
-    headers = {"Content-Disposition": formats.disposition(fmt)}
+    headers = {"Content-Disposition": formats.disposition(fmt), **tone.headers()}
     if run.suspect:
         headers["X-Fishmp-Suspect"] = "true"
     return Response(body, media_type=formats.CONTENT_TYPES[fmt], headers=headers)
 
 
-def _file_body(path: str, fmt: str) -> bytes:
-    if fmt == "wav":  # fishmp's wavs are already 16-bit mono at the model's rate
+def _file_body(path: str, fmt: str, tone: prosody.Prosody) -> bytes:
+    if fmt == "wav" and not tone.changes_audio:  # fishmp's wavs are already 16-bit mono at the model's rate
         with open(path, "rb") as f:
             return f.read()
-    return formats.encode(formats.read_wav(path), fmt)
+    samples, rate = prosody.apply(formats.read_wav(path), formats.SAMPLE_RATE, tone)
+    return formats.encode(samples, fmt, rate)
 
 
-def _stream(state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any]) -> Response:
+def _stream(state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any],
+            tone: prosody.Prosody) -> Response:
     run = LineRun(state, voice, texts, params)
+
+    def chunk(path: str) -> bytes:
+        return prosody.apply(formats.read_wav(path), formats.SAMPLE_RATE, tone)[0].astype("<i2").tobytes()
 
     async def body() -> Any:
         try:
-            yield formats.wav_stream_header()
+            yield formats.wav_stream_header(tone.sample_rate or formats.SAMPLE_RATE)
             for i in range(len(texts)):
                 path = await run.segment(i)  # a disconnect cancels this generator (Starlette), then `finally`
-                yield (await asyncio.to_thread(formats.read_wav, path)).astype("<i2").tobytes()
+                yield await asyncio.to_thread(chunk, path)
         except ApiError as exc:  # the header is out: all a stream can do is end early
             log.error("[Serve] streaming line ended early: %s: %s", exc.error, exc.detail)
         finally:
             run.close()
 
-    return StreamingResponse(body(), media_type="audio/wav", headers={"Content-Disposition": formats.disposition("wav")})
+    return StreamingResponse(body(), media_type="audio/wav", headers={"Content-Disposition": formats.disposition("wav"),
+                                                                      **tone.headers()})
 
 
 async def tts(request: Request) -> Response:
@@ -148,4 +160,4 @@ async def tts(request: Request) -> Response:
         raise ApiError(400, "streaming needs wav", "Streaming only supports WAV format")
     voice = await voice_for(state, req.reference_id, [(r.audio, r.text) for r in req.references])
     return await answer(state, request, voice, req.text, sampling(req), req.format,
-                        req.chunk_length if req.streaming else None)
+                        req.chunk_length if req.streaming else None, request.state.prosody)

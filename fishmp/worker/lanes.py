@@ -308,22 +308,34 @@ class LaneRunner:
     def _judge(self, task: SegmentTask, audio: Audio) -> Audio | None:
         """Check a finished take. None: it failed and is retried (task back at the head of the backlog with seed +
         attempt, rejoining its speaker's session as a row); else the take to write (the first that passed, or the
-        best of FISH_TAKE_RETRIES + 1) carrying its take record."""
+        best of FISH_TAKE_RETRIES + 1) carrying its take record.
+
+        A fitted segment (task.fit) is judged without its slot (the fit makes it fit) and keeps, of the takes that
+        passed, the one needing the least stretch; when even that needs more than max_speed, up to the fit's
+        `retries` more seeds are tried first (fishmp/worker/takes.py wants_another_take)."""
         if not self.take_check:
             return audio
+        from .takes import speed_needed, wants_another_take  # the fit-aware take choice
+
         limits = self.take_limits
-        state = self.takes.setdefault(task.id, _Takes(task.params.get("seed")))
+        fit = getattr(task, "fit", None)
+        state = self.takes.setdefault(task.id, _Takes(task.params.get("seed"), fit))
         if task.speaker not in self.rates and len(self.rates) >= 256:  # bounded: a long-lived pool sees many voices
             self.rates.pop(next(iter(self.rates)))
         rate = self.rates.setdefault(task.speaker, RateModel(limits.learn_after))
         seed = task.params.get("seed")
         verdict = check_take(audio.samples, audio.sample_rate, audio.tokens,
                              task.params.get("max_new_tokens", SynthesisParams().max_new_tokens), task.text,
-                             rate.expected_seconds(task.text), limits, getattr(task, "max_seconds", None), seed)
+                             rate.expected_seconds(task.text), limits,
+                             None if fit else getattr(task, "max_seconds", None), seed)
+        if fit:
+            verdict.numbers["speed_needed"] = round(speed_needed(audio.samples, audio.sample_rate, fit), 4)
         state.add(verdict, audio, seed)
         if verdict.passed:
             rate.accept(task.text, audio.seconds)
-        elif len(state.verdicts) <= limits.retries:
+        fit_retry = bool(fit) and wants_another_take(state.verdicts, fit, state.fit_tries)
+        if fit_retry or (not verdict.passed and not state.any_passed and len(state.verdicts) <= limits.retries):
+            state.fit_tries += fit_retry
             params = {**task.params, "seed": retry_seed(state.base_seed, len(state.verdicts))}
             cap = retry_max_new_tokens(verdict, limits)  # a runaway's retry stops where it would fail anyway
             if cap is not None and cap < params.get("max_new_tokens", SynthesisParams().max_new_tokens):
@@ -333,6 +345,8 @@ class LaneRunner:
             return None
         self.takes.pop(task.id, None)
         record = take_record(state.verdicts, state.best, state.seeds)
+        if fit:
+            record["fit_tries"] = state.fit_tries  # extra seeds tried for a take that fits within max_speed
         best = state.audio
         return KeptTake(best.samples, best.sample_rate, best.tokens, take=record)
 
@@ -363,16 +377,24 @@ class KeptTake(Audio):
 class _Takes:
     """A segment's takes so far; only the best one's audio is kept in memory."""
 
-    def __init__(self, base_seed: int | None) -> None:
+    def __init__(self, base_seed: int | None, fit: dict[str, Any] | None = None) -> None:
         self.base_seed = base_seed
+        self.fit = fit  # a fitted segment: the take needing the least stretch is the best (takes.py fitted_index)
+        self.fit_tries = 0  # seeds tried only because the best take needed more than max_speed
         self.verdicts: list[Verdict] = []
         self.seeds: list[int | None] = []
         self.best = 0
         self.audio: Audio | None = None
 
+    @property
+    def any_passed(self) -> bool:
+        return any(v.passed for v in self.verdicts)
+
     def add(self, verdict: Verdict, audio: Audio, seed: int | None) -> None:
+        from .takes import fitted_index
+
         self.verdicts.append(verdict)
         self.seeds.append(seed)
-        best = best_index(self.verdicts)
+        best = fitted_index(self.verdicts, self.fit) if self.fit else best_index(self.verdicts)
         if best == len(self.verdicts) - 1 or self.audio is None:
             self.best, self.audio = best, audio

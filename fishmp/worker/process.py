@@ -258,9 +258,15 @@ class _SegmentRunner:
                 if not np.isfinite(payload.samples).all():  # NaN/inf become full-scale spikes in 16-bit PCM
                     self._not_audio(task, getattr(payload, "take", None))
                     continue
-                write_wav(task.output, payload.samples, payload.sample_rate)
-                self.send(Done(self.worker_id, task.id, task.output, payload.seconds, busy_s, payload.tokens,
-                               getattr(payload, "take", None)))
+                samples, seconds, fitted = payload.samples, payload.seconds, None
+                if getattr(task, "fit", None):  # here, off the decode loop: fitting never stalls a batch
+                    from .fit import fit_take
+
+                    samples, fitted = fit_take(payload.samples, payload.sample_rate, task.fit)
+                    seconds = len(samples) / payload.sample_rate
+                write_wav(task.output, samples, payload.sample_rate)
+                self.send(Done(self.worker_id, task.id, task.output, seconds, busy_s, payload.tokens,
+                               getattr(payload, "take", None), fitted))
             except OSError as exc:  # disk full, permissions: the temp file is already removed
                 target = task.output if isinstance(task, SegmentTask) else task.output_npy
                 self._fail(task.id, "write_error", f"cannot write {target}: {exc.strerror or exc}")

@@ -32,6 +32,10 @@ class SegmentTask:
     output: str
     solo: bool = False  # run in a session of its own: an earlier attempt died with its worker (maybe in a batch)
     max_seconds: float | None = None  # the segment's subtitle slot: a longer take fails the take check
+    # The fit (fishmp/job/fitting.py FitSettings fields, plus "slot" and "raw_output"): None = not fitted. The writer
+    # keeps the raw take at raw_output and writes the fitted one (fishmp/worker/fit.py); the take check then judges
+    # the slot through the fit-aware take choice instead of over_slot.
+    fit: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class Done:
     # The take check (fishmp/worker/takes.py): {"tried", "kept", "seed", "suspect", "takes": [verdicts], "over_slot_s"?};
     # None when takes are not checked (FISH_TAKE_CHECK=false, encode tasks).
     take: dict[str, Any] | None = None
+    # The fit's record (fishmp/worker/fit.py fit_line: slot_s, raw_s, trimmed_s, final_s, speed, loudness_before/after,
+    # overrun?, raw, fit_ms); None when the segment is not fitted.
+    fit: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

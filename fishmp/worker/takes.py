@@ -226,3 +226,37 @@ def take_record(verdicts: list[Verdict], kept: int, seeds: list[int | None]) -> 
     if over:
         rec["over_slot_s"] = over
     return rec
+
+
+# ---- the fit-aware take choice (a fitted segment, SegmentTask.fit) -------------------------------------------------
+def speed_needed(samples: np.ndarray, sample_rate: int, fit: dict[str, Any]) -> float:
+    """The speed a take needs to fit its slot once its ends are trimmed and its long pauses shortened (what the writer's
+    fit does before stretching, fishmp/worker/fit.py): how much stretch this take would cost."""
+    from .silence import shape
+
+    if not len(samples) or sample_rate <= 0:
+        return 0.0
+    x = np.nan_to_num(np.asarray(samples, dtype=np.float32))
+    shaped = shape(x, sample_rate, float(fit["slot"]), float(fit["pad_s"]), float(fit["max_pause_s"]))
+    return shaped.seconds / float(fit["slot"])
+
+
+def fitted_index(verdicts: list[Verdict], fit: dict[str, Any]) -> int:
+    """The take to keep for a fitted segment: of the takes that passed, the one needing the least stretch (ties: the
+    earlier); when none passed, the take check's own choice (best_index)."""
+    from ..job.fitting import settings_from, stretch_cost
+
+    settings = settings_from(fit)
+    passed = [i for i, v in enumerate(verdicts) if v.passed]
+    if not passed or not settings.choose_take:
+        return best_index(verdicts)
+    return min(passed, key=lambda i: (stretch_cost(verdicts[i].numbers["speed_needed"], settings), i))
+
+
+def wants_another_take(verdicts: list[Verdict], fit: dict[str, Any], fit_tries: int) -> bool:
+    """A fitted segment's take passed the check but even its best take needs more than max_speed: try another seed
+    (up to the fit's `retries`) before stretching beyond the cap."""
+    if not fit.get("choose_take", True) or fit_tries >= int(fit.get("retries", 0)):
+        return False
+    best = fitted_index(verdicts, fit)
+    return verdicts[best].passed and verdicts[best].numbers["speed_needed"] > float(fit["max_speed"])

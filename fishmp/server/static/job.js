@@ -9,7 +9,7 @@ const jobId = decodeURIComponent(location.pathname.replace(/^\/jobs\//, ""));
 const base = `/v1/jobs/${encodeURIComponent(jobId)}`;
 const segPath = (sid) => `${base}/segments/${sid.split("/").map(encodeURIComponent).join("/")}`;
 const DONE_FIELDS = ["audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect", "takes",
-                     "kept_take", "seed", "over_slot_s"];
+                     "kept_take", "seed", "over_slot_s", "fit"];
 const FILTERS = { all: () => true, suspect: (s) => s.status === "done" && s.suspect, failed: (s) => s.status === "failed",
                   pending: (s) => s.status === "pending" };
 
@@ -104,6 +104,19 @@ function historyList(entry) {
   return details;
 }
 
+// The fit (docs/dubbing.md): the speed its slot took, or the overrun; the raw take plays on demand.
+function fitFact(s) {
+  const f = s.fit;
+  const text = f.overrun ? `overrun: needs ×${f.overrun.needed_speed} (×${f.speed} applied)`
+                         : `fitted ×${f.speed} to ${fmtSeconds(f.slot_s)}`;
+  const raw = el("button", { type: "button", class: "small", "data-action": "raw", text: "raw take",
+    title: `The take before the fit (${fmtSeconds(f.raw_s)})`, onclick: async () => {
+      const audio = el("audio", { controls: true, preload: "auto", src: await audioURL(`${segPath(s.id)}/raw`) });
+      raw.replaceWith(audio);
+    } });
+  return el("span", { class: f.overrun ? "warn" : "muted", "data-field": "fit" }, text, " ", raw);
+}
+
 function renderSeg(entry) {
   const s = entry.data;
   const kept = keptTake(s);
@@ -129,6 +142,7 @@ function renderSeg(entry) {
   }
   if (s.seed !== undefined && s.seed !== null) facts.push(el("span", { class: "muted", text: `seed ${s.seed}` }));
   if (s.over_slot_s) facts.push(el("span", { class: "warn", text: `${fmtSeconds(s.over_slot_s)} over its slot` }));
+  if (s.fit) facts.push(fitFact(s));
 
   const notes = [];
   if (s.error) notes.push(el("p", { class: "error", text: `${s.error_kind || "failed"}: ${s.error}` }));
