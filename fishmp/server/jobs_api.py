@@ -17,7 +17,6 @@ header, or `?last_event_id=`), and ends after the job's last `finished`; a comme
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import zipfile
 from typing import Any
@@ -29,8 +28,8 @@ from starlette.routing import Route
 
 from ..worker.files import new_temp
 from .bodies import JSON, read_object
-from .errors import ApiError
-from .jobstore import JobStore, StoredJob
+from .errors import ApiError, scrub
+from .jobstore import JobStore, StoredJob, json_text
 from .state import ServerState
 
 KEEPALIVE_S = 15.0
@@ -49,7 +48,7 @@ async def create(request: Request) -> Response:
     state: ServerState = request.app.state.server
     state.check_accepting()
     body = await read_object(request, (JSON,))
-    sj = state.jobs.create(body)
+    sj = await state.jobs.create(body)
     segments = [{k: s[k] for k in ("id", "speaker", "text", "status")} for s in sj.view.segments.values()]
     return JSONResponse({"id": sj.id, "status": sj.view.status, "segments": segments}, status_code=202,
                         headers={"Location": f"/v1/jobs/{sj.id}"})
@@ -60,7 +59,13 @@ async def listing(request: Request) -> Response:
 
 
 async def detail(request: Request) -> Response:
-    return JSONResponse(_job(request).view.detail())
+    view = _job(request).view.detail()
+    state: ServerState = request.app.state.server
+    view["error"] = scrub(view["error"], state)
+    for seg in view["segments"]:
+        if "error" in seg:
+            seg["error"] = scrub(seg["error"], state)
+    return JSONResponse(view)
 
 
 async def cancel(request: Request) -> Response:
@@ -69,7 +74,7 @@ async def cancel(request: Request) -> Response:
 
 
 def _sse(index: int, ev: dict) -> bytes:
-    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {json.dumps(ev, ensure_ascii=False)}\n\n".encode()
+    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {json_text(ev)}\n\n".encode()
 
 
 async def events(request: Request) -> Response:
@@ -90,8 +95,8 @@ async def events(request: Request) -> Response:
                 if sj.final_at(index):
                     return
                 index += 1
-            if sj.view.over and state.stopping:
-                return  # the server is going down and this job will not run again here
+            if sj.view.over and (state.stopping or (index >= len(sj.events) and not sj.view.retaking)):
+                return  # going down, or resumed past the end of a job that is over: no event will come
             try:
                 await asyncio.wait_for(waiter.wait(), KEEPALIVE_S)
             except asyncio.TimeoutError:

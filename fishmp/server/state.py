@@ -35,6 +35,11 @@ class QueueGate:
         self._finished: collections.deque[float] = collections.deque()
 
     def admit(self, n: int) -> None:
+        self.check(n)
+        self.outstanding += n
+
+    def check(self, n: int) -> None:
+        """The 400 / 429 that admitting `n` segments now would raise (nothing admitted)."""
         if n > self.limit:
             raise ApiError(400, "too many segments", f"{n} segments in one request; this server queues at most "
                            f"{self.limit} (FISH_SERVE_MAX_QUEUED)")
@@ -42,7 +47,6 @@ class QueueGate:
             wait = self.retry_after(self.outstanding + n - self.limit)
             raise ApiError(429, "queue full", f"{self.outstanding} segments are queued or running, the bound is "
                            f"{self.limit} (FISH_SERVE_MAX_QUEUED); retry in {wait} s", {"Retry-After": str(wait)})
-        self.outstanding += n
 
     def release(self, n: int = 1, finished: bool = True) -> None:
         self.outstanding = max(0, self.outstanding - n)
@@ -75,7 +79,7 @@ class ServerState:
     tasks: set = field(default_factory=set)  # background clean-ups, kept referenced until they end
 
     def __post_init__(self) -> None:
-        self.refs = References(self.serve.data_dir)
+        self.refs = References(self.serve.data_dir, self.serve.max_reference_s)
         self.gate = QueueGate(self.serve.max_queued)
 
     @property
