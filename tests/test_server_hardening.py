@@ -42,6 +42,22 @@ def _damaged_data_dir(data: Path) -> None:
         (d / "events.jsonl").write_text("\n".join(BAD_EVENTS) + "\n")
 
 
+ORPHAN, KEPT, YOUNG = ("a" * 64 + ".wav"), ("b" * 64 + ".wav"), ("c" * 64 + ".wav")
+
+
+def _voices_to_sweep(data: Path) -> None:
+    """An unused voice of long ago (swept at start), a stored voice's file of long ago and an unused one of now
+    (both kept)."""
+    (data / "voices").mkdir(parents=True)
+    (data / "references").mkdir(parents=True)
+    for name in (ORPHAN, KEPT, YOUNG):
+        (data / "voices" / name).write_bytes(VOICE)
+    (data / "references" / "kept.json").write_text(json.dumps({"id": "kept", "audio": KEPT, "text": "K."}))
+    old = time.time() - 3 * 3600
+    for name in (ORPHAN, KEPT):
+        os.utime(data / "voices" / name, (old, old))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-hardening")
@@ -53,6 +69,7 @@ def server(tmp_path_factory):
     np.save(root / "spk.npy", np.random.default_rng(0).integers(0, 1000, size=(10, 20)).astype(np.int64))
     (tmp / "outside.npy").write_bytes((root / "spk.npy").read_bytes())
     _damaged_data_dir(tmp / "data")
+    _voices_to_sweep(tmp / "data")
     env = synthetic_env(tmp, FISH_CPU_WORKERS="1", FISH_BATCH_SIZE="2", FISH_SHUTDOWN_GRACE_S="1",
                         FISH_SERVE_HEADER_TIMEOUT_S="2", FISH_SERVE_BODY_TIMEOUT_S="3",
                         FISH_SERVE_MAX_CONNECTIONS="40", FISH_SERVE_MAX_QUEUED="200000",
@@ -298,7 +315,10 @@ def test_slow_clients_are_cut_off(server) -> None:
     finally:
         for s in socks:
             s.close()
-    assert server.get("/v1/health").status_code == 200
+    deadline = time.monotonic() + 30  # once the server has seen them close, it answers again
+    while server.get("/v1/health").status_code != 200:
+        assert time.monotonic() < deadline, "the server did not recover from too many connections"
+        time.sleep(0.2)
 
 
 # -- 8: big bodies beside the event loop ------------------------------------------------------------------------------
@@ -394,3 +414,44 @@ def test_rough_edges(server) -> None:
     n = len(server.get(f"/v1/jobs/{job}/events", timeout=30).text.split("\n\nid: "))
     with server.get(f"/v1/jobs/{job}/events", headers={"Last-Event-ID": str(n + 50)}, timeout=30) as r:
         assert r.status_code == 200 and "event:" not in r.text  # ends at once, nothing to send
+
+
+def test_unused_voices_are_swept(server) -> None:
+    voices = set(os.listdir(server.data_dir / "voices"))
+    assert ORPHAN not in voices and {KEPT, YOUNG} <= voices
+    assert "kept" in server.get("/v1/references/list").json()["reference_ids"]
+
+
+def test_the_same_new_reference_is_checked_once(server) -> None:
+    """Issue 32, item 3: requests bringing the same new bytes at once share one check (and one refusal)."""
+    fresh, silent = wav_bytes(1.2, 180.0, seed=77), wav_bytes(1.0, 100.0, seed=1)
+    silent = silent[:44] + bytes(len(silent) - 44)  # the same header, all samples 0
+    results: list[int] = []
+
+    def add(i: int, audio: bytes, prefix: str) -> None:
+        r = requests.post(server.url("/v1/references/add"), data={"id": f"{prefix}{i}", "text": "t"},
+                          files={"audio": ("v.wav", audio)}, timeout=60)
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=add, args=(i, audio, prefix)) for i in range(5)
+               for audio, prefix in ((fresh, "same"), (silent, "mute"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200] * 5 + [400] * 5
+    import hashlib
+
+    log = server.log()
+    assert log.count(f"reference audio {hashlib.sha256(fresh).hexdigest()[:16]} ") == 1, log[-3000:]
+    assert log.count(f"reference audio {hashlib.sha256(silent).hexdigest()[:16]} ") == 1
+
+
+def test_a_damaged_manifest_is_409(server) -> None:
+    job_id = server.post("/v1/jobs", json=_job(1)).json()["id"]
+    _wait_done(server, job_id)
+    (server.data_dir / "jobs" / job_id / "out" / "manifest.json").write_text("[1, 2")
+    r = server.get(f"/v1/jobs/{job_id}/manifest")
+    assert r.status_code == 409 and r.json()["error"] == "manifest damaged", r.text
+    r = server.post(f"/v1/jobs/{job_id}/segments/s0/accept")
+    assert r.status_code == 409, r.text

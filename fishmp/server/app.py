@@ -105,9 +105,12 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
         state.review.recover()
         resumed = state.jobs.resume_all()
         log.info("[Serve] %d stored jobs, %d resumed", len(state.jobs.jobs), resumed)
+        await state.sweeper.once()
+        sweeping = asyncio.ensure_future(state.sweeper.run())
         try:
             yield
         finally:
+            sweeping.cancel()
             await _drain(state)
 
     app = Starlette(

@@ -17,6 +17,7 @@ header, or `?last_event_id=`), and ends after the job's last `finished`; a comme
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import zipfile
 from typing import Any
@@ -130,7 +131,18 @@ async def manifest(request: Request) -> Response:
     path = os.path.join(sj.out, "manifest.json")
     if not os.path.isfile(path):
         raise ApiError(404, "no manifest yet", f"job {sj.id} has not written its manifest yet")
+    if not await asyncio.to_thread(_is_json_object, path):
+        raise ApiError(409, "manifest damaged", f"job {sj.id}'s manifest.json is not a JSON object (edited or cut "
+                       "short on disk)")
     return FileResponse(path, media_type="application/json")
+
+
+def _is_json_object(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _zip(sj: StoredJob) -> str:

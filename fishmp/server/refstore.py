@@ -19,6 +19,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from ..engines.base import BadReferenceError
 from ..job.model import REFERENCE_ID
 from ..worker.files import atomic_write_bytes, new_temp
 
+log = logging.getLogger("fishmp")
 _EXTENSIONS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
 _KNOWN_EXTENSIONS = tuple(sorted(set(_EXTENSIONS.values())))
 REFUSED_KEPT = 256  # verdicts on refused audio remembered (a client retrying a bad reference is not decoded again)
@@ -113,6 +115,8 @@ class References:
 
     def _store(self, data: bytes, digest: str, what: str) -> str:
         if (known := self._known(digest)) is not None:
+            with contextlib.suppress(OSError):
+                os.utime(known)  # in use again: the sweep (sweep.py) spares recently used voices
             return known
         if digest in self._refused:
             raise ValueError(self._refused[digest].replace("\0what\0", what))
@@ -121,6 +125,7 @@ class References:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+            t0 = time.monotonic()
             try:
                 read_reference(tmp, self.max_reference_s)  # header first, then the engines' own checks
                 import soundfile as sf
@@ -128,12 +133,16 @@ class References:
                 ext = _EXTENSIONS.get(sf.info(tmp).format, "wav")
             except BadReferenceError as exc:
                 why = str(exc).replace(f"audio {tmp}", "\0what\0").replace(tmp, "\0what\0")
+                log.info("[Serve] reference audio %s (%d bytes) refused: %s", digest[:16], len(data),
+                         why.replace("\0what\0", "it"))
                 self._refused[digest] = why
                 while len(self._refused) > REFUSED_KEPT:
                     self._refused.popitem(last=False)
                 raise ValueError(why.replace("\0what\0", what)) from None
             final = os.path.join(self.voices_dir, f"{digest}.{ext}")
             os.replace(tmp, final)
+            log.info("[Serve] reference audio %s (%d bytes) checked and stored in %.2fs", digest[:16], len(data),
+                     time.monotonic() - t0)
             return final
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -20,6 +20,7 @@ from typing import Any
 from ..config import ServeSettings, Settings
 from .errors import ApiError
 from .refstore import References
+from .sweep import Sweeper
 
 INTERACTIVE_PRIORITY = 1000.0  # a single line (/v1/tts, /v1/audio/speech) next to a film job (priority 1)
 RATE_WINDOW_S = 60.0
@@ -77,9 +78,11 @@ class ServerState:
     jobs: Any = None  # jobstore.JobStore
     review: Any = None  # retakes.Review
     tasks: set = field(default_factory=set)  # background clean-ups, kept referenced until they end
+    sweeper: Sweeper = field(init=False)  # unused voices and abandoned lines (sweep.py)
 
     def __post_init__(self) -> None:
         self.refs = References(self.serve.data_dir, self.serve.max_reference_s)
+        self.sweeper = Sweeper(self.data_dir)
         self.gate = QueueGate(self.serve.max_queued)
 
     @property
