@@ -25,12 +25,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import jobs_api, pages, references_api, review_api
-from .browser import OriginCheck, SecurityHeaders, trusted_hosts
+from .browser import OriginCheck, SecurityHeaders, is_loopback, trusted_hosts
 from .errors import ApiError, CatchAll, error_response, on_api_error, on_http_exception, on_unexpected
 from .guards import BearerAuth, BodyLimit, BodyTooLarge, too_large_body
 from .jobstore import JobStore
 from .lines import clean_lines
-from .main import is_loopback
 from .metrics import Metrics, RequestLog
 from .openai import models, speech
 from .retakes import Review

@@ -16,6 +16,7 @@ clients that are not browsers (pyvideotrans, the SDKs, curl: they send no `Origi
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +27,15 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "localhost.localdomain")
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"content-security-policy", b"frame-ancestors 'none'"), (b"referrer-policy", b"same-origin")]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def trusted_hosts(host: str, configured: tuple[str, ...], loopback: bool) -> list[str]:

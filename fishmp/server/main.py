@@ -14,7 +14,6 @@ so the exit code stays 0.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -25,20 +24,13 @@ from typing import Any
 import uvicorn
 
 from ..config import ServeSettings, Settings
+from .browser import is_loopback
 from .connections import guarded_protocol
 from .datalock import DataDirBusy, lock_data_dir
 
 log = logging.getLogger("fishmp")
+__all__ = ["is_loopback", "serve", "serve_settings", "listen"]
 MIN_REMOTE_KEY_CHARS = 16  # a key other machines can guess at: 16 characters of a random token at least
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def listen(host: str, port: int) -> socket.socket:
