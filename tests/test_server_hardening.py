@@ -455,3 +455,23 @@ def test_a_damaged_manifest_is_409(server) -> None:
     assert r.status_code == 409 and r.json()["error"] == "manifest damaged", r.text
     r = server.post(f"/v1/jobs/{job_id}/segments/s0/accept")
     assert r.status_code == 409, r.text
+
+
+def test_a_worker_decodes_no_more_of_a_reference_than_it_keeps(tmp_path) -> None:
+    """The engines' read_reference (what a worker runs to encode a reference) judges the header first: the bomb costs
+    its process nothing, and a long honest file is refused from its header too."""
+    bomb = tmp_path / "bomb.flac"
+    _silence_flac(bomb, 60, 192000, 8)
+    _silence_flac(tmp_path / "long.flac", 400, 16000, 1)
+    code = ("import resource, sys\nfrom fishmp.engines.audio import read_reference\n"
+            "from fishmp.engines.base import BadReferenceError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n        read_reference(path)\n    except BadReferenceError as exc:\n        print(exc)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(bomb), str(tmp_path / "long.flac")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 3, out.stdout + out.stderr
+    assert "8 channel(s) at 192000 Hz" in lines[0] and "400.0 s long; at most 300 s" in lines[1]
+    assert int(lines[2]) < 40, f"reading the references grew the process by {lines[2]} MiB"
