@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -475,3 +476,20 @@ def test_a_worker_decodes_no_more_of_a_reference_than_it_keeps(tmp_path) -> None
     assert out.returncode == 0 and len(lines) == 3, out.stdout + out.stderr
     assert "8 channel(s) at 192000 Hz" in lines[0] and "400.0 s long; at most 300 s" in lines[1]
     assert int(lines[2]) < 40, f"reading the references grew the process by {lines[2]} MiB"
+
+
+def test_zz_a_stop_cuts_a_running_stream(server) -> None:
+    """Last in this module: it stops the shared server. A stream that SIGTERM ends is cut, not a clean 200."""
+    text = "The first sentence of this line is fine to say. The second one @@slow=30@@ takes far too long to say."
+    with server.post("/v1/tts", json={"text": text, "streaming": True, "chunk_length": 50,
+                                      "references": [{"audio": b64(VOICE), "text": "A voice."}]}, stream=True) as r:
+        assert r.status_code == 200, r.text
+        chunks = r.iter_content(4096)
+        got = next(chunks)
+        assert got[:4] == b"RIFF"
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in chunks:
+                pass
+    assert server.proc.wait(90) == 0, server.log()
+    assert "streaming line ended early: shutting down" in server.log()
