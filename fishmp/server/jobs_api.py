@@ -74,8 +74,9 @@ async def cancel(request: Request) -> Response:
     return JSONResponse({"id": sj.id, "status": "cancelling"}, status_code=202)
 
 
-def _sse(index: int, ev: dict) -> bytes:
-    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {json_text(ev)}\n\n".encode()
+def _sse(index: int, ev: dict, state: ServerState) -> bytes:
+    data = scrub(json_text(ev), state)  # a worker's error names files under the data dir: not for clients
+    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {data}\n\n".encode()
 
 
 async def events(request: Request) -> Response:
@@ -92,7 +93,7 @@ async def events(request: Request) -> Response:
         while True:
             waiter = sj.waiter()
             while index < len(sj.events):
-                yield _sse(index, sj.events[index])
+                yield _sse(index, sj.events[index], state)
                 if sj.final_at(index):
                     return
                 index += 1
