@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import ServeSettings, Settings
 from .errors import ApiError
+from .refcap import reference_cap_s
 from .refstore import References
 from .sweep import Sweeper
 
@@ -81,7 +82,7 @@ class ServerState:
     sweeper: Sweeper = field(init=False)  # unused voices and abandoned lines (sweep.py)
 
     def __post_init__(self) -> None:
-        self.refs = References(self.serve.data_dir, self.serve.max_reference_s)
+        self.refs = References(self.serve.data_dir, reference_cap_s(self.settings, self.serve.max_reference_s))
         self.sweeper = Sweeper(self.data_dir)
         self.gate = QueueGate(self.serve.max_queued)
 
