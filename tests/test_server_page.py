@@ -267,3 +267,22 @@ def test_a_phone_sized_screen_gets_one_column_and_no_sideways_scroll(browser, se
         screenshot(browser, "review-job-phone", 390, mobile=True, height=844)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_segment_id_is_one_url_piece(browser, server) -> None:
+    """Issue 31: an id is a name, put into one URL piece by the page (a "/" travels as %2F, decoded by the server
+    back into the id), so Accept reaches this job's segment. (Ids with "." / ".." pieces, which the page used to let
+    a browser resolve into another job's URL, are refused by the server: tests/test_server_hardening.py.)"""
+    body = {"speakers": {"a": {"reference_audio": data_url(wav_bytes(1.0, 150.0, seed=4)), "reference_text": "Hi."}},
+            "segments": [{"id": "ch1/0001", "speaker": "a", "text": "A clipped line. @@clipped@@", "output": "c1.wav"}]}
+    job_id = server.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while server.get(f"/v1/jobs/{job_id}").json()["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    open_page(browser, server, f"/jobs/{job_id}")
+    click(browser, seg("ch1/0001", "[data-action=accept]"))
+    wait(browser, lambda d: js(d, "return document.querySelector('.seg[data-segment-id=\"ch1/0001\"]')"
+                                  ".dataset.suspect === 'false'"), "the accepted segment")
+    (segment,) = server.get(f"/v1/jobs/{job_id}").json()["segments"]
+    assert segment["id"] == "ch1/0001" and segment["suspect"] is False and segment["review"]["decision"] == "accepted"

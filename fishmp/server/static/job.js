@@ -7,12 +7,10 @@ import { gpuChart } from "/static/chart.js";
 
 const jobId = decodeURIComponent(location.pathname.replace(/^\/jobs\//, ""));
 const base = `/v1/jobs/${encodeURIComponent(jobId)}`;
-// A segment id is a name, never path pieces: "/" travels as %2F, and an id that is only dots (which a browser would
-// resolve as "..", even encoded) is refused (the server refuses such ids too).
-const segPath = (sid) => {
-  if (/^\.+$/.test(sid)) throw new Error(`segment id ${JSON.stringify(sid)} cannot be put in a URL`);
-  return `${base}/segments/${encodeURIComponent(sid)}`;
-};
+// A segment id is a name, never path pieces: "/" travels as %2F. An id of dots only (a browser resolves "..", even
+// as %2E%2E; the server refuses such ids, an old job may hold one) gets a URL that names nothing (a 404), never
+// another job's.
+const segPath = (sid) => `${base}/segments/${/^\.+$/.test(sid) ? sid.replace(/\./g, "%252E") : encodeURIComponent(sid)}`;
 const DONE_FIELDS = ["audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect", "takes",
                      "kept_take", "seed", "over_slot_s"];
 const FILTERS = { all: () => true, suspect: (s) => s.status === "done" && s.suspect, failed: (s) => s.status === "failed",
