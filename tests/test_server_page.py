@@ -8,6 +8,7 @@ screenshots."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ PROBLEM = browser_problem()
 pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
 KEY = "page-key-26"
 GPU_JOB = "recorded-on-gpus"
+DAMAGED_JOB = "edited-by-hand"
 GPU_SAMPLES = 96
 DIALOGUE = [  # (id, speaker, text): the synthetic engine's markers make the bad takes
     ("s1", "alice", "Where were you last night? @@silent:3@@"),  # silent until seed 3: suspect, a retake fixes it
@@ -90,6 +92,10 @@ def recorded_gpu_job(data_dir: Path) -> None:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-page")
     recorded_gpu_job(tmp / "data")
+    damaged = tmp / "data" / "jobs" / DAMAGED_JOB  # its meta.json is not fishmp's: listed as damaged, at the bottom
+    damaged.mkdir()
+    (damaged / "meta.json").write_text("[]")
+    os.utime(damaged, (time.time() - 86400, time.time() - 86400))
     srv = Server(tmp, synthetic_env(tmp, FISH_CPU_WORKERS="1", FISH_BATCH_SIZE="2", FISH_SHUTDOWN_GRACE_S="1"),
                  api_key=KEY)
     yield srv.wait_ready()
@@ -175,6 +181,7 @@ def test_the_jobs_page_shows_progress_advancing_and_cancels(browser, server, rev
     assert float(rates[0].split()[0]) > 0, rates
     listed = js(browser, "return [...document.querySelectorAll('.job')].map(n => [n.dataset.jobId, n.dataset.status])")
     assert dict(listed)[review_job] == "done" and dict(listed)[GPU_JOB] == "done" and listed[0][0] == job_id
+    assert listed[-1] == [DAMAGED_JOB, "damaged"]  # issue 31: a damaged job is listed, and the server started
     counts = js(browser, "return Object.fromEntries([...document.querySelectorAll(arguments[0] + ' .count')]"
                          ".map(c => [c.dataset.count, Number(c.querySelector('b').textContent)]))",
                 f'.job[data-job-id="{review_job}"]')

@@ -251,7 +251,7 @@ function buildSummary() {
 
 function renderSummary() {
   const p = summaryParts, c = counts();
-  const over = ["done", "failed", "cancelled", "interrupted"].includes(job.status);
+  const over = ["done", "failed", "cancelled", "interrupted", "damaged"].includes(job.status);
   p.status.replaceChildren(statusPill(job.status));
   p.bar.update(c);
   p.chips.replaceChildren(...countChips(c));
