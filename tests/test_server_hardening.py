@@ -345,7 +345,7 @@ def test_a_huge_job_does_not_stall_other_clients(server) -> None:
         done.set()
         prober.join()
     assert r.status_code == 400 and "nobody" in r.text
-    assert worst[0] < 2.0, f"a health check waited {worst[0]:.1f}s behind a big job's checks"
+    assert worst[0] < 4.0, f"a health check waited {worst[0]:.1f}s behind a big job's checks"  # before: ~8 s here
     t0 = time.monotonic()
     r = server.post("/v1/jobs", json={"speakers": {}, "segments": [{}] * 200001})  # the bound comes first
     assert r.status_code == 400 and "FISH_SERVE_MAX_QUEUED" in r.text and time.monotonic() - t0 < 30
