@@ -269,6 +269,14 @@ def _from_env(cls: Any, env: Mapping[str, str], overrides: dict[str, Any]) -> An
     return cls(**values)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip().lower().rstrip("/") for n in text.split(",") if n.strip())
+
+
+def _names_ok(v: object) -> bool:
+    return isinstance(v, tuple) and all(isinstance(n, str) and n and " " not in n for n in v)
+
+
 def _port(x: object) -> bool:
     return _is_int(x) and 1 <= x <= 65535  # type: ignore[operator]
 
@@ -296,6 +304,21 @@ class ServeSettings:
                                    "characters of text one request (one segment of a job) may have, >= 1")
     max_body_mb: float = _setting(50.0, "FISH_SERVE_MAX_BODY_MB", float, _positive,
                                   "MiB a request body may have, > 0 (bigger: 413)")
+    # -- hardening (docs/security.md): who may call, how long a request may take, what a reference may be ----------
+    allowed_origins: tuple[str, ...] = _setting((), "FISH_SERVE_ALLOWED_ORIGINS", _names, _names_ok,
+                                                "comma-separated browser origins (scheme://host[:port]) whose pages "
+                                                "may send state-changing requests, or empty (this server's own only)")
+    allowed_hosts: tuple[str, ...] = _setting((), "FISH_SERVE_ALLOWED_HOSTS", _names, _names_ok,
+                                              "comma-separated Host names clients may address this server by, besides "
+                                              "the loopback names and --host ('*': any), or empty")
+    header_timeout_s: float = _setting(10.0, "FISH_SERVE_HEADER_TIMEOUT_S", float, _positive,
+                                       "seconds a connection may take to send a request's headers, > 0")
+    body_timeout_s: float = _setting(120.0, "FISH_SERVE_BODY_TIMEOUT_S", float, _positive,
+                                     "seconds a request's body may take to arrive after its headers, > 0")
+    max_connections: int = _setting(500, "FISH_SERVE_MAX_CONNECTIONS", int, lambda v: _is_int(v) and v >= 1,
+                                    "open connections at once (event streams included); more are closed, >= 1")
+    max_reference_s: float = _setting(60.0, "FISH_SERVE_MAX_REFERENCE_S", float, _positive,
+                                      "seconds a reference audio may last (its header is read first), > 0")
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -8,6 +8,7 @@ screenshots."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ PROBLEM = browser_problem()
 pytestmark = [pytest.mark.timeout(300), pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
 KEY = "page-key-26"
 GPU_JOB = "recorded-on-gpus"
+DAMAGED_JOB = "edited-by-hand"
 GPU_SAMPLES = 96
 DIALOGUE = [  # (id, speaker, text): the synthetic engine's markers make the bad takes
     ("s1", "alice", "Where were you last night? @@silent:3@@"),  # silent until seed 3: suspect, a retake fixes it
@@ -90,6 +92,10 @@ def recorded_gpu_job(data_dir: Path) -> None:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-page")
     recorded_gpu_job(tmp / "data")
+    damaged = tmp / "data" / "jobs" / DAMAGED_JOB  # its meta.json is not fishmp's: listed as damaged, at the bottom
+    damaged.mkdir()
+    (damaged / "meta.json").write_text("[]")
+    os.utime(damaged, (time.time() - 86400, time.time() - 86400))
     srv = Server(tmp, synthetic_env(tmp, FISH_CPU_WORKERS="1", FISH_BATCH_SIZE="2", FISH_SHUTDOWN_GRACE_S="1"),
                  api_key=KEY)
     yield srv.wait_ready()
@@ -175,6 +181,7 @@ def test_the_jobs_page_shows_progress_advancing_and_cancels(browser, server, rev
     assert float(rates[0].split()[0]) > 0, rates
     listed = js(browser, "return [...document.querySelectorAll('.job')].map(n => [n.dataset.jobId, n.dataset.status])")
     assert dict(listed)[review_job] == "done" and dict(listed)[GPU_JOB] == "done" and listed[0][0] == job_id
+    assert listed[-1] == [DAMAGED_JOB, "damaged"]  # issue 31: a damaged job is listed, and the server started
     counts = js(browser, "return Object.fromEntries([...document.querySelectorAll(arguments[0] + ' .count')]"
                          ".map(c => [c.dataset.count, Number(c.querySelector('b').textContent)]))",
                 f'.job[data-job-id="{review_job}"]')
@@ -267,3 +274,22 @@ def test_a_phone_sized_screen_gets_one_column_and_no_sideways_scroll(browser, se
         screenshot(browser, "review-job-phone", 390, mobile=True, height=844)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_a_segment_id_is_one_url_piece(browser, server) -> None:
+    """Issue 31: an id is a name, put into one URL piece by the page (a "/" travels as %2F, decoded by the server
+    back into the id), so Accept reaches this job's segment. (Ids with "." / ".." pieces, which the page used to let
+    a browser resolve into another job's URL, are refused by the server: tests/test_server_hardening.py.)"""
+    body = {"speakers": {"a": {"reference_audio": data_url(wav_bytes(1.0, 150.0, seed=4)), "reference_text": "Hi."}},
+            "segments": [{"id": "ch1/0001", "speaker": "a", "text": "A clipped line. @@clipped@@", "output": "c1.wav"}]}
+    job_id = server.post("/v1/jobs", json=body).json()["id"]
+    deadline = time.monotonic() + 120
+    while server.get(f"/v1/jobs/{job_id}").json()["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    open_page(browser, server, f"/jobs/{job_id}")
+    click(browser, seg("ch1/0001", "[data-action=accept]"))
+    wait(browser, lambda d: js(d, "return document.querySelector('.seg[data-segment-id=\"ch1/0001\"]')"
+                                  ".dataset.suspect === 'false'"), "the accepted segment")
+    (segment,) = server.get(f"/v1/jobs/{job_id}").json()["segments"]
+    assert segment["id"] == "ch1/0001" and segment["suspect"] is False and segment["review"]["decision"] == "accepted"

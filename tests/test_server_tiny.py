@@ -10,7 +10,7 @@ import io
 import ormsgpack
 import pytest
 import soundfile as sf
-from serve_helpers import Server, b64, wav_bytes
+from serve_helpers import Server, b64, data_url, wav_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 VOICE = wav_bytes(2.0, 140.0, seed=5, rate=44100)
@@ -22,7 +22,8 @@ def server(tmp_path_factory, tiny_checkpoint):
     tmp = tmp_path_factory.mktemp("serve-tiny")
     env = {"FISH_ENGINE": "fish", "FISH_CHECKPOINT_DIR": tiny_checkpoint, "FISH_CPU_WORKERS": "1",
            "FISH_MULTIPROCESS_MODE": "true", "FISH_BATCH_SIZE": "2", "FISH_TAKE_CHECK": "false",
-           "FISH_PRECISION": "float32", "FISH_CACHE_DIR": str(tmp / "cache"), "FISH_SHUTDOWN_GRACE_S": "5"}
+           "FISH_PRECISION": "float32", "FISH_CACHE_DIR": str(tmp / "cache"), "FISH_SHUTDOWN_GRACE_S": "5",
+           "FISH_SERVE_MAX_REFERENCE_S": "500"}  # above the tiny codec's limit: the codec's is the cap
     srv = Server(tmp, env).wait_ready(timeout=300)
     yield srv
     assert srv.stop() == 0, srv.log()
@@ -60,3 +61,13 @@ def test_two_lines_of_one_voice_at_once_and_streaming(server) -> None:
         body = r.content
     assert r.status_code == 200 and body[:4] == b"RIFF"
     assert len(body) - 44 == 2 * 2 * 2048 * (FRAMES - 1)  # two chunks of 16-bit samples
+
+
+def test_a_reference_longer_than_the_codec_takes_is_refused_at_once(server) -> None:
+    """Not 202 and a failure in the worker later: the server reads the codec's limit (95.1 s for the tiny codec)
+    from its config and judges the reference's header against it."""
+    long_voice = wav_bytes(100.0, 140.0, rate=8000)
+    r = server.post("/v1/jobs", json={"speakers": {"a": {"reference_audio": data_url(long_voice),
+                                                          "reference_text": "A long reference."}},
+                                      "segments": [{"speaker": "a", "text": "Hi."}]})
+    assert r.status_code == 400 and "at most 95.1 s" in r.text, r.text

@@ -8,5 +8,8 @@ dir, its view folded from events; the event stream), `references_api` + `refstor
 content), `schema` (the request models), `bodies` (JSON, msgpack, forms), `formats` (wav, pcm, flac, mp3, opus),
 `guards` (body size, API key), `paths` (--root), `metrics` (/metrics, one log line per request), `state` (what
 handlers share: the pool, the queue bound, a job's events on the event loop), `errors` (JSON errors),
-`review_api` + `retakes` (retake and accept a job's takes), `pages` (the review page: static/ at / and /jobs/{id}).
+`review_api` + `retakes` (retake and accept a job's takes), `pages` (the review page: static/ at / and /jobs/{id}),
+and what makes it safe to leave running (docs/security.md): `browser` (Host names, cross-origin requests, security
+headers), `connections` (request deadlines, a connection bound), `datalock` (one server per data dir), `refcap`
+(how long a reference may be), `sweep` (unused voices and abandoned lines).
 """

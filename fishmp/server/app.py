@@ -1,7 +1,9 @@
 """The ASGI app: routes, the checks every request passes, JSON errors, and the lifespan around the pool.
 
-Requests pass, outermost first: RequestLog (a log line and the request metrics), BearerAuth, BodyLimit, then
-Starlette (errors to JSON, routing). The review page (pages.py: `/`, `/jobs/{id}`, `/static/`) comes after the API;
+Requests pass, outermost first: SecurityHeaders (nosniff, no framing), RequestLog (a log line and the request
+metrics), TrustedHostMiddleware (Host names: DNS rebinding), OriginCheck (cross-site browser requests), BearerAuth,
+BodyLimit, CatchAll (an unexpected exception: one log line, a 500), then Starlette (errors to JSON, routing); see
+browser.py and docs/security.md. The review page (pages.py: `/`, `/jobs/{id}`, `/static/`) comes after the API;
 `create_app(state, extra_routes)` puts more routes after the API's.
 """
 
@@ -17,12 +19,14 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import jobs_api, pages, references_api, review_api
-from .errors import ApiError, error_response, on_api_error, on_http_exception, on_unexpected
+from .browser import OriginCheck, SecurityHeaders, is_loopback, trusted_hosts
+from .errors import ApiError, CatchAll, error_response, on_api_error, on_http_exception, on_unexpected
 from .guards import BearerAuth, BodyLimit, BodyTooLarge, too_large_body
 from .jobstore import JobStore
 from .lines import clean_lines
@@ -100,16 +104,24 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
         state.review.recover()
         resumed = state.jobs.resume_all()
         log.info("[Serve] %d stored jobs, %d resumed", len(state.jobs.jobs), resumed)
+        await state.sweeper.once()
+        sweeping = asyncio.ensure_future(state.sweeper.run())
         try:
             yield
         finally:
+            sweeping.cancel()
             await _drain(state)
 
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        middleware=[Middleware(RequestLog, metrics=state.metrics, routes=lambda: app.router.routes),
+        middleware=[Middleware(SecurityHeaders),
+                    Middleware(RequestLog, metrics=state.metrics, routes=lambda: app.router.routes),
+                    Middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(
+                        state.serve.host, state.serve.allowed_hosts, is_loopback(state.serve.host)), www_redirect=False),
+                    Middleware(OriginCheck, allowed_origins=state.serve.allowed_origins),
                     Middleware(BearerAuth, api_key=state.serve.api_key),
-                    Middleware(BodyLimit, limit_bytes=int(state.serve.max_body_mb * 2**20))],
+                    Middleware(BodyLimit, limit_bytes=int(state.serve.max_body_mb * 2**20)),
+                    Middleware(CatchAll)],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, BodyTooLarge: on_body_too_large,
                             Exception: on_unexpected})
     app.state.server = state

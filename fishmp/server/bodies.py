@@ -1,10 +1,11 @@
 """Request bodies to Python objects, by content type: JSON, msgpack (ormsgpack, as fish's own client sends) and
 forms (multipart/form-data, application/x-www-form-urlencoded; python-multipart). Anything else is a 415 naming
 what is accepted. A form's file parts come back as bytes; its text fields as strings (a field given several times
-as a list)."""
+as a list). A lone surrogate (`"\\ud800"`) or nesting too deep is a 400, like any malformed body."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from .errors import ApiError
 from .guards import BodyTooLarge
 
+INLINE_BYTES = 256 * 1024  # bodies up to this are parsed on the event loop (well under a millisecond)
 JSON, MSGPACK, MULTIPART, URLENCODED = ("application/json", "application/msgpack", "multipart/form-data",
                                         "application/x-www-form-urlencoded")
 
@@ -34,15 +36,31 @@ async def read_object(request: Request, accepted: tuple[str, ...] = (JSON, MSGPA
     if kind not in accepted or kind not in (JSON, MSGPACK):
         raise unsupported(request, accepted)
     raw = await request.body()
+    if len(raw) > INLINE_BYTES:  # a film's job: parsed beside the event loop, which keeps serving everyone else
+        return await asyncio.to_thread(decode, raw, kind)
+    return decode(raw, kind)
+
+
+def decode(raw: bytes, kind: str) -> Any:
+    """JSON or msgpack bytes to Python objects; ApiError 400 for anything a handler could not store or use."""
+    what = "JSON" if kind == JSON else "msgpack"
     try:
         if kind == JSON:
-            return json.loads(raw)
+            data = json.loads(raw)
+            if b"\\ud" in raw.lower():  # an escaped surrogate: a lone one is no character (it cannot be stored)
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            return data
         import ormsgpack
 
         return ormsgpack.unpackb(raw)
+    except RecursionError:
+        raise ApiError(400, f"invalid {what}", "nested too deeply") from None
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode()
+        raise ApiError(400, f"invalid {what}", f"a string holds {bad}, half of a surrogate pair (not a character): "
+                       "send the text as UTF-8") from None
     except (ValueError, TypeError) as exc:  # JSONDecodeError, ormsgpack.MsgpackDecodeError, UnicodeDecodeError
-        what = "JSON" if kind == JSON else "msgpack"
-        raise ApiError(400, f"invalid {what}", str(exc)) from None
+        raise ApiError(400, f"invalid {what}", str(exc)[:300]) from None
 
 
 async def read_form(request: Request, max_part_bytes: int) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from starlette.routing import Route
 from ..worker.files import new_temp
 from . import fit_api
 from .bodies import JSON, read_object
-from .errors import ApiError
-from .jobstore import JobStore, StoredJob
+from .errors import ApiError, scrub
+from .jobstore import JobStore, StoredJob, json_text
 from .state import ServerState
 
 KEEPALIVE_S = 15.0
@@ -52,7 +52,7 @@ async def create(request: Request) -> Response:
     state: ServerState = request.app.state.server
     state.check_accepting()
     body = await read_object(request, (JSON,))
-    sj = state.jobs.create(body)
+    sj = await state.jobs.create(body)
     segments = [{k: s[k] for k in ("id", "speaker", "text", "status")} for s in sj.view.segments.values()]
     return JSONResponse({"id": sj.id, "status": sj.view.status, "segments": segments}, status_code=202,
                         headers={"Location": f"/v1/jobs/{sj.id}"})
@@ -63,7 +63,13 @@ async def listing(request: Request) -> Response:
 
 
 async def detail(request: Request) -> Response:
-    return JSONResponse(_job(request).view.detail())
+    view = _job(request).view.detail()
+    state: ServerState = request.app.state.server
+    view["error"] = scrub(view["error"], state)
+    for seg in view["segments"]:
+        if "error" in seg:
+            seg["error"] = scrub(seg["error"], state)
+    return JSONResponse(view)
 
 
 async def cancel(request: Request) -> Response:
@@ -71,8 +77,9 @@ async def cancel(request: Request) -> Response:
     return JSONResponse({"id": sj.id, "status": "cancelling"}, status_code=202)
 
 
-def _sse(index: int, ev: dict) -> bytes:
-    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {json.dumps(ev, ensure_ascii=False)}\n\n".encode()
+def _sse(index: int, ev: dict, state: ServerState) -> bytes:
+    data = scrub(json_text(ev), state)  # a worker's error names files under the data dir: not for clients
+    return f"id: {index}\nevent: {ev.get('event', 'message')}\ndata: {data}\n\n".encode()
 
 
 async def events(request: Request) -> Response:
@@ -89,12 +96,12 @@ async def events(request: Request) -> Response:
         while True:
             waiter = sj.waiter()
             while index < len(sj.events):
-                yield _sse(index, sj.events[index])
+                yield _sse(index, sj.events[index], state)
                 if sj.final_at(index):
                     return
                 index += 1
-            if sj.view.over and state.stopping:
-                return  # the server is going down and this job will not run again here
+            if sj.view.over and (state.stopping or (index >= len(sj.events) and not sj.view.retaking)):
+                return  # going down, or resumed past the end of a job that is over: no event will come
             try:
                 await asyncio.wait_for(waiter.wait(), KEEPALIVE_S)
             except asyncio.TimeoutError:
@@ -128,7 +135,18 @@ async def manifest(request: Request) -> Response:
     path = os.path.join(sj.out, "manifest.json")
     if not os.path.isfile(path):
         raise ApiError(404, "no manifest yet", f"job {sj.id} has not written its manifest yet")
+    if not await asyncio.to_thread(_is_json_object, path):
+        raise ApiError(409, "manifest damaged", f"job {sj.id}'s manifest.json is not a JSON object (edited or cut "
+                       "short on disk)")
     return FileResponse(path, media_type="application/json")
+
+
+def _is_json_object(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _zip(sj: StoredJob) -> str:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..job import JobError, job_from_dict
 from ..worker.files import atomic_write_bytes
-from .errors import ApiError
+from .errors import ApiError, scrub
 from .jobview import TERMINAL, JobView
 from .lines import check_text
 from .paths import check_job_paths
@@ -64,13 +65,28 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def json_text(value: Any) -> str:
+    """JSON for the data dir and event streams: UTF-8 text as is, anything that UTF-8 cannot hold escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
 def _resolved(body: dict, job: Any) -> dict:
-    """The job as it runs: speakers by their files (absolute), segments and params as given."""
+    """The job as it runs: speakers by their files (absolute), segments and params as given (a legacy config's
+    tasks as the segments they became)."""
     speakers = {}
     for sid, sp in job.speakers.items():
         key, path = ("prompt_tokens", sp.prompt_tokens) if sp.prompt_tokens else ("reference_audio", sp.reference_audio)
         speakers[sid] = {key: path, "reference_text": sp.reference_text,
                          **({"_reference_id": sp.reference_id} if sp.reference_id else {})}
+    if job.legacy is not None:
+        segments = [{"id": seg.id, "speaker": seg.speaker, "text": seg.text, "params": seg.params.to_dict(),
+                     "output": os.path.relpath(seg.output, job.output_dir)} for seg in job.segments]
+        return {"speakers": speakers, "segments": segments}
     return {"speakers": speakers, "segments": body["segments"], **({"params": body["params"]} if "params" in body else {})}
 
 
@@ -82,41 +98,63 @@ class JobStore:
 
     # -- start-up --------------------------------------------------------------------------------------------------
     def load(self) -> None:
-        """Every job of the data directory, its view rebuilt from its event log."""
+        """Every job of the data directory, its view rebuilt from its event log. A job whose files cannot be read
+        (cut short, edited, not fishmp's) is listed as `damaged`, with why; the others are served as usual."""
         os.makedirs(self.dir, exist_ok=True)
         found = []
         for job_id in os.listdir(self.dir):
             directory = os.path.join(self.dir, job_id)
-            try:
-                meta, data = _read_json(os.path.join(directory, "meta.json")), _read_json(os.path.join(directory, "job.json"))
-                events = self._read_events(directory)
-            except (OSError, ValueError) as exc:
-                log.warning("[Serve] skipping job directory %s: %s", directory, exc)
+            if not os.path.isdir(directory):
                 continue
-            view = JobView(job_id, float(meta.get("created_at", 0.0)), self._segments(data))
-            for ev in events:
-                view.apply(ev)
-            found.append(StoredJob(job_id, directory, view, events))
+            try:
+                found.append(self._load_one(job_id, directory))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else (exc.strerror or str(exc))
+                log.warning("[Serve] job %s is damaged (%s): listed as such, not run", job_id, why)
+                found.append(self._damaged(job_id, directory, why))
         for sj in sorted(found, key=lambda j: j.view.created_at):
             self.jobs[sj.id] = sj
+
+    def _load_one(self, job_id: str, directory: str) -> StoredJob:
+        meta, data = _read_json(os.path.join(directory, "meta.json")), _read_json(os.path.join(directory, "job.json"))
+        if not isinstance(meta, dict) or not isinstance(data, dict) or not isinstance(data.get("segments"), list):
+            raise ValueError("meta.json or job.json is not what fishmp writes")
+        events = self._read_events(directory)
+        view = JobView(job_id, float(meta.get("created_at", 0.0)), self._segments(data))
+        for ev in events:
+            view.apply(ev)
+        return StoredJob(job_id, directory, view, events)
+
+    @staticmethod
+    def _damaged(job_id: str, directory: str, why: str) -> StoredJob:
+        try:
+            created = os.stat(directory).st_mtime
+        except OSError:
+            created = 0.0
+        view = JobView(job_id, created, [])
+        view.status, view.error = "damaged", f"its files in the data dir cannot be read ({why[:300]})"
+        return StoredJob(job_id, directory, view, [])
 
     @staticmethod
     def _read_events(directory: str) -> list[dict]:
         events = []
         path = os.path.join(directory, "events.jsonl")
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
-                        events.append(json.loads(line))
+                        ev = json.loads(line)
                     except ValueError:  # a line cut short by a kill: the rest of the log is still good
                         continue
+                    if isinstance(ev, dict) and isinstance(ev.get("event"), str) and isinstance(ev.get("id", ""), str):
+                        events.append(ev)
         return events
 
     @staticmethod
     def _segments(data: dict) -> list[dict]:
-        return [{"id": s.get("id") or f"{i + 1:04d}", "speaker": s.get("speaker"), "text": s.get("text")}
+        segs = [{"id": s.get("id") or f"{i + 1:04d}", "speaker": s.get("speaker"), "text": s.get("text")}
                 for i, s in enumerate(data.get("segments", [])) if isinstance(s, dict)]
+        return [s for s in segs if isinstance(s["id"], str)]
 
     def resume_all(self) -> int:
         """Submit again every job a previous server did not finish. Returns how many."""
@@ -135,38 +173,55 @@ class JobStore:
         return n
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def create(self, body: Any) -> StoredJob:
+    async def create(self, body: Any) -> StoredJob:
+        """A job from a request body: checked (a film's thousands of segments beside the event loop), stored and
+        submitted; ApiError otherwise, and then nothing is left on disk."""
         state = self.state
         if not isinstance(body, dict):
             raise ApiError(400, "invalid job", "a job is a JSON object with speakers and segments (python -m fishmp "
                            "schema prints its JSON Schema)")
-        if "output_dir" in body:
-            raise ApiError(400, "invalid job", "output_dir: the server keeps each job's wavs under its data dir "
-                           "(GET /v1/jobs/{id}/archive); leave it out")
+        for key, why in (("output_dir", "the server keeps each job's wavs under its data dir (GET "
+                          "/v1/jobs/{id}/archive)"), ("checkpoint_dir", "the server runs the checkpoint it started with")):
+            if key in body:
+                raise ApiError(400, "invalid job", f"{key}: {why}; leave it out")
+        items = body.get("segments", body.get("tasks"))
+        state.gate.check(len(items) if isinstance(items, list) else 0)  # the bound first: no work for a refusal
         job_id = uuid.uuid4().hex[:16]
         directory = os.path.join(self.dir, job_id)
-        data = check_job_paths(body, state.root)
-        try:
-            job = job_from_dict(data, state.root or state.data_dir, os.path.join(directory, "out"), voices=state.refs)
-        except JobError as exc:
-            raise ApiError(400, "invalid job", exc.problems) from None
-        for seg in job.segments:
-            check_text(state, seg.text, f'segment "{seg.id}": text')
+        job, resolved = await asyncio.to_thread(self._check, body, os.path.join(directory, "out"))
         state.check_accepting()
-        os.makedirs(directory)
         created = time.time()
-        atomic_write_bytes(os.path.join(directory, "request.json"), json.dumps(body, ensure_ascii=False).encode())
-        resolved = _resolved(body, job)
-        atomic_write_bytes(os.path.join(directory, "job.json"), json.dumps(resolved, ensure_ascii=False).encode())
-        atomic_write_bytes(os.path.join(directory, "meta.json"), json.dumps({"id": job_id, "created_at": created}).encode())
-        sj = StoredJob(job_id, directory, JobView(job_id, created, self._segments(resolved)), [])
         try:
+            await asyncio.to_thread(self._write, directory, job_id, created, body, resolved)
+            sj = StoredJob(job_id, directory, JobView(job_id, created, self._segments(resolved)), [])
             self._submit(sj, job)
-        except ApiError:
-            shutil.rmtree(directory, ignore_errors=True)  # refused (429, 503): nothing was accepted
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)  # refused (429, 503) or failed: nothing was accepted
             raise
         self.jobs[job_id] = sj
         return sj
+
+    def _check(self, body: dict, out: str) -> tuple[Any, dict]:
+        """(the Job, job.json's content) for a body; ApiError naming every problem. Blocking: off the loop."""
+        state = self.state
+        data = check_job_paths(body, state.root)
+        try:
+            job = job_from_dict(data, state.root or state.data_dir, out, voices=state.refs)
+        except JobError as exc:
+            raise ApiError(400, "invalid job", [scrub(p, state) for p in exc.problems]) from None
+        for seg in job.segments:
+            check_text(state, seg.text, f'segment "{seg.id}": text')
+            if any(piece in (".", "..") for piece in re.split(r"[/\\]", seg.id)):
+                raise ApiError(400, "invalid job", f'segment "{seg.id}": an id is a name; "." and ".." cannot be '
+                               "parts of it")
+        return job, _resolved(body, job)
+
+    @staticmethod
+    def _write(directory: str, job_id: str, created: float, body: dict, resolved: dict) -> None:
+        os.makedirs(directory)
+        atomic_write_bytes(os.path.join(directory, "request.json"), json_text(body).encode())
+        atomic_write_bytes(os.path.join(directory, "job.json"), json_text(resolved).encode())
+        atomic_write_bytes(os.path.join(directory, "meta.json"), json_text({"id": job_id, "created_at": created}).encode())
 
     def get(self, job_id: str) -> StoredJob:
         sj = self.jobs.get(job_id)
@@ -201,7 +256,7 @@ class JobStore:
         sj.events.append(ev)
         try:
             with open(os.path.join(sj.dir, "events.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(ev, ensure_ascii=False) + "\n")
+                f.write(json_text(ev) + "\n")
         except OSError as exc:  # a full disk must not stop the job; the stream in memory goes on
             log.error("[Serve] cannot append to %s/events.jsonl: %s", sj.dir, exc.strerror or exc)
         sj.view.apply(ev)

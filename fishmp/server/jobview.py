@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TERMINAL = ("done", "failed", "cancelled")
+TERMINAL = ("done", "failed", "cancelled", "damaged")  # damaged: its files could not be read at start (jobstore.py)
 DONE_FIELDS = ("path", "audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect",
                "takes", "kept_take", "seed", "over_slot_s", "fit")
 TAKE_FIELDS = (*DONE_FIELDS[1:], "history", "review")  # what a retake replaces (the path stays the segment's)
@@ -33,7 +33,7 @@ class JobView:
 
     def apply(self, ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        seg = self.segments.get(ev.get("id", "")) if "id" in ev else None
+        seg = self.segments.get(ev["id"]) if isinstance(ev.get("id"), str) else None
         if kind == "plan":
             self.status, self.exit_code, self.error = "running", None, None
         elif kind == "segment_done" and seg is not None:

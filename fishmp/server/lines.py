@@ -71,6 +71,7 @@ class LineRun:
         self.results: dict[str, dict] = {}
         self.sub = Submission(state, job, self.dir, priority=INTERACTIVE_PRIORITY, resume=False,
                               on_event=self._on_event)
+        state.sweeper.active_lines[self.dir] = voice.path  # until cleaned up: its directory and voice are in use
         self.suspect = False
 
     def _on_event(self, ev: dict) -> None:
@@ -110,6 +111,7 @@ class LineRun:
         async def cleanup() -> None:
             await self.sub.ended()
             shutil.rmtree(self.dir, ignore_errors=True)
+            self.state.sweeper.active_lines.pop(self.dir, None)  # a wav written after this is swept (sweep.py)
 
         self.state.background(cleanup())
 

@@ -19,8 +19,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 
+from .errors import safe_path
+
 log = logging.getLogger("fishmp")
 FRAMES_WINDOW_S = 60.0
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -83,7 +86,8 @@ class Metrics:
 
 class RequestLog:
     """ASGI middleware: after each request, one log line and the request metrics (route = the matched template,
-    e.g. /v1/jobs/{job_id}, so the metrics stay a few series)."""
+    e.g. /v1/jobs/{job_id}, or "unmatched"; method = one of METHODS or "other": the metrics stay a few series).
+    The logged path is escaped (errors.safe_path): a `%0a` in a URL cannot forge a log line."""
 
     def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], list]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -117,7 +121,9 @@ class RequestLog:
             seconds = time.monotonic() - t0
             # 500: answered by Starlette's outermost error handler; 499: the client went away before an answer
             route, code = self._route(scope), status[0] or (500 if failed else 499)
-            self.metrics.requests.labels(route, scope["method"], str(code)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"  # an invented one: no new series
+            self.metrics.requests.labels(route, method, str(code)).inc()
             self.metrics.latency.labels(route).observe(seconds)
             client = (scope.get("client") or ("-",))[0]
-            log.info("[Serve] %s %s %s %d %.3fs %dB", client, scope["method"], scope["path"], code, seconds, sent[0])
+            log.info("[Serve] %s %s %s %d %.3fs %dB", client, safe_path(scope["method"]), safe_path(scope["path"]),
+                     code, seconds, sent[0])

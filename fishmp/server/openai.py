@@ -11,6 +11,7 @@ reference id (a string, or {"id": ...}). `model` is accepted and not checked (th
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -22,7 +23,7 @@ from . import prosody
 from .bodies import JSON, read_object
 from .errors import ApiError
 from .lines import check_max_new_tokens, check_text
-from .paths import inside_root
+from .paths import inside_root, read_regular_file
 from .refstore import decode_audio_string
 from .schema import SpeechRequest, validation_detail
 from .state import ServerState
@@ -35,22 +36,23 @@ def _voice_id(voice: Any) -> str | None:
     return voice if isinstance(voice, str) and voice else None
 
 
-def _reference(state: ServerState, req: SpeechRequest) -> tuple[str | None, list[tuple[bytes, str]], str]:
+async def _reference(state: ServerState, req: SpeechRequest) -> tuple[str | None, list[tuple[bytes, str]], str]:
     """(stored reference id, [(audio, transcript)], which field) of the request's voice."""
     if req.ref_audio is not None:
         if not req.ref_text:
             raise ApiError(400, "ref_text missing", "ref_audio needs ref_text, the transcript of the reference audio")
-        return None, [(_decode(req.ref_audio, "ref_audio"), req.ref_text)], "ref_audio"
+        return None, [(await _decode(req.ref_audio, "ref_audio"), req.ref_text)], "ref_audio"
     if req.references:
         ref = req.references[0]
         if not ref.text:
             raise ApiError(400, "reference text missing", "references[0] needs text, the transcript of its audio")
         if ref.audio is not None:
-            return None, [(_decode(ref.audio, "references[0].audio"), ref.text)], "references"
+            return None, [(await _decode(ref.audio, "references[0].audio"), ref.text)], "references"
         if ref.audio_path is not None:
             path = inside_root(state.root, ref.audio_path, "references[0].audio_path")
-            with open(path, "rb") as f:
-                return None, [(f.read(), ref.text)], "references"
+            limit = int(state.serve.max_body_mb * 2**20)
+            audio = await asyncio.to_thread(read_regular_file, path, "references[0].audio_path", limit)
+            return None, [(audio, ref.text)], "references"
         raise ApiError(400, "reference audio missing", "references[0] needs audio (base64 or a data URL) or audio_path")
     ref_id = _voice_id(req.voice)
     if ref_id is None:
@@ -59,9 +61,9 @@ def _reference(state: ServerState, req: SpeechRequest) -> tuple[str | None, list
     return ref_id, [], "voice"
 
 
-def _decode(value: str, what: str) -> bytes:
-    try:
-        return decode_audio_string(value, what)
+async def _decode(value: str, what: str) -> bytes:
+    try:  # beside the event loop: several MB of base64
+        return await asyncio.to_thread(decode_audio_string, value, what)
     except ValueError as exc:
         raise ApiError(400, "reference audio cannot be used", str(exc)) from None
 
@@ -84,7 +86,7 @@ async def speech(request: Request) -> Response:
         raise ApiError(400, "unsupported format", "aac is not available; use wav, pcm, flac, mp3 or opus")
     check_text(state, req.input, "input")
     check_max_new_tokens(req.max_new_tokens)
-    ref_id, refs, what = _reference(state, req)
+    ref_id, refs, what = await _reference(state, req)
     voice = await voice_for(state, ref_id, refs, what)
     return await answer(state, request, voice, req.input, sampling(req), req.response_format, tone=tone)
 

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
-from ..engines.audio import read_reference
+from ..engines.audio import MAX_REFERENCE_S, read_reference
 from ..engines.base import BadReferenceError
 from ..job.model import REFERENCE_ID
 from ..worker.files import atomic_write_bytes, new_temp
 
+log = logging.getLogger("fishmp")
 _EXTENSIONS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
+_KNOWN_EXTENSIONS = tuple(sorted(set(_EXTENSIONS.values())))
+REFUSED_KEPT = 256  # verdicts on refused audio remembered (a client retrying a bad reference is not decoded again)
 
 
 class ReferenceExists(Exception):
@@ -71,37 +77,72 @@ def decode_audio_string(value: str, what: str) -> bytes:
 
 
 class References:
-    """The store. Safe for concurrent requests: files appear atomically, names are claimed with a hard link."""
+    """The store. Safe for concurrent requests: files appear atomically, names are claimed with a hard link, and the
+    same bytes arriving in several requests at once are checked by one of them while the others wait for its
+    verdict (a refused audio's verdict is remembered too): never decoded twice."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, max_reference_s: float = MAX_REFERENCE_S) -> None:
         self.voices_dir = os.path.join(os.path.abspath(data_dir), "voices")
         self.refs_dir = os.path.join(os.path.abspath(data_dir), "references")
+        self.max_reference_s = max_reference_s
+        self._guard = threading.Lock()
+        self._pending: dict[str, threading.Lock] = {}  # digest -> held while its bytes are checked
+        self._refused: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> why (the last few)
 
     # -- audio, by content ---------------------------------------------------------------------------------------
     def store_audio(self, data: bytes, what: str) -> str:
-        """The path of these audio bytes in voices/, validated (decodable, long enough, not silent) the first time.
-        ValueError naming `what` when the audio cannot be a reference."""
+        """The path of these audio bytes in voices/, validated (header first: channels, rate, length; then decodable,
+        long enough, not silent) the first time. ValueError naming `what` when the audio cannot be a reference.
+        Blocking (hashing, decoding): call it off the event loop."""
         if not data:
             raise ValueError(f"{what} is empty")
         digest = hashlib.sha256(data).hexdigest()
-        os.makedirs(self.voices_dir, exist_ok=True)
-        for ext in set(_EXTENSIONS.values()):
+        with self._guard:
+            lock = self._pending.setdefault(digest, threading.Lock())
+        with lock:  # a second request with these bytes waits here for the first one's verdict
+            try:
+                return self._store(data, digest, what)
+            finally:
+                with self._guard:
+                    self._pending.pop(digest, None)
+
+    def _known(self, digest: str) -> str | None:
+        for ext in _KNOWN_EXTENSIONS:
             known = os.path.join(self.voices_dir, f"{digest}.{ext}")
             if os.path.isfile(known):
                 return known
+        return None
+
+    def _store(self, data: bytes, digest: str, what: str) -> str:
+        if (known := self._known(digest)) is not None:
+            with contextlib.suppress(OSError):
+                os.utime(known)  # in use again: the sweep (sweep.py) spares recently used voices
+            return known
+        if digest in self._refused:
+            raise ValueError(self._refused[digest].replace("\0what\0", what))
+        os.makedirs(self.voices_dir, exist_ok=True)
         tmp = new_temp(self.voices_dir)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+            t0 = time.monotonic()
             try:
-                read_reference(tmp)  # the engines' own checks: decodable, >= 0.5 s, finite, not silent
+                read_reference(tmp, self.max_reference_s)  # header first, then the engines' own checks
                 import soundfile as sf
 
                 ext = _EXTENSIONS.get(sf.info(tmp).format, "wav")
             except BadReferenceError as exc:
-                raise ValueError(str(exc).replace(f"audio {tmp}", what).replace(tmp, what)) from None
+                why = str(exc).replace(f"audio {tmp}", "\0what\0").replace(tmp, "\0what\0")
+                log.info("[Serve] reference audio %s (%d bytes) refused: %s", digest[:16], len(data),
+                         why.replace("\0what\0", "it"))
+                self._refused[digest] = why
+                while len(self._refused) > REFUSED_KEPT:
+                    self._refused.popitem(last=False)
+                raise ValueError(why.replace("\0what\0", what)) from None
             final = os.path.join(self.voices_dir, f"{digest}.{ext}")
             os.replace(tmp, final)
+            log.info("[Serve] reference audio %s (%d bytes) checked and stored in %.2fs", digest[:16], len(data),
+                     time.monotonic() - t0)
             return final
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -162,7 +203,16 @@ class References:
             names = os.listdir(self.refs_dir)
         except FileNotFoundError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and REFERENCE_ID.match(n[:-5]))
+        ids = sorted(n[:-5] for n in names if n.endswith(".json") and REFERENCE_ID.match(n[:-5]))
+        return [i for i in ids if self._usable(i)]
+
+    def _usable(self, reference_id: str) -> bool:
+        """Its entry reads and its audio is there (a voice whose file was removed by hand is not offered)."""
+        try:
+            self.get(reference_id)
+        except LookupError:
+            return False
+        return True
 
     def delete(self, reference_id: str) -> None:
         try:
@@ -175,6 +225,8 @@ class References:
         check_id(old, "old_reference_id")
         check_id(new, "new_reference_id")
         voice = self.get(old)
+        if old == new:
+            return  # already so named
         meta = {"id": new, "audio": os.path.basename(voice.path), "text": voice.text, "created_at": time.time()}
         tmp = new_temp(self.refs_dir, ".json")
         try:

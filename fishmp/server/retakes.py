@@ -41,6 +41,8 @@ def _api_error(exc: Exception) -> ApiError:
         return ApiError(status, error, str(exc))
     if isinstance(exc, TimeoutError):
         return ApiError(503, "job busy", f"{exc}: retry")
+    if isinstance(exc, ManifestError):  # edited or cut short on disk: the job's state, not a server fault
+        return ApiError(409, "manifest damaged", f"the job's manifest.json cannot be used: {exc}")
     return ApiError(500, "manifest not written", str(exc))
 
 

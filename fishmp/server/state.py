@@ -19,7 +19,9 @@ from typing import Any
 
 from ..config import ServeSettings, Settings
 from .errors import ApiError
+from .refcap import reference_cap_s
 from .refstore import References
+from .sweep import Sweeper
 
 INTERACTIVE_PRIORITY = 1000.0  # a single line (/v1/tts, /v1/audio/speech) next to a film job (priority 1)
 RATE_WINDOW_S = 60.0
@@ -35,6 +37,11 @@ class QueueGate:
         self._finished: collections.deque[float] = collections.deque()
 
     def admit(self, n: int) -> None:
+        self.check(n)
+        self.outstanding += n
+
+    def check(self, n: int) -> None:
+        """The 400 / 429 that admitting `n` segments now would raise (nothing admitted)."""
         if n > self.limit:
             raise ApiError(400, "too many segments", f"{n} segments in one request; this server queues at most "
                            f"{self.limit} (FISH_SERVE_MAX_QUEUED)")
@@ -42,7 +49,6 @@ class QueueGate:
             wait = self.retry_after(self.outstanding + n - self.limit)
             raise ApiError(429, "queue full", f"{self.outstanding} segments are queued or running, the bound is "
                            f"{self.limit} (FISH_SERVE_MAX_QUEUED); retry in {wait} s", {"Retry-After": str(wait)})
-        self.outstanding += n
 
     def release(self, n: int = 1, finished: bool = True) -> None:
         self.outstanding = max(0, self.outstanding - n)
@@ -73,9 +79,11 @@ class ServerState:
     jobs: Any = None  # jobstore.JobStore
     review: Any = None  # retakes.Review
     tasks: set = field(default_factory=set)  # background clean-ups, kept referenced until they end
+    sweeper: Sweeper = field(init=False)  # unused voices and abandoned lines (sweep.py)
 
     def __post_init__(self) -> None:
-        self.refs = References(self.serve.data_dir)
+        self.refs = References(self.serve.data_dir, reference_cap_s(self.settings, self.serve.max_reference_s))
+        self.sweeper = Sweeper(self.data_dir)
         self.gate = QueueGate(self.serve.max_queued)
 
     @property

@@ -9,7 +9,8 @@ limit") means fishmp's default, 1024 frames (47.6 s).
 
 Answer: the whole file with upstream's content type and `Content-Disposition: attachment; filename=audio.<fmt>`,
 plus `X-Fishmp-Suspect: true` when no take passed the take check (the best take is sent). Streaming (wav only):
-the WAV header at once, then each chunk's 16-bit PCM as it finishes, in order.
+the WAV header at once, then each chunk's 16-bit PCM as it finishes, in order; a chunk that fails (or a stop of the
+server) cuts the answer off without the chunked encoding's end, so a client sees an error, not a short 200.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ async def parse_request(request: Request, state: ServerState) -> TTSRequest:
         body = _from_form(body)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid request", f"the body must be an object with text, not {type(body).__name__}")
-    try:
-        req = TTSRequest.model_validate(body)
+    try:  # beside the event loop: base64 references of several MB are decoded here
+        req = await asyncio.to_thread(TTSRequest.model_validate, body)
     except ValidationError as exc:
         raise ApiError(400, "invalid request", validation_detail(exc)) from None
     request.state.prosody = prosody.fish(body, set(TTSRequest.model_fields))  # speed, volume...: prosody.py
@@ -141,8 +142,9 @@ def _stream(state: ServerState, voice: Voice, texts: list[str], params: dict[str
             for i in range(len(texts)):
                 path = await run.segment(i)  # a disconnect cancels this generator (Starlette), then `finally`
                 yield await asyncio.to_thread(chunk, path)
-        except ApiError as exc:  # the header is out: all a stream can do is end early
+        except ApiError as exc:  # the header is out: the answer is cut (no chunked end), so the client sees it
             log.error("[Serve] streaming line ended early: %s: %s", exc.error, exc.detail)
+            raise
         finally:
             run.close()
 

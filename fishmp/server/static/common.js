@@ -213,7 +213,7 @@ export class JobFold {
     }
   }
 
-  get over() { return ["done", "failed", "cancelled", "interrupted"].includes(this.status); }
+  get over() { return ["done", "failed", "cancelled", "interrupted", "damaged"].includes(this.status); }
 
   counts() {
     const c = { done: 0, failed: 0, pending: 0, suspect: 0 };

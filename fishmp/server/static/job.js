@@ -7,7 +7,10 @@ import { gpuChart } from "/static/chart.js";
 
 const jobId = decodeURIComponent(location.pathname.replace(/^\/jobs\//, ""));
 const base = `/v1/jobs/${encodeURIComponent(jobId)}`;
-const segPath = (sid) => `${base}/segments/${sid.split("/").map(encodeURIComponent).join("/")}`;
+// A segment id is a name, never path pieces: "/" travels as %2F. An id of dots only (a browser resolves "..", even
+// as %2E%2E; the server refuses such ids, an old job may hold one) gets a URL that names nothing (a 404), never
+// another job's.
+const segPath = (sid) => `${base}/segments/${/^\.+$/.test(sid) ? sid.replace(/\./g, "%252E") : encodeURIComponent(sid)}`;
 const DONE_FIELDS = ["audio_seconds", "synthesis_seconds", "tokens", "worker", "device", "attempts", "suspect", "takes",
                      "kept_take", "seed", "over_slot_s", "fit"];
 const FILTERS = { all: () => true, suspect: (s) => s.status === "done" && s.suspect, failed: (s) => s.status === "failed",
@@ -262,7 +265,7 @@ function buildSummary() {
 
 function renderSummary() {
   const p = summaryParts, c = counts();
-  const over = ["done", "failed", "cancelled", "interrupted"].includes(job.status);
+  const over = ["done", "failed", "cancelled", "interrupted", "damaged"].includes(job.status);
   p.status.replaceChildren(statusPill(job.status));
   p.bar.update(c);
   p.chips.replaceChildren(...countChips(c));

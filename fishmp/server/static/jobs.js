@@ -31,7 +31,7 @@ function makeRow(job) {
   return row;
 }
 
-const OVER = ["done", "failed", "cancelled", "interrupted"];
+const OVER = ["done", "failed", "cancelled", "interrupted", "damaged"]; // damaged: its files could not be read
 
 function render(row) {
   // The stream's fold while the job runs; once GET /v1/jobs says it is over, the server's counts (they include
