@@ -46,6 +46,7 @@ from .codec import CodecQueue
 from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
 from .prefix_cache import Prefix, encode_prompt
 from .sampling import row_key
+from .streaming import StreamPlan, frames_so_far, trimmed
 
 # `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
 # here would tie the two modules into a cycle.
@@ -67,6 +68,9 @@ class _Row:
     codes: list[Any] = field(default_factory=list)  # each chunk's codes (10, n), for `finished_codes`
     frames: int = 0
     pending: bool = True  # the current chunk still needs its prefill
+    stream: bool = False  # progressive: `pieces` are the streamed chunks' audio (fishmp.engines.streaming)
+    sent: int = 0  # streaming: frames of the current text chunk already handed to the codec
+    handed: int = 0  # streaming: pieces already returned by `streamed`
 
 
 class FishBatchSession:
@@ -100,6 +104,8 @@ class FishBatchSession:
         self._steps = 0  # decode steps run (a live row decodes at every one: its frames = steps - its start)
         self._broken: str | None = None
         self.finished_codes: dict[str, list[Any]] = {}  # the codes of the rows the last step finished (diagnostics)
+        self.stream_plan = StreamPlan.from_settings(getattr(engine, "settings", None))
+        self.streamed: list[tuple[str, int, np.ndarray]] = []  # (key, index, audio) the last step made ready, in order
         self._frames_cap = min(engine.max_frames, engine.max_seq_len) + WINDOW + 1
 
         def allocate() -> None:
@@ -154,9 +160,13 @@ class FishBatchSession:
         """Seconds the codec has spent decoding this session's rows (off the decode loop with codec_thread)."""
         return self._codec.busy_s
 
-    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
+    streams = True  # add(stream=True) rows hand out their audio in pieces as they decode
+
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None,
+            stream: bool = False) -> None:
         """Start a row of `speaker`'s voice (its prefix is prefilled here on a miss of the engine's prefix cache).
-        `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize)."""
+        `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize). `stream`: its audio
+        comes out in pieces as it decodes (`streamed` after each step); its Audio is those pieces put together."""
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")
         check_params(params)
@@ -170,7 +180,7 @@ class FishBatchSession:
         except TextTooLongError as exc:
             raise TextTooLongError(f"segment {key}: {exc}" if key else str(exc)) from None
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        row = _Row(key=key, chunks=chunks, params=params, seed=seed, prefix=prefix)
+        row = _Row(key=key, chunks=chunks, params=params, seed=seed, prefix=prefix, stream=stream)
         index = self._rows.index(None)
         self._rows[index] = row
         self._next_chunk(index, row)
@@ -224,6 +234,7 @@ class FishBatchSession:
         import torch
 
         self.finished_codes = {}
+        self.streamed = []
         done: list[int] = []
         with torch.inference_mode():
             if self._starting:
@@ -232,7 +243,34 @@ class FishBatchSession:
                 done += self._decode_step()
             if done:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
+            self._stream_live(set(done))
         return self._returned()
+
+    # -- streaming rows (progressive audio; the codec runs on its own thread, off this loop) -----------------------
+    def _stream_live(self, done: set[int]) -> None:
+        """Hand each live streaming row's new frames to the codec once there are enough of them."""
+        for index, row in enumerate(self._rows):
+            if row is None or not row.stream or row.pending or index in done or not self._h_live[index]:
+                continue
+            n = int(self._steps - self._h_start[index]) + 1  # frames so far (the prefill's + decoded); all kept
+            if n - row.sent >= self.stream_plan.wanted(row.sent, row.frames):
+                self._stream_piece(row, frames_so_far(self._first[index], self._history[index], n)[1:], n)
+        for row in [*self._rows, *self._draining]:
+            if row is not None and row.stream:
+                self._hand_out(row)
+
+    def _stream_piece(self, row: _Row, codes: Any, upto: int) -> None:
+        """Codes [row.sent, upto) of its current chunk to the codec, with left context, as its next piece."""
+        start = max(0, row.sent - self.stream_plan.context)
+        frame = int(self._engine._codec.frame_length)
+        (future,) = self._codec.submit([codes[:, start:upto].clone()])
+        row.pieces.append(trimmed(future, (row.sent - start) * frame))
+        row.sent = upto
+
+    def _hand_out(self, row: _Row) -> None:  # the pieces ready, in order, into `streamed`
+        while row.handed < len(row.pieces) and row.pieces[row.handed].done():
+            self.streamed.append((row.key, row.handed, row.pieces[row.handed].result()))
+            row.handed += 1
 
     def _returned(self) -> list[tuple[str, Audio]]:
         """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
@@ -245,6 +283,8 @@ class FishBatchSession:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         finished, waiting = [], []
         for row in self._draining:
+            if row.stream:
+                self._hand_out(row)
             if not ready(row):
                 waiting.append(row)
                 continue
@@ -344,10 +384,17 @@ class FishBatchSession:
             n = int(self._steps - self._h_start[index]) if row.max_new > 1 else 0
             frames = torch.cat([self._first[index, :, None], self._history[index, :, :n]], dim=1)
             codes.append(frames[1:, :-1])  # generate_long: drop the final im_end (or last frame when tokens ran out)
-        for index, c, audio in zip(indices, codes, self._codec.submit(codes), strict=True):
+        whole = {i: c for i, c in zip(indices, codes, strict=True) if not self._rows[i].stream}  # type: ignore
+        audio = dict(zip(whole, self._codec.submit(list(whole.values())), strict=True))
+        for index, c in zip(indices, codes, strict=True):
             row = self._rows[index]
             assert row is not None
+            if row.stream:  # the rest of the chunk; its earlier frames already went as pieces
+                if c.shape[1] > row.sent:
+                    self._stream_piece(row, c, c.shape[1])
+                row.sent = 0
+            else:
+                row.pieces.append(audio[index])
             row.frames += c.shape[1]
-            row.pieces.append(audio)
             row.codes.append(c)
             self._next_chunk(index, row)

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ..backends.contract import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPoolContract, describe_exit
-from ..worker.protocol import Done, Failed, Leaving, LoadFailed, Ready, Started
+from ..worker.protocol import AudioChunk, Done, Failed, Leaving, LoadFailed, Ready, Started
 from . import autofill
 from .jobrun import Blame, JobHandle, JobRun
 from .progress import make_event
@@ -272,6 +272,10 @@ class Service(Deadlines):
             h.batch_size = max(1, int(msg.batch_size))
         elif isinstance(msg, Started):
             h.running[msg.task] = time.monotonic()  # its deadline starts now
+        elif isinstance(msg, AudioChunk):  # a streamed segment's audio so far: to its job's callback, in order
+            if (owner := self._owner.get(msg.task)) is not None:
+                owner[0]._run.emit(make_event("segment_audio", id=owner[1], index=msg.index, samples=msg.samples,
+                                              sample_rate=msg.sample_rate))
         elif isinstance(msg, Leaving):
             self._on_leaving(h, msg)
         elif isinstance(msg, Done | Failed):

@@ -35,6 +35,7 @@ from ..engines import (
 )
 from .protocol import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
+from .streams import StreamRelay
 from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
@@ -88,6 +89,7 @@ class LaneRunner:
         self.rates: dict[Any, RateModel] = {}  # SpeakerRef -> its speed, learned from takes that passed
         self.recycle = RecyclePolicy()  # the worker sets it from its settings (FISH_WORKER_MAX_*)
         self.draining: str | None = None  # why this worker is being recycled: no new rows, leave when empty
+        self.streams = StreamRelay(worker_id, send, getattr(engine, "sample_rate", 44100))  # streamed rows' audio
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -211,7 +213,8 @@ class LaneRunner:
             task = self.backlog.popleft()
             self._start(task)
             try:
-                self.session.add(task.id, task.text, SynthesisParams(**task.params), self.prompt(task.speaker))
+                self.session.add(task.id, task.text, SynthesisParams(**task.params), self.prompt(task.speaker),
+                                 **self.streams.added(self.session, task))
             except BadReferenceError as exc:
                 self._fail_voice(task, exc)
                 continue
@@ -238,11 +241,13 @@ class LaneRunner:
             err, tb = exc, traceback.format_exc()
         else:
             now = time.perf_counter()
+            self.streams.relay(self.session)
             for key, audio in finished:
                 task = self.rows.pop(key)
                 kept = self._judge(task, audio)
                 if kept is None:
                     continue  # retried with a new seed: back at the head of the backlog, same deadline
+                self.streams.finish(task, kept.samples)
                 self.writes.put((task, kept, now - self.t0.pop(key)))
                 self._forget(key)
             return
@@ -298,11 +303,11 @@ class LaneRunner:
         self._forget(task.id)
 
     def _forget(self, task_id: str) -> None:
-        self.takes.pop(task_id, None)
+        for table in (self.takes, self.ooms, self.errors):
+            table.pop(task_id, None)
         self.retakes.discard(task_id)
         self.solo.discard(task_id)
-        self.ooms.pop(task_id, None)
-        self.errors.pop(task_id, None)
+        self.streams.forget(task_id)
 
     # -- the take check (fishmp/worker/takes.py) -----------------------------------------------------------------------
     def _judge(self, task: SegmentTask, audio: Audio) -> Audio | None:
@@ -334,7 +339,9 @@ class LaneRunner:
         if verdict.passed:
             rate.accept(task.text, audio.seconds)
         fit_retry = bool(fit) and wants_another_take(state.verdicts, fit, state.fit_tries)
-        if fit_retry or (not verdict.passed and not state.any_passed and len(state.verdicts) <= limits.retries):
+        streamed = getattr(task, "stream", False)  # its audio has left: judged and recorded, never retaken
+        if not streamed and (fit_retry or (not verdict.passed and not state.any_passed
+                                           and len(state.verdicts) <= limits.retries)):
             state.fit_tries += fit_retry
             params = {**task.params, "seed": retry_seed(state.base_seed, len(state.verdicts))}
             cap = retry_max_new_tokens(verdict, limits)  # a runaway's retry stops where it would fail anyway
