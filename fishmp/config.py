@@ -330,6 +330,9 @@ class ServeSettings:
                                     "open connections at once (event streams included); more are closed, >= 1")
     max_reference_s: float = _setting(60.0, "FISH_SERVE_MAX_REFERENCE_S", float, _positive,
                                       "seconds a reference audio may last (its header is read first), > 0")
+    ws_idle_s: float = _setting(60.0, "FISH_SERVE_WS_IDLE_S", float, _positive,
+                                "seconds a WebSocket (/v1/tts/live) may stay silent while nothing is being spoken "
+                                "before it is closed, > 0")
 
     def __post_init__(self) -> None:
         _check_fields(self)
