@@ -185,6 +185,18 @@ class FishBatchSession:
         self._rows[index] = row
         self._next_chunk(index, row)
 
+    def drop(self, key: str) -> None:
+        """Forget row `key` now (its client left): its slot is free at once, its audio never comes."""
+        import torch
+
+        for index, row in enumerate(self._rows):
+            if row is not None and row.key == key:
+                self._rows[index], self._h_live[index] = None, False
+                self._starting.discard(index)
+                with torch.inference_mode():
+                    self._live[index] = False
+        self._draining = [row for row in self._draining if row.key != key]
+
     def step(self) -> list[tuple[str, Audio]]:
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")

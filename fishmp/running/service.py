@@ -165,7 +165,7 @@ class Service(Deadlines):
         if run.stopping_since is None:
             return
         running = any(self._owner.get(t, (None,))[0] is handle for h in self.workers.live_handles() for t in h.running)
-        now_ = self.workers.stop_count > 1 and not run.cancelled
+        now_ = (self.workers.stop_count > 1 and not run.cancelled) or (run.cancelled and run.stream)  # client gone
         if now_ or not running or time.monotonic() - run.stopping_since >= self.settings.shutdown_grace_s:
             self._end(handle)
 
@@ -176,13 +176,18 @@ class Service(Deadlines):
             return
         self.active.remove(handle)
         run = handle._run
+        mine = set()
         for tid, (owner, _) in list(self._owner.items()):
             if owner is handle:
                 del self._owner[tid]
                 self._abandoned.add(tid)
+                mine.add(tid)
+        drop = getattr(self.workers, "drop", None) if run.cancelled and run.stream else None
         for h in self.workers.handles.values():
             if h.job is handle:
                 h.job = None
+            for tid in [t for t in h.outstanding if t in mine] if drop and h.state != "dead" else ():
+                drop(h, tid)  # a streamed line's client left: its rows are freed now, not finished
             if h.state != "dead" and run.stop_signal is not None and not run.cancelled and \
                     any(t in self._abandoned for t in h.outstanding):
                 self.workers.kill(h, f"stopped by {signal.Signals(run.stop_signal).name}")

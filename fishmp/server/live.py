@@ -9,7 +9,8 @@ request, 1011 for a failed line).
 
 Text is cut into lines at sentence ends (livetext.py): each complete sentence starts decoding at once (a job of
 its own at interactive priority, so the next sentence decodes while this one streams), and its audio is sent as
-its rows decode (pcm, and wav: one header first; mp3 / opus: each line as one file once it is done).
+its rows decode (pcm, and wav: one header first; mp3 / opus: each line as one file once it is done), in
+messages of at most 32 KiB of audio (the SDK's client refuses messages over 64 KiB).
 
 Bounds: a frame may be at most FISH_SERVE_MAX_BODY_MB (uvicorn's ws_max_size, and checked here), the buffered text
 at most FISH_SERVE_MAX_TEXT_CHARS, the lines outstanding count against FISH_SERVE_MAX_QUEUED; a socket that sends
@@ -39,6 +40,8 @@ from .streaming import pcm_pieces
 from .tts import sampling, voice_for
 
 log = logging.getLogger("fishmp")
+# Audio per message: httpx-ws (the SDK's WebSocket client) closes the socket on a message over 64 KiB by default.
+AUDIO_FRAME_BYTES = 32 * 1024
 
 
 class _Refused(Exception):
@@ -162,7 +165,8 @@ class _Session:
         await self.ws.send_bytes(ormsgpack.packb({"event": "finish", "reason": "stop"}))
 
     async def _send(self, audio: bytes) -> None:
-        await self.ws.send_bytes(ormsgpack.packb({"event": "audio", "audio": audio}))
+        for i in range(0, len(audio), AUDIO_FRAME_BYTES):
+            await self.ws.send_bytes(ormsgpack.packb({"event": "audio", "audio": audio[i: i + AUDIO_FRAME_BYTES]}))
 
     def cancel(self) -> None:
         for run in self.runs:
@@ -190,8 +194,9 @@ async def live(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await ws.send_bytes(ormsgpack.packb({"event": "finish", "reason": "error", "message": str(exc)}))
             await ws.close(code=exc.code)
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        log.info("[Serve] /v1/tts/live: the client disconnected; its lines were cancelled")
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        log.info("[Serve] /v1/tts/live: the client disconnected (%s); its lines were cancelled", type(exc).__name__,
+                 exc_info=not isinstance(exc, WebSocketDisconnect))
     finally:
         for task in tasks:
             task.cancel()

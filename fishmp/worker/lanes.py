@@ -33,7 +33,7 @@ from ..engines import (
     SynthesisParams,
     TextTooLongError,
 )
-from .protocol import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
+from .protocol import Drop, EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
 from .streams import StreamRelay
 from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
@@ -99,6 +99,8 @@ class LaneRunner:
                 if self.draining is not None and not self.rows and not self._started_waiting():
                     return  # recycled: its rows are finished; what it never started went back (Leaving)
                 self._pull(block=not self.rows and not self.backlog)
+                if not self.rows and not self.backlog:
+                    continue  # only a Drop came
                 if not self.rows:
                     head = self.backlog[0]
                     if head is None:
@@ -120,13 +122,23 @@ class LaneRunner:
             self._close_session()
 
     def _pull(self, block: bool) -> None:
-        if block:
-            self.backlog.append(self.inbox.get())
-        while True:
-            try:
-                self.backlog.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return
+        items = [self.inbox.get()] if block else []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self.inbox.get_nowait())
+        for item in items:
+            self._drop(item.task) if isinstance(item, Drop) else self.backlog.append(item)
+
+    def _drop(self, task_id: str) -> None:
+        """Its job was cancelled (a streamed line's client left): free its row now; Failed("cancelled") says so."""
+        waiting = [t for t in self.backlog if t is not None and t.id == task_id]
+        for t in waiting:
+            self.backlog.remove(t)
+        if task_id in self.rows and callable(getattr(self.session, "drop", None)):
+            self.session.drop(task_id)
+            waiting.append(self.rows.pop(task_id))
+        if waiting:
+            self._fail(waiting[0], "cancelled", "its job was cancelled", input_error=True)
 
     # -- recycling (fishmp/worker/recycle.py) -----------------------------------------------------------------------------
     def _after_step(self, before: list[str]) -> None:

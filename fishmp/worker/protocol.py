@@ -54,6 +54,14 @@ class AudioChunk:
 
 
 @dataclass(frozen=True)
+class Drop:
+    """Main -> worker: the task's job was cancelled (a streamed line whose client left): free its row now. The worker
+    answers Failed(kind "cancelled", input_error True) if it dropped something, nothing if the task was over."""
+
+    task: str
+
+
+@dataclass(frozen=True)
 class EncodeTask:
     id: str
     audio_path: str
