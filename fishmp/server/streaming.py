@@ -26,7 +26,7 @@ from .errors import ApiError
 from .lines import LineRun
 
 log = logging.getLogger("fishmp")
-STREAM_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm"}
+STREAM_TYPES = ("wav", "pcm")  # formats sent in pieces (content types as for the whole file: formats.py)
 
 
 def to_int16(samples: np.ndarray) -> np.ndarray:
@@ -55,14 +55,13 @@ def audio_body(run: LineRun, fmt: str, tone: prosody.Prosody, headers: dict[str,
             async for pcm in pcm_pieces(run, tone):
                 yield pcm
         except ApiError as exc:  # the header is out: the answer is cut (no chunked end), so the client sees it
-            log.error("[Serve] streamed line ended early: %s: %s", exc.error, exc.detail)
+            log.error("[Serve] streaming line ended early: %s: %s", exc.error, exc.detail)
             raise
         finally:
             run.close()
 
-    extra = {"Content-Disposition": formats.disposition(fmt)} if fmt == "wav" else {}
-    return StreamingResponse(body(), media_type=STREAM_TYPES[fmt],
-                             headers={**extra, **tone.headers(), **(headers or {})})
+    return StreamingResponse(body(), media_type=formats.CONTENT_TYPES[fmt],
+                             headers={"Content-Disposition": formats.disposition(fmt), **tone.headers(), **(headers or {})})
 
 
 def sse_body(run: LineRun, fmt: str, tone: prosody.Prosody, text_chars: int) -> Response:
@@ -81,7 +80,7 @@ def sse_body(run: LineRun, fmt: str, tone: prosody.Prosody, text_chars: int) -> 
             yield event({"type": "speech.audio.done", "usage": {
                 "input_tokens": text_chars, "output_tokens": samples, "total_tokens": text_chars + samples}})
         except ApiError as exc:
-            log.error("[Serve] streamed line ended early: %s: %s", exc.error, exc.detail)
+            log.error("[Serve] streaming line ended early: %s: %s", exc.error, exc.detail)
             yield event({"type": "error", "error": {"message": f"{exc.error}: {exc.detail}"}})
             raise
         finally:
