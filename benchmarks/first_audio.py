@@ -17,7 +17,7 @@ import requests
 
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if q < 0.5 else statistics.median(values)
+    return statistics.median(values) if q == 0.5 else values[min(len(values) - 1, int(q * len(values)))]
 
 
 def _closed_loop(url: str, bodies: list[dict], concurrency: int, streamed: bool) -> dict[str, list[float]]:

@@ -46,7 +46,7 @@ from .codec import CodecQueue
 from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
 from .prefix_cache import Prefix, encode_prompt
 from .sampling import row_key
-from .streaming import StreamPlan, frames_so_far, trimmed
+from .streaming import StreamPlan, frames_so_far, hand_out, submit_piece
 
 # `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
 # here would tie the two modules into a cycle.
@@ -105,6 +105,7 @@ class FishBatchSession:
         self._broken: str | None = None
         self.finished_codes: dict[str, list[Any]] = {}  # the codes of the rows the last step finished (diagnostics)
         self.stream_plan = StreamPlan.from_settings(getattr(engine, "settings", None))
+        self._piece_args = (self.stream_plan.context, int(engine._codec.frame_length))  # submit_piece's
         self.streamed: list[tuple[str, int, np.ndarray]] = []  # (key, index, audio) the last step made ready, in order
         self._frames_cap = min(engine.max_frames, engine.max_seq_len) + WINDOW + 1
 
@@ -266,23 +267,10 @@ class FishBatchSession:
                 continue
             n = int(self._steps - self._h_start[index]) + 1  # frames so far (the prefill's + decoded); all kept
             if n - row.sent >= self.stream_plan.wanted(row.sent, row.frames):
-                self._stream_piece(row, frames_so_far(self._first[index], self._history[index], n)[1:], n)
-        for row in [*self._rows, *self._draining]:
-            if row is not None and row.stream:
-                self._hand_out(row)
-
-    def _stream_piece(self, row: _Row, codes: Any, upto: int) -> None:
-        """Codes [row.sent, upto) of its current chunk to the codec, with left context, as its next piece."""
-        start = max(0, row.sent - self.stream_plan.context)
-        frame = int(self._engine._codec.frame_length)
-        (future,) = self._codec.submit([codes[:, start:upto].clone()])
-        row.pieces.append(trimmed(future, (row.sent - start) * frame))
-        row.sent = upto
-
-    def _hand_out(self, row: _Row) -> None:  # the pieces ready, in order, into `streamed`
-        while row.handed < len(row.pieces) and row.pieces[row.handed].done():
-            self.streamed.append((row.key, row.handed, row.pieces[row.handed].result()))
-            row.handed += 1
+                codes = frames_so_far(self._first[index], self._history[index], n)[1:]
+                submit_piece(self._codec, row, codes, n, *self._piece_args)
+        for row in (r for r in [*self._rows, *self._draining] if r is not None and r.stream):
+            hand_out(row, self.streamed)
 
     def _returned(self) -> list[tuple[str, Audio]]:
         """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
@@ -296,7 +284,7 @@ class FishBatchSession:
         finished, waiting = [], []
         for row in self._draining:
             if row.stream:
-                self._hand_out(row)
+                hand_out(row, self.streamed)
             if not ready(row):
                 waiting.append(row)
                 continue
@@ -403,7 +391,7 @@ class FishBatchSession:
             assert row is not None
             if row.stream:  # the rest of the chunk; its earlier frames already went as pieces
                 if c.shape[1] > row.sent:
-                    self._stream_piece(row, c, c.shape[1])
+                    submit_piece(self._codec, row, c, c.shape[1], *self._piece_args)
                 row.sent = 0
             else:
                 row.pieces.append(audio[index])

@@ -56,3 +56,19 @@ def trimmed(future: Future, skip: int) -> Future:
 
     future.add_done_callback(cut)
     return out
+
+
+def submit_piece(codec: Any, row: Any, codes: Any, upto: int, context: int, frame: int) -> None:
+    """A streaming row's codes [row.sent, upto) of its current chunk to the codec, with up to `context` frames before
+    them, as its next piece (the context's samples cut off)."""
+    start = max(0, row.sent - context)
+    (future,) = codec.submit([codes[:, start:upto].clone()])
+    row.pieces.append(trimmed(future, (row.sent - start) * frame))
+    row.sent = upto
+
+
+def hand_out(row: Any, out: list) -> None:
+    """The row's pieces whose audio is ready, in order and once each, appended to `out` as (key, index, audio)."""
+    while row.handed < len(row.pieces) and row.pieces[row.handed].done():
+        out.append((row.key, row.handed, row.pieces[row.handed].result()))
+        row.handed += 1

@@ -36,7 +36,8 @@ from ..engines import (
 from .protocol import Drop, EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
 from .streams import StreamRelay
-from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
+from .takes import RateModel, TakeLimits, check_take, retry_max_new_tokens, retry_seed, take_record
+from .takestate import KeptTake, Takes
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
@@ -84,7 +85,7 @@ class LaneRunner:
         settings = getattr(engine, "settings", None)  # the worker's Settings (both engines keep them)
         self.take_check = bool(getattr(settings, "take_check", True))
         self.take_limits = TakeLimits.from_settings(settings)
-        self.takes: dict[str, _Takes] = {}  # task id -> its takes so far, while a failed take check is retried
+        self.takes: dict[str, Takes] = {}  # task id -> its takes so far, while a failed take check is retried
         self.retakes: set[str] = set()  # tasks back in the backlog for another take (their deadline restarts)
         self.rates: dict[Any, RateModel] = {}  # SpeakerRef -> its speed, learned from takes that passed
         self.recycle = RecyclePolicy()  # the worker sets it from its settings (FISH_WORKER_MAX_*)
@@ -336,7 +337,7 @@ class LaneRunner:
 
         limits = self.take_limits
         fit = getattr(task, "fit", None)
-        state = self.takes.setdefault(task.id, _Takes(task.params.get("seed"), fit))
+        state = self.takes.setdefault(task.id, Takes(task.params.get("seed"), fit))
         if task.speaker not in self.rates and len(self.rates) >= 256:  # bounded: a long-lived pool sees many voices
             self.rates.pop(next(iter(self.rates)))
         rate = self.rates.setdefault(task.speaker, RateModel(limits.learn_after))
@@ -384,36 +385,3 @@ class LaneRunner:
                        input_error=False, tb=traceback.format_exc())
             raise Leave from None
         self.writes.put((task, tokens, time.perf_counter() - self.t0.pop(task.id)))
-
-
-@dataclasses.dataclass(frozen=True)
-class KeptTake(Audio):
-    """The take a segment keeps, with its take record (takes tried, verdicts, kept seed, suspect) for Done."""
-
-    take: dict[str, Any] | None = None
-
-
-class _Takes:
-    """A segment's takes so far; only the best one's audio is kept in memory."""
-
-    def __init__(self, base_seed: int | None, fit: dict[str, Any] | None = None) -> None:
-        self.base_seed = base_seed
-        self.fit = fit  # a fitted segment: the take needing the least stretch is the best (takes.py fitted_index)
-        self.fit_tries = 0  # seeds tried only because the best take needed more than max_speed
-        self.verdicts: list[Verdict] = []
-        self.seeds: list[int | None] = []
-        self.best = 0
-        self.audio: Audio | None = None
-
-    @property
-    def any_passed(self) -> bool:
-        return any(v.passed for v in self.verdicts)
-
-    def add(self, verdict: Verdict, audio: Audio, seed: int | None) -> None:
-        from .takes import fitted_index
-
-        self.verdicts.append(verdict)
-        self.seeds.append(seed)
-        best = fitted_index(self.verdicts, self.fit) if self.fit else best_index(self.verdicts)
-        if best == len(self.verdicts) - 1 or self.audio is None:
-            self.best, self.audio = best, audio
