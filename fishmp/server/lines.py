@@ -2,10 +2,11 @@
 
 A line is one job of one speaker, in a directory of its own under `<data dir>/lines/` that goes once the answer
 is sent. Its segments: the text whole, or, streaming, its chunks (cut at sentence ends, at most `chunk_length`
-characters each) as consecutive segments that the worker decodes as rows of one batch where it has lanes; the
-stream sends each chunk's PCM in text order as soon as it and those before it are done. The voice's speaker id comes
-from the reference content (refstore.Voice), so a voice sent with every line is encoded and prefilled once per
-worker (concurrent lines of any voices share a batch session: mixed voices).
+characters each) as consecutive segments that the worker decodes as rows of one batch where it has lanes. A
+streamed line (`stream=True`) gets each segment's audio in pieces while its row decodes (`segment_audio` events,
+fishmp.engines.streaming) and `pieces(i)` yields them in order; leaving cancels the line and frees its rows.
+The voice's speaker id comes from the reference content (refstore.Voice), so a voice sent with every line is
+encoded and prefilled once per worker (concurrent lines of any voices share a batch session: mixed voices).
 """
 
 from __future__ import annotations
