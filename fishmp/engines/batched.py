@@ -225,6 +225,7 @@ class FishBatchSession:
 
         self.finished_codes = {}
         done: list[int] = []
+        idle = not self._starting and not self._h_live.any()  # nothing to decode since the last step returned
         with torch.inference_mode():
             if self._starting:
                 done += self._start_chunks(sorted(self._starting))
@@ -232,15 +233,18 @@ class FishBatchSession:
                 done += self._decode_step()
             if done:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
-        return self._returned()
+        return self._returned(wait=idle)
 
-    def _returned(self) -> list[tuple[str, Audio]]:
-        """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
-        decode, wait for the codec rather than spin."""
+    def _returned(self, wait: bool) -> list[tuple[str, Audio]]:
+        """The draining rows whose audio is ready, in the order they finished decoding. `wait`: nothing was left
+        to decode when this step began (the caller had its chance to add rows after the last one and added none):
+        wait for the codec rather than spin. Not right after the last live row finished: the caller may have a
+        row to add, which then decodes while the codec works (at batch 1 the codec waited for every row before)."""
         def ready(row: _Row) -> bool:
             return all(f.done() for f in row.pieces)
 
-        if self._draining and not self._starting and not self._h_live.any() and not any(map(ready, self._draining)):
+        if (wait and self._draining and not self._starting and not self._h_live.any()
+                and not any(map(ready, self._draining))):
             concurrent.futures.wait([f for row in self._draining for f in row.pieces if not f.done()],
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         finished, waiting = [], []

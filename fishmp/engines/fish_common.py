@@ -139,3 +139,27 @@ def guard_oom(what: str, fn: Callable[[], Any]) -> Any:
             raise
         message = f"{what}: out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     raise EngineOutOfMemoryError(message)
+
+
+def encode_inline(tokenizer: Any) -> None:
+    """Make fish-speech's FishTokenizer.encode run in the calling thread. It encodes through tiktoken's
+    `encode_batch`, which builds a ThreadPoolExecutor (and starts a thread) for every call, for a single piece of
+    text: the prompts a worker tokenizes (text splitting, every chunk's prompt, every speaker prefix) cost a thread
+    start and join each, and GIL hand-offs with the decode loop (6 % of a batch-8 job's decode thread, profiled).
+    Same pieces, same special-token rules, so the same tokens; set on this tokenizer instance only."""
+    tkt = getattr(tokenizer, "tkt_model", None)
+    if tkt is None or not callable(getattr(type(tokenizer), "encode", None)):
+        return  # not the tokenizer this was written for: leave it as it is
+    from fish_speech.tokenizer import TIKTOKEN_MAX_ENCODE_CHARS
+
+    def encode(s: str, allowed_special: bool | set[str] = True) -> list[int]:
+        assert isinstance(s, str)
+        allowed = tkt.special_tokens_set if allowed_special is True else (
+            set() if allowed_special is False else allowed_special)
+        out: list[int] = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            out += tkt.encode(s[i:i + TIKTOKEN_MAX_ENCODE_CHARS], allowed_special=allowed,
+                              disallowed_special=frozenset())
+        return out
+
+    tokenizer.encode = encode
