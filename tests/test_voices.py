@@ -142,3 +142,11 @@ def test_stage_prepares_each_voice_once_in_order_and_forgets_failures() -> None:
         assert stage.pending() == []
     finally:
         stage.close()
+
+
+def test_the_main_process_knows_the_engines_fingerprint(engine) -> None:
+    # `fishmp encode` reuses cache entries without loading a model: the fingerprint it computes must be the one the
+    # loaded engine names its entries with
+    from fishmp.worker.references import engine_fingerprint
+
+    assert engine_fingerprint(engine.settings) == engine.fingerprint()
