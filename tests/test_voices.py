@@ -150,3 +150,31 @@ def test_the_main_process_knows_the_engines_fingerprint(engine) -> None:
     from fishmp.worker.references import engine_fingerprint
 
     assert engine_fingerprint(engine.settings) == engine.fingerprint()
+
+
+def test_a_new_voice_is_prefilled_with_its_rows_text(engine) -> None:
+    # Three rows start at once, two of them of a voice the prefix cache has never seen and one of another new voice:
+    # each prefills its whole prompt in the one forward of the starting rows (no forward of its own for the prefix),
+    # the voices' prefixes are then cached once each, and every row's audio is what batch 1 gives it from the cache.
+    rng = np.random.default_rng(7)
+    voices = [SpeakerPrompt(f"joint-{k}", rng.integers(0, 1024, (10, n)), f"Voice {k} speaking.")
+              for k, n in ((1, 50), (2, 30))]
+    items = [("r0", "First row here.", voices[0], 7), ("r1", "Second, another voice.", voices[1], 8),
+             ("r2", "Third row, first voice again.", voices[0], 9)]
+    before = engine.prefixes.prefills
+    session = engine.open_batch(4)
+    try:
+        for key, text, voice, seed in items:
+            session.add(key, text, SynthesisParams(seed=seed, max_new_tokens=12), voice)
+        assert engine.prefixes.prefills == before  # nothing prefilled on add
+        got = {}
+        while session.active():
+            got.update(dict(session.step()))
+    finally:
+        session.close()
+    assert engine.prefixes.prefills - before == 2 and len({p for p in ("joint-1", "joint-2")
+                                                           if engine.prefixes.peek(p) is not None}) == 2
+    for key, text, voice, seed in items:  # batch 1, the prefixes now copied from the cache
+        alone = engine.synthesize(text, voice, SynthesisParams(seed=seed, max_new_tokens=12))
+        assert got[key].tokens == alone.tokens and np.array_equal(got[key].samples, alone.samples), key
+    assert engine.prefixes.prefills - before == 2

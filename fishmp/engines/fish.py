@@ -296,11 +296,15 @@ class FishSpeechEngine:
         compiled = self.settings.compile if compiled is None else compiled
         return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed, codec_thread=codec_thread)
 
-    def prefix(self, speaker: SpeakerPrompt | None) -> Any:
+    def prefix(self, speaker: SpeakerPrompt | None, filled: bool = True) -> Any:
         """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
-        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used."""
+        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used. filled False: on a miss, the
+        prefix unfilled (the batch session prefills it together with its row's text)."""
         self._require()
         from .prefix_cache import prefill_prefix, speaker_prefix
+
+        if not filled:
+            return speaker_prefix(self, speaker, None)
 
         def prefill(tokens: Any) -> tuple[list, list]:
             import torch
