@@ -178,3 +178,17 @@ def test_a_new_voice_is_prefilled_with_its_rows_text(engine) -> None:
         alone = engine.synthesize(text, voice, SynthesisParams(seed=seed, max_new_tokens=12))
         assert got[key].tokens == alone.tokens and np.array_equal(got[key].samples, alone.samples), key
     assert engine.prefixes.prefills - before == 2
+
+
+def test_the_engines_tokenizer_gives_fish_speechs_tokens(engine) -> None:
+    # fishmp.engines.fish_common.encode_inline: fish-speech's FishTokenizer.encode without a thread per call and with
+    # only the special tokens the text holds allowed; the same tokens for texts with specials, partial ones, others
+    from fish_speech.tokenizer import FishTokenizer
+
+    upstream = FishTokenizer.from_pretrained(engine.settings.checkpoint_dir)
+    texts = ["<|interleave|><|speaker:0|>This is it.<|im_end|>", "Hi <|semantic:12|><|semantic:4095|> <|foo|> "
+             "<|<|speaker:0|>|> ä 中文 <|im_end", "", "plain text " * 40]
+    for text in texts:
+        for allowed in (True, False, {"<|im_end|>"}):
+            assert engine._model.tokenizer.encode(text, allowed_special=allowed) == \
+                upstream.encode(text, allowed_special=allowed), (text, allowed)
