@@ -135,11 +135,11 @@ def test_stage_prepares_each_voice_once_in_order_and_forgets_failures() -> None:
             stage.take("bad")
         assert stage.take("b") == "B"
         assert calls == ["a", "bad", "b"] and stage.prepared == 3
-        stage.want(["bad"])
-        stage.wait_any(["bad"], timeout=10)
-        assert stage.ready("bad") and calls[-1] == "bad"
-        stage.forget(["bad"])
-        assert stage.pending() == []
+        stage.want(["bad", "c"])  # tried again; a voice no task needs any more is forgotten
+        stage.forget(["c"])
+        with pytest.raises(ValueError, match="unusable"):
+            stage.take("bad")
+        assert calls.count("bad") == 2 and stage.pending() == []
     finally:
         stage.close()
 

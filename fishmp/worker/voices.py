@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 
@@ -62,12 +62,6 @@ class VoiceStage:
             return future.result()
         finally:
             self._futures.pop(ref, None)
-
-    def wait_any(self, refs: Iterable[Any], timeout: float | None = None) -> None:
-        """Block until one of these voices is ready (or the timeout passes): the loop has nothing else to do."""
-        futures = [self._futures[r] for r in refs if r in self._futures]
-        if futures:
-            wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
 
     def forget(self, refs: Iterable[Any]) -> None:
         """Drop voices no task waits for any more (their tasks failed or went back): a queued preparation is
