@@ -10,10 +10,8 @@ they came. FISH_BATCH_MIXED=0 (a benchmarking knob) restores single-voice sessio
 the rows' waits until the session drains. Batch 1 runs the same kind of session (engine.open_batch(1)), so the batch
 size never changes a segment's audio; only an engine without open_batch gets a SequentialSession.
 
-Voices are prepared beside the loop (fishmp/worker/voices.py): the voice of every segment in the backlog is wanted as
-soon as it arrives, and a row is added once its voice is ready; while the head's voice is still being encoded the
-running rows keep stepping (the head waits, so tasks still start in order). With no row running the loop waits for
-the voice: the head is then Started first, so its deadline covers the encode, as when it was encoded inline.
+Voices are prepared beside the loop (fishmp/worker/voices.py): a row is added once its voice is ready, and the running
+rows step meanwhile (the head waits: tasks still start in order). With no row running the loop waits for the voice.
 
 Faults are per segment (see fishmp/worker/process.py's docstring for the table and the reasons).
 """
@@ -75,8 +73,7 @@ class LaneRunner:
         self.worker_id, self.engine, self.inbox, self.send, self.writes = worker_id, engine, inbox, send, writes
         self.cache_dir = cache_dir  # encoded references (encode tasks)
         self.prompt = prompt  # SpeakerRef -> SpeakerPrompt (cached by the caller)
-        # Voices prepared beside the loop (None: inline, by `prompt`); `cached` SpeakerRef -> prompt or None, the
-        # caller's cache, asked first (a voice already prepared needs no trip through the stage's thread)
+        # voices: the stage (None: inline, by `prompt`); cached: SpeakerRef -> prompt or None, asked first
         self.voices, self.cached = voices, cached or (lambda ref: None)
         self.voice_waits = 0  # times the head's voice was not ready while rows were running (they stepped on)
         self.steps_beside_voices = 0  # decode steps taken while a voice was being prepared (tests, benchmarks)
@@ -109,7 +106,8 @@ class LaneRunner:
                 if self.draining is not None and not self.rows and not self._started_waiting():
                     return  # recycled: its rows are finished; what it never started went back (Leaving)
                 self._pull(block=not self.rows and not self.backlog)
-                self._want_voices()
+                if self.voices is not None:
+                    self.voices.want_waiting(self.backlog, self.cached)
                 if not self.rows:
                     head = self.backlog[0]
                     if head is None:
@@ -207,18 +205,9 @@ class LaneRunner:
             self._fail(t, exc.kind, str(exc), input_error=True)
         self._prune_voices()
 
-    # -- voices (fishmp/worker/voices.py) ---------------------------------------------------------------------------
-    def _want_voices(self) -> None:
-        """Ask the stage for the voices of the backlog's segments that the caller's cache does not hold."""
-        if self.voices is not None:
-            self.voices.want(t.speaker for t in self.backlog
-                             if isinstance(t, SegmentTask) and self.cached(t.speaker) is None)
-
     def _prune_voices(self) -> None:
-        """Forget the voices no waiting segment needs any more (their tasks failed or were handed back)."""
         if self.voices is not None:
-            needed = {t.speaker for t in self.backlog if isinstance(t, SegmentTask)}
-            self.voices.forget([ref for ref in self.voices.pending() if ref not in needed])
+            self.voices.keep_only(self.backlog)
 
     def _voice(self, task: SegmentTask) -> Any:
         """The task's SpeakerPrompt; NOT_READY while it is being prepared and rows are running (they keep stepping).

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .protocol import SegmentTask
+
 
 class VoiceStage:
     """Prepares voices (`prepare(ref)` -> prompt) on one thread beside the caller's, in the order they are wanted.
@@ -62,6 +64,15 @@ class VoiceStage:
             return future.result()
         finally:
             self._futures.pop(ref, None)
+
+    def want_waiting(self, backlog: Iterable[Any], cached: Callable[[Any], Any]) -> None:
+        """Want the voices of the segments waiting in a worker's backlog that its prompt cache (`cached`) lacks."""
+        self.want(t.speaker for t in backlog if isinstance(t, SegmentTask) and cached(t.speaker) is None)
+
+    def keep_only(self, backlog: Iterable[Any]) -> None:
+        """Forget the voices no segment in the backlog needs any more (their tasks failed or were handed back)."""
+        needed = {t.speaker for t in backlog if isinstance(t, SegmentTask)}
+        self.forget([ref for ref in self._futures if ref not in needed])
 
     def forget(self, refs: Iterable[Any]) -> None:
         """Drop voices no task waits for any more (their tasks failed or went back): a queued preparation is
