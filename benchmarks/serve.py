@@ -15,6 +15,12 @@ average is printed with each. Then one line's latency while a long job runs on t
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --engine synthetic --no-upstream
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --first-audio 1,8 --max-new-tokens 200 --batch-size 8
         (streamed lines: time to first audio p50/p95 against the whole line's latency; benchmarks/first_audio.py)
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --unique-refs --concurrency 1,8 --long-job 0
+
+--unique-refs (issue 32): every request carries a reference never sent before (5-6 s, as pyvideotrans's clone role
+cuts one from the original vocals for each subtitle line), so no reference cache can hit. One run reports fishmp with
+unique references, fishmp with one shared reference, and upstream with unique references (its cache off: each
+reference is new anyway), interleaved per concurrency; both unique configurations get the same references.
 
 Upstream needs two shims on torchaudio >= 2.9 (list_audio_backends and load are gone or need torchcodec); they read
 with soundfile, as upstream's own "soundfile" backend did, and run in a temp cwd (upstream writes references/ there).
@@ -61,7 +67,7 @@ class FishmpServer:
         env.update({"FISH_CPU_WORKERS": str(args.workers), "FISH_BATCH_SIZE": str(args.batch_size),
                     "FISH_MULTIPROCESS_MODE": "true", "FISH_TAKE_CHECK": "false", "FISH_PRECISION": "float32",
                     "FISH_CACHE_DIR": os.path.join(tmp, "cache"), "FISH_SERVE_MAX_QUEUED": "100000",
-                    "PYTHONPATH": ROOT})
+                    "PYTHONPATH": args.fishmp_root})
         if checkpoint:
             env.update({"FISH_ENGINE": "fish", "FISH_CHECKPOINT_DIR": checkpoint})
         else:
@@ -241,6 +247,8 @@ def main() -> int:
     p.add_argument("--json", help="write the numbers to this file")
     p.add_argument("--first-audio", help="only this: streamed lines' time to first audio at these concurrencies "
                    "(e.g. 1,8) against the whole line's latency")
+    p.add_argument("--fishmp-root", default=ROOT, help="the fishmp checkout the server runs (default: this one)")
+    p.add_argument("--unique-refs", action="store_true", help="each request its own new 5-6 s reference (see above)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -287,32 +295,60 @@ def _first_audio(server: FishmpServer, args: argparse.Namespace, ref_b64: str) -
     return 0
 
 
+class UniqueRefs:
+    """Reference wavs (base64) never used before: 5-6 s each, every one a different voice (seeded); block k of n is
+    the same for every configuration that asks for it."""
+
+    def __init__(self, tmp: str) -> None:
+        self.dir = os.path.join(tmp, "unique-refs")
+        self.made: list[str] = []
+
+    def block(self, k: int, n: int) -> list[str]:
+        while len(self.made) < (k + 1) * n:
+            i = len(self.made)
+            seconds = 5.0 + (i * 0.37) % 1.0
+            path = make_reference_wav(os.path.join(self.dir, f"{i}.wav"), seconds=seconds, seed=1000 + i)
+            with open(path, "rb") as f:
+                self.made.append(base64.b64encode(f.read()).decode())
+            os.unlink(path)
+        return self.made[k * n:(k + 1) * n]
+
+
 def _measure(server: FishmpServer, args: argparse.Namespace, levels: list[int], checkpoint: str | None, tmp: str,
              ref_b64: str) -> tuple[list[dict], dict | None, float]:
-    configs: dict[str, Any] = {"fishmp": _fishmp_send(server)}
+    fishmp = _fishmp_send(server)
+    configs: dict[str, Any] = {"fishmp unique refs": fishmp, "fishmp shared ref": fishmp} if args.unique_refs else \
+        {"fishmp": fishmp}
     if checkpoint and not args.no_upstream:
         cwd = os.getcwd()
         os.chdir(tmp)  # upstream writes references/ into the cwd
         try:
-            for cache in ("off", "on"):
+            for cache in ("off",) if args.unique_refs else ("off", "on"):
                 up = Upstream(checkpoint, cache)
-                configs[f"upstream cache {cache}"] = (lambda u: lambda s, b: u.answer(b))(up)
+                name = "upstream unique refs" if args.unique_refs else f"upstream cache {cache}"
+                configs[name] = (lambda u: lambda s, b: u.answer(b))(up)
         finally:
             os.chdir(cwd)
+    unique = UniqueRefs(tmp)
+    blocks = [0]  # the next block of unique references
 
-    def bodies(n: int) -> list[dict]:
-        return [{"text": t, "references": [{"audio": ref_b64, "text": "This is the reference voice."}],
-                 "max_new_tokens": args.max_new_tokens} for t in _texts(n)]
+    def bodies(n: int, name: str = "", block: int | None = None) -> list[dict]:
+        refs = unique.block(block, n) if "unique" in name and block is not None else [ref_b64] * n
+        return [{"text": t, "references": [{"audio": r, "text": "This is the reference voice."}],
+                 "max_new_tokens": args.max_new_tokens} for t, r in zip(_texts(n), refs, strict=True)]
 
-    for send in configs.values():  # warm-up: the first request of each pays one-time costs
-        _run(send, bodies(2), 1)
+    for name, send in configs.items():  # warm-up: the first request of each pays one-time costs
+        _run(send, bodies(2, name, 0), 1)
+    blocks[0] += 1
     results: list[dict[str, Any]] = []
     t_start = time.monotonic()
     for c in levels:
         n = max(16, c * args.requests_per_client)
+        block = blocks[0]
+        blocks[0] += 1
         for name, send in configs.items():
             load = os.getloadavg()[0]
-            r = _run(send, bodies(n), c)
+            r = _run(send, bodies(n, name, block), c)
             results.append({"config": name, "concurrency": c, "load": load, **r})
             print(f"  c={c:3d} {name:18s} {r['rps']:6.2f} req/s  p50 {r['p50']:6.2f}s  p95 {r['p95']:6.2f}s  "
                   f"n={r['n']}  load {load:.2f}", flush=True)
@@ -324,17 +360,19 @@ def _report(args: argparse.Namespace, results: list[dict], line: dict | None, wa
     rows = []
     for r in results:
         ratios = []
-        for cache in ("off", "on"):
-            base = next((u for u in results if u["config"] == f"upstream cache {cache}"
-                         and u["concurrency"] == r["concurrency"]), None)
+        bases = ("upstream unique refs", "fishmp shared ref") if args.unique_refs else \
+            ("upstream cache off", "upstream cache on")
+        for name in bases:
+            base = next((u for u in results if u["config"] == name and u["concurrency"] == r["concurrency"]), None)
             ratios.append(f"{r['rps'] / base['rps']:.2f}x" if base else "-")
         rows.append([r["concurrency"], r["config"], f"{r['rps']:.2f}", f"{r['p50']:.2f}", f"{r['p95']:.2f}", r["n"],
                      *ratios, f"{r['load']:.2f}"])
     print()
     print(f"engine {args.engine}, {args.workers} worker(s) x FISH_BATCH_SIZE={args.batch_size}, max_new_tokens "
           f"{args.max_new_tokens}, wall {wall:.0f} s, server exit {code}")
-    print(markdown_table(["clients", "config", "req/s", "p50 s", "p95 s", "requests", "vs upstream, same requests",
-                          "vs upstream, cache on", "load avg"], rows))
+    heads = ["vs upstream, unique refs", "vs fishmp, shared ref"] if args.unique_refs else \
+        ["vs upstream, same requests", "vs upstream, cache on"]
+    print(markdown_table(["clients", "config", "req/s", "p50 s", "p95 s", "requests", *heads, "load avg"], rows))
     if line:
         print(f"\none line: {line['idle_s']:.2f} s idle, {line['busy_s']:.2f} s while a {line['job_segments']}-segment "
               f"job runs ({line['busy_s'] / line['idle_s']:.2f}x; the job did {line['job_done_meanwhile']} meanwhile)")

@@ -368,29 +368,53 @@ def _with_checkpoint(settings: Settings, job_checkpoint: str | None) -> Settings
 
 
 def _cmd_encode(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
     from .api import Pool, plan_for
     from .job import load_encode_config
-    from .legacy import exit_code
+    from .legacy import ENCODE_TAG, exit_code
+    from .worker.references import codebook_sizes, engine_fingerprint, reuse_encoded
 
+    # The backends' encode step echoes only lines holding [Encode] or INFO (its generate step [Main]...): every line
+    # that says what happened to a speaker carries ENCODE_TAG, so a speaker dropped is never dropped silently.
     job = load_encode_config(args.config, skip_invalid=None, output_root=settings.output_root)
     for problem in job.skipped:
-        log.error("[Main] skipped: %s", problem)  # [Main]: what legacy clients echo
+        log.error("%s skipped: %s", ENCODE_TAG, problem)
     settings = _with_checkpoint(settings, job.checkpoint_dir)
     total = job.listed or len(job.items)
     finished = [total - len(job.items)]
+    # A re-run: speakers whose reference the cache already holds for this checkpoint need no worker (no model load);
+    # an npy that already holds those tokens is left untouched.
+    fingerprint, sizes = engine_fingerprint(settings), codebook_sizes(settings)
+    left = []
+    for it in job.items:
+        try:
+            how = reuse_encoded(it.reference_audio, it.output_npy, fingerprint, settings.cache_dir, sizes)
+        except OSError as exc:  # the npy cannot be written: the worker's write reports it as before
+            how = None
+            log.warning("%s speaker %s: cannot reuse the reference cache: %s", ENCODE_TAG, it.speaker_id, exc)
+        if how is None:
+            left.append(it)
+            continue
+        finished[0] += 1
+        log.info("%s encoded %d/%d: speaker %s: %s (from the reference cache%s)", ENCODE_TAG, finished[0], total,
+                 it.speaker_id, it.output_npy, ", unchanged" if how == "unchanged" else "")
 
     def progress(ev: dict) -> None:
         if ev["event"] == "speaker_encoded":
             finished[0] += 1
-            log.info("[Main] encoded %d/%d: speaker %s: %s", finished[0], total, ev["speaker_id"], ev["path"])
+            log.info("%s encoded %d/%d: speaker %s: %s", ENCODE_TAG, finished[0], total, ev["speaker_id"], ev["path"])
 
-    # Encoding is a short codec pass per speaker: one worker, never the full plan.
-    with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
-        _install_signal_handlers(pool)
-        errors = pool.encode(job, on_event=progress)
-        interrupted = pool.interrupted
+    errors: dict[str, str] = {}
+    interrupted = 0
+    if left:
+        # Encoding is a short codec pass per speaker: one worker, never the full plan.
+        with Pool(settings, plan=plan_for(settings, None, 1)) as pool:
+            _install_signal_handlers(pool)
+            errors = pool.encode(dataclasses.replace(job, items=tuple(left)), on_event=progress)
+            interrupted = pool.interrupted
     for sid, msg in errors.items():
-        log.error("[Main] speaker %s failed: %s", sid, msg)
+        log.error("%s speaker %s failed: %s", ENCODE_TAG, sid, msg)
     sys.stderr.flush()
     _print_result([{"speaker_id": it.speaker_id, "npy_file": it.output_npy} for it in job.items
                    if str(it.speaker_id) not in errors])

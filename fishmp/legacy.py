@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+# The tag of `fishmp encode`'s lines: the backends' encode step echoes only lines holding "[Encode]" or "INFO"
+ENCODE_TAG = "[Encode]"
 SCRIPTS = {"fish_batch_generate.py": "generate", "fish_multiprocess_generate.py": "generate",
            "fish_simple_encode.py": "encode"}
 _MARK = "# fishmp shim"

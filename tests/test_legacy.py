@@ -33,8 +33,11 @@ PROGRESS = [("[BatchGen]", re.compile(r"进度:\s*(\d+)/(\d+)")),
 ECHOED = ("[BatchGen]", "[Worker", "[Main]", "[GPU", "tokens/sec", "INFO")  # what the backend's client prints
 
 
-def echoed(lines: list[str]) -> list[str]:
-    return [line for line in lines if any(marker in line for marker in ECHOED)]
+ENCODE_ECHOED = ("[Encode]", "INFO")  # what its encode step prints
+
+
+def echoed(lines: list[str], markers: tuple[str, ...] = ECHOED) -> list[str]:
+    return [line for line in lines if any(marker in line for marker in markers)]
 
 
 class BackendRun:
@@ -109,7 +112,8 @@ def test_backend_contract_end_to_end_through_the_shims(backend: dict, make_wav) 
     npys = {item["speaker_id"]: item["npy_file"] for item in enc.result}
     assert sorted(npys) == [0, 1]  # integer ids, as the backend's dict keys
     assert all(os.path.isfile(p) and _readable_by_others(p) for p in npys.values())
-    assert any("skipped" in line and 'speaker "2"' in line for line in enc.lines)
+    # the encode step's client echoes only [Encode] / INFO lines: why speaker 2 was dropped must be among them
+    assert any("skipped" in line and 'speaker "2"' in line for line in echoed(enc.lines, ENCODE_ECHOED)), enc.lines
 
     texts = ["Hello there.", "", "This one fails @@error@@.", "Good morning.", "See you @@slow=1@@ later.", "Bye."]
     tasks = [{"segment_index": i, "speaker_id": i % 2, "target_text": text, "npy_file": npys[i % 2],
@@ -199,7 +203,36 @@ def test_a_duplicate_speaker_names_the_entry_it_leaves_out(backend: dict, make_w
                        backend["env"])
     assert enc.returncode == 0 and enc.result == [{"speaker_id": 1, "npy_file": str(out / "speaker_1.npy")}]
     assert any('skipped: speakers[1] (speaker "1"): duplicate speaker_id: speakers[0] already defines it' in line
-               for line in echoed(enc.lines)), enc.lines
+               for line in echoed(enc.lines, ENCODE_ECHOED)), enc.lines
+
+
+def test_encode_rerun_reuses_the_cache_and_failures_are_echoed(backend: dict, make_wav) -> None:
+    """Issue 32 item 4: a re-run of the encode step takes its speakers from the reference cache (no worker, no model
+    load) and leaves an npy whose content would not change; a reference that cannot be read is echoed."""
+    tmp, out = backend["tmp"], backend["root"] / "npy"
+    make_wav(str(tmp / "one.wav"), 1.0)
+    (tmp / "broken.wav").write_bytes(b"RIFF....WAVEfmt nothing more")
+    cfg = {"mode": "encode", "output_dir": str(out), "speakers": [
+        {"speaker_id": 1, "reference_audio": str(tmp / "one.wav"), "reference_text": "One."},
+        {"speaker_id": 2, "reference_audio": str(tmp / "broken.wav"), "reference_text": "Two."}]}
+    script = backend["scripts"] / "fish_simple_encode.py"
+    first = backend_call(backend["python"], script, cfg, backend["cwd"], backend["env"])
+    npy = out / "speaker_1.npy"
+    assert first.returncode == 0 and first.result == [{"speaker_id": 1, "npy_file": str(npy)}], first.lines
+    assert any("speaker 2 failed" in line and "broken.wav" in line
+               for line in echoed(first.lines, ENCODE_ECHOED)), first.lines
+    stamp, content = os.stat(npy).st_mtime_ns, npy.read_bytes()
+    cfg["speakers"] = cfg["speakers"][:1]
+    again = backend_call(backend["python"], script, cfg, backend["cwd"], backend["env"])
+    assert again.returncode == 0 and again.result == first.result, again.lines
+    assert any("speaker 1" in line and "from the reference cache, unchanged" in line
+               for line in echoed(again.lines, ENCODE_ECHOED)), again.lines
+    assert not any("worker" in line for line in again.lines), again.lines  # no worker started, no model loaded
+    assert os.stat(npy).st_mtime_ns == stamp and npy.read_bytes() == content  # left as it was
+    npy.unlink()  # gone: written again from the cache, still without a worker
+    third = backend_call(backend["python"], script, cfg, backend["cwd"], backend["env"])
+    assert third.returncode == 0 and npy.read_bytes() == content, third.lines
+    assert not any("worker" in line for line in third.lines), third.lines
 
 
 def test_install_keeps_the_backends_own_scripts_and_honours_the_environment(tmp_path: Path) -> None:

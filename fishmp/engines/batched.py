@@ -174,7 +174,7 @@ class FishBatchSession:
         if None not in self._rows:
             raise RuntimeError(f"batch session full ({self.capacity} rows): cannot add segment {key}")
         engine = self._engine
-        prefix = engine.prefix(speaker)
+        prefix = engine.prefix(speaker, filled=False)  # a new voice: prefilled with the row's text (_start_chunks)
         try:
             chunks = (split_text(text, lambda t: engine.prompt_length(t, prefix.prompt) < self._limit)
                       if text.strip() else [])
@@ -249,6 +249,7 @@ class FishBatchSession:
         self.finished_codes = {}
         self.streamed = []
         done: list[int] = []
+        idle = not self._starting and not self._h_live.any()  # nothing to decode since the last step returned
         with torch.inference_mode():
             if self._starting:
                 done += self._start_chunks(sorted(self._starting))
@@ -257,7 +258,7 @@ class FishBatchSession:
             if done:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
             self._stream_live(set(done))
-        return self._returned()
+        return self._returned(wait=idle)
 
     # -- streaming rows (progressive audio; the codec runs on its own thread, off this loop) -----------------------
     def _stream_live(self, done: set[int]) -> None:
@@ -272,13 +273,16 @@ class FishBatchSession:
         for row in (r for r in [*self._rows, *self._draining] if r is not None and r.stream):
             hand_out(row, self.streamed)
 
-    def _returned(self) -> list[tuple[str, Audio]]:
-        """The draining rows whose audio is ready, in the order they finished decoding. When nothing is left to
-        decode, wait for the codec rather than spin."""
+    def _returned(self, wait: bool) -> list[tuple[str, Audio]]:
+        """The draining rows whose audio is ready, in the order they finished decoding. `wait`: nothing was left
+        to decode when this step began (the caller had its chance to add rows after the last one and added none):
+        wait for the codec rather than spin. Not right after the last live row finished: the caller may have a
+        row to add, which then decodes while the codec works (at batch 1 the codec waited for every row before)."""
         def ready(row: _Row) -> bool:
             return all(f.done() for f in row.pieces)
 
-        if self._draining and not self._starting and not self._h_live.any() and not any(map(ready, self._draining)):
+        if (wait and self._draining and not self._starting and not self._h_live.any()
+                and not any(map(ready, self._draining))):
             concurrent.futures.wait([f for row in self._draining for f in row.pieces if not f.done()],
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         finished, waiting = [], []
@@ -297,27 +301,36 @@ class FishBatchSession:
 
     def _start_chunks(self, indices: list[int]) -> list[int]:
         """Prefill these rows' texts, each after its speaker's prefix, in one forward, sample their first frames (no
-        penalty, as generate()) and make them live. Returns the rows with no decode step to run (max_new_tokens 1)."""
+        penalty, as generate()) and make them live. A row whose voice is not in the prefix cache (nor left in its
+        slot) prefills its whole prompt, prefix and text, in that same forward; its prefix's KV then goes to the
+        cache. Returns the rows with no decode step to run (max_new_tokens 1)."""
         import torch
 
         self._starting.clear()
         rows = [self._rows[i] for i in indices]
-        texts, starts, copies = [], [], {}
+        texts, starts, copies, whole = [], [], {}, []
         for index, row in zip(indices, rows, strict=True):
             assert row is not None
             prefix, p = row.prefix, row.prefix.length
             encoded = encode_prompt(self._engine, row.chunks[row.chunk], prefix.prompt)
             if not torch.equal(encoded[:, :p], prefix.tokens) or encoded.shape[1] <= p:
                 raise EngineError(f"segment {row.key}: its prompt does not start with the speaker prefix")
+            start = p
             if self._slot_prefix[index] != prefix.key:  # else the slot's last row left this very prefix there
-                copies.setdefault(prefix.key, (prefix, []))[1].append(index)
+                if not prefix.filled:  # filled since the row was added (another row of that voice started)?
+                    row.prefix = prefix = self._engine.prefixes.peek(prefix.key) or prefix
+                if prefix.filled:
+                    copies.setdefault(prefix.key, (prefix, []))[1].append(index)
+                else:
+                    whole.append(index)
+                    start = 0
                 self._slot_prefix[index] = prefix.key
             row.prompt_len = encoded.shape[1]
             row.max_new = min(row.params.max_new_tokens, self._engine.max_frames,
                               self._engine.max_seq_len - row.prompt_len)
             row.pending = False
-            texts.append(encoded[:, p:])
-            starts.append(p)
+            texts.append(encoded[:, start:])
+            starts.append(start)
         for prefix, ids in copies.values():
             self._net.copy_prefix(ids, prefix.k, prefix.v)
         for row in rows:  # the KV now lives in the rows' own slots: the cache alone bounds the prefixes kept
@@ -325,6 +338,13 @@ class FishBatchSession:
             row.prefix = dataclasses.replace(row.prefix, k=(), v=())
         dev, n = self._device, len(rows)
         logits, hidden = self._net.prefill_texts(texts, indices, starts)
+        for index in whole:  # their prefixes' KV, for the voices' next rows
+            row = self._rows[index]
+            assert row is not None
+            p = row.prefix.length  # a copy of the row's slots [0, P) per layer, (H_kv, P, D) as prefill_prefix's
+            k, v = tuple(kc[index, :, :p].clone() for kc in self._net.k), tuple(vc[index, :, :p].clone()
+                                                                               for vc in self._net.v)
+            self._engine.prefixes.put(dataclasses.replace(row.prefix, k=k, v=v, filled=True))
         params = to_device([[r.params.temperature, r.params.top_p, r.params.repetition_penalty] for r in rows], dev,
                            torch.bfloat16)  # bf16 like generate()
         keys = to_device([row_key(r.seed, r.chunk) for r in rows], dev, torch.long)

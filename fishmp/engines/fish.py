@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from .fish_common import (
     GENERATION_RESERVE,
     build_codec,
     check_params,
+    encode_inline,
     guard_oom,
     import_fish_speech,
     split_text,
@@ -84,6 +86,8 @@ class FishSpeechEngine:
         self._fingerprint: str | None = None
         self._compiled_batch: Any = None  # FISH_COMPILE with batching: see compiled_batch()
         self.prefixes: Any = None  # speaker prefixes' KV (prefix_cache.PrefixCache), made in load()
+        self._threads = 1  # torch's thread count when loaded, for threads beside the decode loop (beside())
+        self._side_stream: Any = None  # beside()'s CUDA stream
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -96,6 +100,7 @@ class FishSpeechEngine:
         import torch
 
         on_cuda = self.device.startswith("cuda")
+        self._threads = torch.get_num_threads()
         self._dtype = getattr(torch, self.settings.precision) if on_cuda else torch.float32
         try:
             config = fish["BaseModelArgs"].from_pretrained(ckpt)
@@ -111,6 +116,7 @@ class FishSpeechEngine:
             # As init_model, but with max_length so the causal mask and KV cache are built at the lowered length.
             model = fish["DualARTransformer"].from_pretrained(ckpt, load_weights=True, max_length=max_len)
             model = model.to(device=self.device, dtype=self._dtype).eval()
+            encode_inline(model.tokenizer)
             decode_one = fish["inference"].decode_one_token_ar  # synthesize_upstream's (benchmarks may compile it)
             overrides_path = os.path.join(ckpt, CODEC_OVERRIDES_FILE)
             overrides = json.loads(Path(overrides_path).read_text()) if os.path.isfile(overrides_path) else None
@@ -185,6 +191,24 @@ class FishSpeechEngine:
             return indices[0, :, : int(lengths[0])].to("cpu", torch.int64).numpy()
 
         return guard_oom(f"encoding {audio_path}", encode)
+
+    def beside(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (engine work such as encode_reference) on the calling thread, a thread beside the decode loop
+        (fishmp.worker.voices): with the loading thread's torch thread count (a new thread starts with torch's
+        default) and, on CUDA, on a stream of its own, so its kernels overlap the decode steps' instead of queueing
+        behind them; that stream is synchronised before returning (results may be device tensors)."""
+        self._require()
+        import torch
+
+        torch.set_num_threads(self._threads)
+        if not self.device.startswith("cuda"):
+            return fn()
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._side_stream):
+            out = fn()
+        self._side_stream.synchronize()
+        return out
 
     # -- synthesis -----------------------------------------------------------------------------------------------
 
@@ -272,11 +296,15 @@ class FishSpeechEngine:
         compiled = self.settings.compile if compiled is None else compiled
         return FishBatchSession(self, capacity, compiled=compiled, bucketed=bucketed, codec_thread=codec_thread)
 
-    def prefix(self, speaker: SpeakerPrompt | None) -> Any:
+    def prefix(self, speaker: SpeakerPrompt | None, filled: bool = True) -> Any:
         """The speaker's prompt prefix and its KV (fishmp.engines.prefix_cache), prefilled once per worker and kept
-        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used."""
+        in a bounded cache. BadReferenceError when the speaker's prompt cannot be used. filled False: on a miss, the
+        prefix unfilled (the batch session prefills it together with its row's text)."""
         self._require()
         from .prefix_cache import prefill_prefix, speaker_prefix
+
+        if not filled:
+            return speaker_prefix(self, speaker, None)
 
         def prefill(tokens: Any) -> tuple[list, list]:
             import torch

@@ -139,3 +139,35 @@ def guard_oom(what: str, fn: Callable[[], Any]) -> Any:
             raise
         message = f"{what}: out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     raise EngineOutOfMemoryError(message)
+
+
+def encode_inline(tokenizer: Any) -> None:
+    """Make fish-speech's FishTokenizer.encode cheap, with the same tokens. It encodes through tiktoken's
+    `encode_batch`, which builds a ThreadPoolExecutor (and starts a thread) for every call, for a single piece of
+    text, and passes all its special tokens as allowed (4,111 with the tiny checkpoint's 4,096 semantic tokens), which
+    tiktoken converts for every call: 3.9 ms a call here, against 0.01 ms for tiktoken's `encode` in the calling thread
+    with only the special tokens the text holds. A worker tokenizes each segment's prompt several times (text
+    splitting, every chunk's prompt, a new voice's prefix), on the decode loop: 6-9 % of its time at batch 8 went
+    there (profiled). A special token not in the text cannot match, so allowing only those found in it changes
+    nothing; every special token has the shape `<|...|>` with none of `<`, `>`, `|` inside, so a regex finds every
+    occurrence (checked once here: any other shape keeps the full set). Set on this tokenizer instance only."""
+    tkt = getattr(tokenizer, "tkt_model", None)
+    if tkt is None or not callable(getattr(type(tokenizer), "encode", None)):
+        return  # not the tokenizer this was written for: leave it as it is
+    from fish_speech.tokenizer import TIKTOKEN_MAX_ENCODE_CHARS
+
+    specials = tkt.special_tokens_set
+    shape = re.compile(r"<\|[^<>|]*\|>")
+    findable = all(shape.fullmatch(t) for t in specials)
+
+    def encode(s: str, allowed_special: bool | set[str] = True) -> list[int]:
+        assert isinstance(s, str)
+        allowed = specials if allowed_special is True else (set() if allowed_special is False else allowed_special)
+        out: list[int] = []
+        for i in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+            piece = s[i:i + TIKTOKEN_MAX_ENCODE_CHARS]
+            present = set(shape.findall(piece)) & allowed if findable else allowed
+            out += tkt.encode(piece, allowed_special=present, disallowed_special=frozenset())
+        return out
+
+    tokenizer.encode = encode

@@ -5,6 +5,11 @@ the text is the same for every segment of a speaker (the prefix). A worker prefi
 bounded LRU cache; a row of that speaker starts by copying it into its own cache slots [0, P) and prefills only its
 text after it. Rows of different speakers then share a batch (mixed voices), each behind its own prefix.
 
+A voice not in the cache is not prefilled on its own (a forward of its own, on the decode loop, before its row could
+start): its Prefix comes back unfilled (`filled` False) and the batch session prefills the whole prompt, prefix and
+text, in the row's own slots, in the same forward as the other starting rows' texts (fishmp.engines.batched); the
+prefix's KV is then copied out of the row into the cache (`put`) for the voice's next rows.
+
 Bound: PREFIX_CACHE_ROWS x max_seq_len tokens in all (fishmp.planning.memory counts it in a worker's memory), so the
 cache never costs more than that many KV rows; the least recently used prefix goes first. A prefix that a row still
 needs after its eviction lives on in that row's reference until the row has copied it.
@@ -47,6 +52,7 @@ class Prefix:
     tokens: Any
     k: tuple[Any, ...]
     v: tuple[Any, ...]
+    filled: bool = True  # False: its KV is not computed yet (a voice not in the cache; see the module docstring)
 
     @property
     def length(self) -> int:
@@ -80,6 +86,17 @@ class PrefixCache:
             self._entries[key] = prefix
         return prefix
 
+    def peek(self, key: str) -> Prefix | None:
+        """The cached prefix (now the most recently used), or None."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        return None
+
+    def put(self, prefix: Prefix) -> Prefix:
+        """Keep a prefix filled by a row's own prefill (a miss, counted as a prefill like `get`'s)."""
+        return self.get(prefix.key, lambda: prefix)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -104,13 +121,17 @@ def prefix_budget(max_seq_len: int) -> int:
     return PREFIX_CACHE_ROWS * max_seq_len
 
 
-def speaker_prefix(engine: Any, speaker: SpeakerPrompt | None, prefill: Callable[[Any], tuple[list, list]]) -> Prefix:
+def speaker_prefix(engine: Any, speaker: SpeakerPrompt | None,
+                   prefill: Callable[[Any], tuple[list, list]] | None) -> Prefix:
     """The speaker's Prefix from the engine's cache, built on a miss: the prompt tensors (BadReferenceError when the
     tokens have the wrong shape or the prompt alone does not fit), the tokens two different texts share, and
-    `prefill(tokens)` -> their KV per layer."""
+    `prefill(tokens)` -> their KV per layer. prefill None: on a miss, the Prefix unfilled and not cached (its row
+    prefills it with its text; the session then `put`s it)."""
     key = speaker.key if speaker is not None else ""
+    if prefill is None and (hit := engine.prefixes.peek(key)) is not None:
+        return hit
 
-    def build() -> Prefix:
+    def tokens_of() -> tuple[Any, Any]:
         prompt = engine._speaker_prompt(speaker)
         if engine.prompt_length("", prompt) >= engine.max_seq_len - GENERATION_RESERVE:
             raise BadReferenceError(f"speaker {key or None}: the reference prompt alone does not fit max_seq_len "
@@ -118,7 +139,14 @@ def speaker_prefix(engine: Any, speaker: SpeakerPrompt | None, prefill: Callable
         a, b = encode_prompt(engine, "a", prompt), encode_prompt(engine, "b", prompt)
         n = min(a.shape[1], b.shape[1])
         differ = (a[:, :n] != b[:, :n]).any(dim=0).nonzero()
-        tokens = a[:, : int(differ[0]) if len(differ) else n]
+        return prompt, a[:, : int(differ[0]) if len(differ) else n]
+
+    if prefill is None:
+        prompt, tokens = tokens_of()
+        return Prefix(key, prompt, tokens, (), (), filled=False)
+
+    def build() -> Prefix:
+        prompt, tokens = tokens_of()
         k, v = prefill(tokens)
         return Prefix(key, prompt, tokens, tuple(k), tuple(v))
 

@@ -10,6 +10,9 @@ they came. FISH_BATCH_MIXED=0 (a benchmarking knob) restores single-voice sessio
 the rows' waits until the session drains. Batch 1 runs the same kind of session (engine.open_batch(1)), so the batch
 size never changes a segment's audio; only an engine without open_batch gets a SequentialSession.
 
+Voices are prepared beside the loop (fishmp/worker/voices.py): a row is added once its voice is ready, and the running
+rows step meanwhile (the head waits: tasks still start in order). With no row running the loop waits for the voice.
+
 Faults are per segment (see fishmp/worker/process.py's docstring for the table and the reasons).
 """
 
@@ -38,8 +41,10 @@ from .recycle import RecyclePolicy, read_memory
 from .streams import StreamRelay
 from .takes import RateModel, TakeLimits, check_take, retry_max_new_tokens, retry_seed, take_record
 from .takestate import KeptTake, Takes
+from .voices import VoiceStage
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
+NOT_READY = object()  # _voice: the task's voice is still being prepared beside the loop
 # Error text that means the device itself is broken (sticky CUDA errors): only a fresh process recovers.
 FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access",
                  "NCCL error", "unspecified launch failure")
@@ -66,10 +71,14 @@ class Leave(Exception):
 class LaneRunner:
     def __init__(self, worker_id: str, engine: Any, inbox: queue.Queue, send: Any, writes: queue.Queue,
                  prompt: Any, cache_dir: str, batch_size: int = 1, refill: bool = True,
-                 mixed: bool | None = None) -> None:
+                 mixed: bool | None = None, voices: VoiceStage | None = None, cached: Any = None) -> None:
         self.worker_id, self.engine, self.inbox, self.send, self.writes = worker_id, engine, inbox, send, writes
         self.cache_dir = cache_dir  # encoded references (encode tasks)
         self.prompt = prompt  # SpeakerRef -> SpeakerPrompt (cached by the caller)
+        # voices: the stage (None: inline, by `prompt`); cached: SpeakerRef -> prompt or None, asked first
+        self.voices, self.cached = voices, cached or (lambda ref: None)
+        self.voice_waits = 0  # times the head's voice was not ready while rows were running (they stepped on)
+        self.steps_beside_voices = 0  # decode steps taken while a voice was being prepared (tests, benchmarks)
         batched = batch_size > 1 and callable(getattr(engine, "open_batch", None))
         self.capacity = batch_size if batched else 1  # halves on out-of-memory, never grows back
         self.refill = refill
@@ -100,6 +109,8 @@ class LaneRunner:
                 if self.draining is not None and not self.rows and not self._started_waiting():
                     return  # recycled: its rows are finished; what it never started went back (Leaving)
                 self._pull(block=not self.rows and not self.backlog)
+                if self.voices is not None:
+                    self.voices.want_waiting(self.backlog, self.cached)
                 if not self.rows and not self.backlog:
                     continue  # only a Drop came
                 if not self.rows:
@@ -115,12 +126,16 @@ class LaneRunner:
                     self._fill()
                 if self.rows:
                     before = list(self.rows)
+                    if self.voices is not None and self.voices.busy:
+                        self.steps_beside_voices += 1
                     self._step()
                     self._after_step(before)
         except Leave:
             return
         finally:
             self._close_session()
+            if self.voices is not None:
+                self.voices.close()
 
     def _pull(self, block: bool) -> None:
         items = [self.inbox.get()] if block else []
@@ -164,6 +179,7 @@ class LaneRunner:
         handed = [t for t in self.backlog if t is not None and t.id not in self.t0]  # begun ones (retries) stay
         for t in handed:
             self.backlog.remove(t)
+        self._prune_voices()
         self.send(Leaving(self.worker_id, reason, self.recycle.figures, tuple(t.id for t in handed)))
 
     def _wanted_capacity(self, task: SegmentTask) -> int:
@@ -202,6 +218,27 @@ class LaneRunner:
             self.backlog.remove(t)
             self._start(t)
             self._fail(t, exc.kind, str(exc), input_error=True)
+        self._prune_voices()
+
+    def _prune_voices(self) -> None:
+        if self.voices is not None:
+            self.voices.keep_only(self.backlog)
+
+    def _voice(self, task: SegmentTask) -> Any:
+        """The task's SpeakerPrompt; NOT_READY while it is being prepared and rows are running (they keep stepping).
+        With no row running, wait for it (the task Started first: its deadline covers the encode). Raises what
+        preparing the voice raised."""
+        if self.voices is None:
+            return self.prompt(task.speaker)
+        hit = self.cached(task.speaker)
+        if hit is not None:
+            return hit
+        if not self.voices.ready(task.speaker):
+            if self.rows:
+                self.voice_waits += 1
+                return NOT_READY
+            self._start(task)
+        return self.voices.take(task.speaker)
 
     def _close_session(self) -> None:
         if self.session is not None:
@@ -223,10 +260,19 @@ class LaneRunner:
         if self.rows and not self.refill:
             return
         while self.backlog and self.session.free_rows() > 0 and self._fits(self.backlog[0]):
-            task = self.backlog.popleft()
+            task = self.backlog[0]
+            try:
+                voice = self._voice(task)
+            except Exception as exc:  # noqa: BLE001 - the voice's failure: raised below, for this task alone
+                voice = exc
+            if voice is NOT_READY:
+                return  # the head waits for its voice; the running rows step meanwhile
+            self.backlog.popleft()
             self._start(task)
             try:
-                self.session.add(task.id, task.text, SynthesisParams(**task.params), self.prompt(task.speaker),
+                if isinstance(voice, Exception):
+                    raise voice
+                self.session.add(task.id, task.text, SynthesisParams(**task.params), voice,
                                  **self.streams.added(self.session, task))
             except BadReferenceError as exc:
                 self._fail_voice(task, exc)

@@ -193,6 +193,7 @@ class _SegmentRunner:
 
         self.worker_id, self.engine, self.settings, self.send = worker_id, engine, settings, send
         self.prompts: dict[SpeakerRef, Any] = {}  # prepared once per speaker (and per reference content)
+        self.prompts_lock = threading.Lock()
         from .references import codebook_sizes
 
         self.codebooks = codebook_sizes(settings)  # prompt codes beyond them: that speaker fails bad_reference
@@ -200,8 +201,14 @@ class _SegmentRunner:
         self.writes: queue.Queue = queue.Queue(maxsize=max(4, 2 * batch_size))
         self.writer = threading.Thread(target=self._write_loop, name="fishmp-writer", daemon=True)
         self.writer.start()
+        from .voices import VoiceStage
+
+        # References encoded beside the decode loop (fishmp/worker/voices.py), in the engine's context for side work
+        # (its torch threads; on CUDA a stream of its own) when it has one
+        voices = VoiceStage(self._prompt, getattr(engine, "beside", None))
         self.lanes = LaneRunner(worker_id, engine, inbox, self._send_named, self.writes, self._prompt,
-                                settings.cache_dir, batch_size, refill)
+                                settings.cache_dir, batch_size, refill, voices=voices,
+                                cached=lambda ref: self.prompts.get(ref))
         self.lanes.recycle = RecyclePolicy.from_settings(settings, engine_memory_kind(engine))
 
     def close(self) -> None:
@@ -225,15 +232,22 @@ class _SegmentRunner:
         from ..engines import SpeakerPrompt
         from .references import encode_cached, load_prompt_tokens, speaker_key
 
-        if ref not in self.prompts:
-            if ref.prompt_tokens:
-                tokens = load_prompt_tokens(ref.prompt_tokens, self.codebooks)
-            else:
-                tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir, self.codebooks)
-            if len(self.prompts) >= 64:  # bounded: a long-lived pool sees many voices
-                self.prompts.pop(next(iter(self.prompts)))
-            self.prompts[ref] = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
-        return self.prompts[ref]
+        # Runs on the voice stage's thread while the decode and writer threads read (and iterate) self.prompts: a
+        # new dict replaces it (copy on write; 64 entries at most), one it has published is never changed
+        if (hit := self.prompts.get(ref)) is not None:
+            return hit
+        if ref.prompt_tokens:
+            tokens = load_prompt_tokens(ref.prompt_tokens, self.codebooks)
+        else:
+            tokens, _ = encode_cached(self.engine, ref.reference_audio, self.settings.cache_dir, self.codebooks)
+        prompt = SpeakerPrompt(speaker_key(tokens, ref.reference_text), tokens, ref.reference_text)
+        with self.prompts_lock:
+            prompts = dict(self.prompts)
+            if len(prompts) >= 64:  # bounded: a long-lived pool sees many voices
+                prompts.pop(next(iter(prompts)))
+            prompts[ref] = prompt
+            self.prompts = prompts
+        return prompt
 
     def _not_audio(self, task: SegmentTask, take: dict | None) -> None:
         """A take with NaN or inf samples is not audio: the segment fails (`nonfinite`) and nothing is written. The

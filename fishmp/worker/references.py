@@ -131,3 +131,42 @@ def speaker_key(tokens: np.ndarray, text: str) -> str:
     digest = hashlib.sha256(f"{tokens.shape}\0{text}\0".encode())
     digest.update(tokens.tobytes())
     return digest.hexdigest()[:32]
+
+
+def engine_fingerprint(settings: object) -> str | None:
+    """The fingerprint the worker's engine will report (Engine.fingerprint), computed without loading it: "fish-" +
+    the checkpoint's content hash (fishmp.engines.fish), "synthetic" for the test engine; None when the checkpoint
+    cannot be read (then nothing is reused)."""
+    engine = getattr(settings, "engine", "fish")
+    if engine == "synthetic":
+        return "synthetic"
+    if engine != "fish":
+        return None
+    from ..planning.checkpoint import checkpoint_fingerprint
+
+    try:
+        return "fish-" + checkpoint_fingerprint(str(getattr(settings, "checkpoint_dir", "")))
+    except OSError:
+        return None
+
+
+def reuse_encoded(audio_path: str, output_npy: str, fingerprint: str | None, cache_dir: str,
+                  sizes: tuple[int, int] | None = None) -> str | None:
+    """An encode step's item from the reference cache, without a worker: None when the cache has no usable entry
+    for this audio (the item is encoded as before); "unchanged" when `output_npy` already holds these tokens (the
+    file is left as it is: same content, same mtime); "written" when it was (re)written from the cache."""
+    if fingerprint is None or not os.path.isfile(audio_path):
+        return None
+    try:
+        entry = cache_path(audio_path, fingerprint, cache_dir)
+        tokens = _check_tokens(np.load(entry, allow_pickle=False), entry, sizes)
+    except (OSError, ValueError, EOFError, BadReferenceError):
+        return None  # no entry, or a corrupt / foreign one: the worker encodes again and overwrites it
+    try:
+        old = np.load(output_npy, allow_pickle=False)
+        if old.dtype == tokens.dtype and np.array_equal(old, tokens):
+            return "unchanged"
+    except (OSError, ValueError, EOFError):
+        pass  # missing or unreadable: written below
+    atomic_write(output_npy, lambda tmp: np.save(tmp, tokens), suffix=".npy")
+    return "written"
