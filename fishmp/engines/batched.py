@@ -46,7 +46,7 @@ from .codec import CodecQueue
 from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
 from .prefix_cache import Prefix, encode_prompt
 from .sampling import row_key
-from .streaming import StreamPlan, frames_so_far, hand_out, submit_piece
+from .streaming import StreamingRows, StreamPlan, hand_out, submit_piece
 
 # `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
 # here would tie the two modules into a cycle.
@@ -73,7 +73,7 @@ class _Row:
     handed: int = 0  # streaming: pieces already returned by `streamed`
 
 
-class FishBatchSession:
+class FishBatchSession(StreamingRows):
     """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine; each row has its own speaker.
 
     The rows' state lives in device tensors of the model's rows (slots, frames decoded, keys, parameters, the
@@ -186,18 +186,6 @@ class FishBatchSession:
         self._rows[index] = row
         self._next_chunk(index, row)
 
-    def drop(self, key: str) -> None:
-        """Forget row `key` now (its client left): its slot is free at once, its audio never comes."""
-        import torch
-
-        for index, row in enumerate(self._rows):
-            if row is not None and row.key == key:
-                self._rows[index], self._h_live[index] = None, False
-                self._starting.discard(index)
-                with torch.inference_mode():
-                    self._live[index] = False
-        self._draining = [row for row in self._draining if row.key != key]
-
     def step(self) -> list[tuple[str, Audio]]:
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")
@@ -259,19 +247,6 @@ class FishBatchSession:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
             self._stream_live(set(done))
         return self._returned(wait=idle)
-
-    # -- streaming rows (progressive audio; the codec runs on its own thread, off this loop) -----------------------
-    def _stream_live(self, done: set[int]) -> None:
-        """Hand each live streaming row's new frames to the codec once there are enough of them."""
-        for index, row in enumerate(self._rows):
-            if row is None or not row.stream or row.pending or index in done or not self._h_live[index]:
-                continue
-            n = int(self._steps - self._h_start[index]) + 1  # frames so far (the prefill's + decoded); all kept
-            if n - row.sent >= self.stream_plan.wanted(row.sent, row.frames):
-                codes = frames_so_far(self._first[index], self._history[index], n)[1:]
-                submit_piece(self._codec, row, codes, n, *self._piece_args)
-        for row in (r for r in [*self._rows, *self._draining] if r is not None and r.stream):
-            hand_out(row, self.streamed)
 
     def _returned(self, wait: bool) -> list[tuple[str, Audio]]:
         """The draining rows whose audio is ready, in the order they finished decoding. `wait`: nothing was left

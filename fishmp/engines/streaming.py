@@ -72,3 +72,46 @@ def hand_out(row: Any, out: list) -> None:
     while row.handed < len(row.pieces) and row.pieces[row.handed].done():
         out.append((row.key, row.handed, row.pieces[row.handed].result()))
         row.handed += 1
+
+
+class StreamingRows:
+    """FishBatchSession's streaming rows and dropped rows (its state: fishmp.engines.batched), kept here so that the
+    session's file holds its decoding."""
+
+    _rows: list[Any]
+    _draining: list[Any]
+    _starting: set[int]
+    _steps: int
+    _h_live: Any  # numpy bool per row
+    _h_start: Any
+    _live: Any  # device tensors
+    _first: Any
+    _history: Any
+    _codec: Any  # fishmp.engines.codec.CodecQueue
+    _piece_args: tuple[int, int]
+    stream_plan: StreamPlan
+    streamed: list[tuple[str, int, Any]]
+
+    def _stream_live(self, done: set[int]) -> None:
+        """Hand each live streaming row's new frames to the codec once there are enough of them."""
+        for index, row in enumerate(self._rows):
+            if row is None or not row.stream or row.pending or index in done or not self._h_live[index]:
+                continue
+            n = int(self._steps - self._h_start[index]) + 1  # frames so far (the prefill's + decoded); all kept
+            if n - row.sent >= self.stream_plan.wanted(row.sent, row.frames):
+                codes = frames_so_far(self._first[index], self._history[index], n)[1:]
+                submit_piece(self._codec, row, codes, n, *self._piece_args)
+        for row in (r for r in [*self._rows, *self._draining] if r is not None and r.stream):
+            hand_out(row, self.streamed)
+
+    def drop(self, key: str) -> None:
+        """Forget row `key` now (its client left): its slot is free at once, its audio never comes."""
+        import torch
+
+        for index, row in enumerate(self._rows):
+            if row is not None and row.key == key:
+                self._rows[index], self._h_live[index] = None, False
+                self._starting.discard(index)
+                with torch.inference_mode():
+                    self._live[index] = False
+        self._draining = [row for row in self._draining if row.key != key]
