@@ -13,6 +13,8 @@ average is printed with each. Then one line's latency while a long job runs on t
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --engine tiny --workers 1 --batch-size 8
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --engine synthetic --no-upstream
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --first-audio 1,8 --max-new-tokens 200 --batch-size 8
+        (streamed lines: time to first audio p50/p95 against the whole line's latency; benchmarks/first_audio.py)
     PYTHONPATH=$PWD .venv/bin/python benchmarks/serve.py --unique-refs --concurrency 1,8 --long-job 0
 
 --unique-refs (issue 32): every request carries a reference never sent before (5-6 s, as pyvideotrans's clone role
@@ -243,6 +245,8 @@ def main() -> int:
     p.add_argument("--long-job", type=int, default=120, help="segments of the long job (0: skip that part)")
     p.add_argument("--no-upstream", action="store_true")
     p.add_argument("--json", help="write the numbers to this file")
+    p.add_argument("--first-audio", help="only this: streamed lines' time to first audio at these concurrencies "
+                   "(e.g. 1,8) against the whole line's latency")
     p.add_argument("--fishmp-root", default=ROOT, help="the fishmp checkout the server runs (default: this one)")
     p.add_argument("--unique-refs", action="store_true", help="each request its own new 5-6 s reference (see above)")
     args = p.parse_args()
@@ -260,10 +264,34 @@ def main() -> int:
             ref_b64 = base64.b64encode(f.read()).decode()
         server = FishmpServer(tmp, args, checkpoint)
         try:
+            if args.first_audio:
+                return _first_audio(server, args, ref_b64)
             results, line, wall = _measure(server, args, levels, checkpoint, tmp, ref_b64)
         finally:
             code = server.stop()
     _report(args, results, line, wall, code)
+    return 0
+
+
+def _first_audio(server: FishmpServer, args: argparse.Namespace, ref_b64: str) -> int:
+    from first_audio import measure
+
+    def bodies(n: int) -> list[dict]:
+        return [{"text": t, "references": [{"audio": ref_b64, "text": "This is the reference voice."}],
+                 "max_new_tokens": args.max_new_tokens} for t in _texts(n)]
+
+    rows = measure(server.url("/v1/tts"), bodies, [int(c) for c in args.first_audio.split(",")],
+                   args.requests_per_client)
+    print(f"\nengine {args.engine}, {args.workers} worker(s) x FISH_BATCH_SIZE={args.batch_size}, max_new_tokens "
+          f"{args.max_new_tokens}, load {os.getloadavg()[0]:.2f}")
+    print(markdown_table(["clients", "first audio p50 s", "p95 s", "streamed line done p50 s", "whole line p50 s",
+                          "p95 s", "first audio / whole line"],
+                         [[r["concurrency"], f"{r['first_p50']:.2f}", f"{r['first_p95']:.2f}",
+                           f"{r['stream_total_p50']:.2f}", f"{r['whole_p50']:.2f}", f"{r['whole_p95']:.2f}",
+                           f"{r['ratio']:.2f}"] for r in rows]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "first_audio": rows}, f, indent=1)
     return 0
 
 

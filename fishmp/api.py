@@ -173,9 +173,12 @@ class Pool:
         self._workers.request_stop(signum)
 
     def submit(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,
-               on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0) -> JobHandle:
+               on_event: EventCallback | None = None, resume: bool = True, priority: float = 1.0,
+               stream: bool = False) -> JobHandle:
         """Start a job next to any others running; returns at once. `priority` weighs its share of the workers
-        (2.0: twice the workers of a 1.0 job while both have work). `on_event` is called from a thread of this
+        (2.0: twice the workers of a 1.0 job while both have work). `stream`: each segment's audio also comes as
+        `segment_audio` events (id, index, samples: float32 numpy, sample_rate) while it decodes, before its
+        `segment_done`; a streamed segment is never retaken (its audio has left). `on_event` is called from a thread of this
         job's own (fishmp/running/delivery.py): in order, `finished` last and before the result is returned."""
         if not priority > 0:
             raise ValueError(f"priority={priority!r} is not valid: a number greater than 0")
@@ -186,7 +189,7 @@ class Pool:
                 self._service = Service(self._workers)
             service = self._service
         run = JobRun(as_job(job, output_dir), self.engine_fingerprint, self.settings, on_event, resume,
-                     number=service.new_number(), priority=priority)
+                     number=service.new_number(), priority=priority, stream=stream)
         return service.submit(run)
 
     def generate(self, job: Job | str | os.PathLike | dict, *, output_dir: str | None = None,

@@ -158,6 +158,17 @@ class Settings:
     batch_size: int = _setting(
         1, "FISH_BATCH_SIZE", int, lambda v: _is_int(v) and 1 <= v <= 256,
         "a whole number of segments one worker decodes together, 1 to 256")
+    # Streaming rows (fishmp serve's streamed lines, docs/server.md#streaming): a row marked for streaming hands its
+    # codes to the codec every few frames (a small first chunk, larger ones after), each decoded with left context.
+    stream_first_frames: int = _setting(
+        8, "FISH_STREAM_FIRST_FRAMES", int, lambda v: _is_int(v) and 1 <= v <= 1024,
+        "frames (about 46 ms each) of a streamed line's first audio chunk, 1 to 1024")
+    stream_frames: int = _setting(
+        32, "FISH_STREAM_FRAMES", int, lambda v: _is_int(v) and 1 <= v <= 1024,
+        "frames of each later audio chunk of a streamed line, 1 to 1024")
+    stream_context_frames: int = _setting(
+        16, "FISH_STREAM_CONTEXT_FRAMES", int, lambda v: _is_int(v) and 0 <= v <= 1024,
+        "frames before a streamed chunk decoded with it as left context (the codec is causal), 0 to 1024")
     output_root: str | None = _setting(
         None, "FISH_OUTPUT_ROOT", lambda s: os.path.expanduser(s.strip()) or None,
         lambda v: v is None or (isinstance(v, str) and bool(v)),
@@ -319,6 +330,9 @@ class ServeSettings:
                                     "open connections at once (event streams included); more are closed, >= 1")
     max_reference_s: float = _setting(60.0, "FISH_SERVE_MAX_REFERENCE_S", float, _positive,
                                       "seconds a reference audio may last (its header is read first), > 0")
+    ws_idle_s: float = _setting(60.0, "FISH_SERVE_WS_IDLE_S", float, _positive,
+                                "seconds a WebSocket (/v1/tts/live) may stay silent while nothing is being spoken "
+                                "before it is closed, > 0")
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -162,6 +162,13 @@ class WorkerPool:
         h.outstanding.append(task.id)
         return True
 
+    def drop(self, h: WorkerHandle, task_id: str) -> None:
+        """Ask the worker to free the row of a task whose job was cancelled (fishmp.worker.protocol.Drop)."""
+        from ..worker.protocol import Drop
+
+        with contextlib.suppress(OSError, ValueError):  # the worker just died: nothing left to free
+            h.task_conn.send(Drop(task_id))
+
     def kill(self, h: WorkerHandle, reason: str) -> None:
         h.kill_reason = reason
         if h.process is not None:

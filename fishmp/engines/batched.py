@@ -46,6 +46,7 @@ from .codec import CodecQueue
 from .fish_common import GENERATION_RESERVE, check_params, guard_oom, import_fish_speech, split_text
 from .prefix_cache import Prefix, encode_prompt
 from .sampling import row_key
+from .streaming import StreamingRows, StreamPlan, hand_out, submit_piece
 
 # `engine` below is a loaded fish.FishSpeechEngine, typed Any: fish.py opens these sessions, so importing it back
 # here would tie the two modules into a cycle.
@@ -67,9 +68,12 @@ class _Row:
     codes: list[Any] = field(default_factory=list)  # each chunk's codes (10, n), for `finished_codes`
     frames: int = 0
     pending: bool = True  # the current chunk still needs its prefill
+    stream: bool = False  # progressive: `pieces` are the streamed chunks' audio (fishmp.engines.streaming)
+    sent: int = 0  # streaming: frames of the current text chunk already handed to the codec
+    handed: int = 0  # streaming: pieces already returned by `streamed`
 
 
-class FishBatchSession:
+class FishBatchSession(StreamingRows):
     """A BatchSession (fishmp.engines.base) over a loaded FishSpeechEngine; each row has its own speaker.
 
     The rows' state lives in device tensors of the model's rows (slots, frames decoded, keys, parameters, the
@@ -100,6 +104,9 @@ class FishBatchSession:
         self._steps = 0  # decode steps run (a live row decodes at every one: its frames = steps - its start)
         self._broken: str | None = None
         self.finished_codes: dict[str, list[Any]] = {}  # the codes of the rows the last step finished (diagnostics)
+        self.stream_plan = StreamPlan.from_settings(getattr(engine, "settings", None))
+        self._piece_args = (self.stream_plan.context, int(engine._codec.frame_length))  # submit_piece's
+        self.streamed: list[tuple[str, int, np.ndarray]] = []  # (key, index, audio) the last step made ready, in order
         self._frames_cap = min(engine.max_frames, engine.max_seq_len) + WINDOW + 1
 
         def allocate() -> None:
@@ -154,9 +161,13 @@ class FishBatchSession:
         """Seconds the codec has spent decoding this session's rows (off the decode loop with codec_thread)."""
         return self._codec.busy_s
 
-    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None) -> None:
+    streams = True  # add(stream=True) rows hand out their audio in pieces as they decode
+
+    def add(self, key: str, text: str, params: SynthesisParams, speaker: SpeakerPrompt | None = None,
+            stream: bool = False) -> None:
         """Start a row of `speaker`'s voice (its prefix is prefilled here on a miss of the engine's prefix cache).
-        `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize)."""
+        `key` names the segment in input errors ("" for none: FishSpeechEngine.synthesize). `stream`: its audio
+        comes out in pieces as it decodes (`streamed` after each step); its Audio is those pieces put together."""
         if self._broken:
             raise EngineError(f"batch session unusable after an earlier error: {self._broken}")
         check_params(params)
@@ -170,7 +181,7 @@ class FishBatchSession:
         except TextTooLongError as exc:
             raise TextTooLongError(f"segment {key}: {exc}" if key else str(exc)) from None
         seed = params.seed if params.seed is not None else secrets.randbits(64)
-        row = _Row(key=key, chunks=chunks, params=params, seed=seed, prefix=prefix)
+        row = _Row(key=key, chunks=chunks, params=params, seed=seed, prefix=prefix, stream=stream)
         index = self._rows.index(None)
         self._rows[index] = row
         self._next_chunk(index, row)
@@ -224,6 +235,7 @@ class FishBatchSession:
         import torch
 
         self.finished_codes = {}
+        self.streamed = []
         done: list[int] = []
         idle = not self._starting and not self._h_live.any()  # nothing to decode since the last step returned
         with torch.inference_mode():
@@ -233,6 +245,7 @@ class FishBatchSession:
                 done += self._decode_step()
             if done:
                 self._finish_chunks(sorted(done))  # their next chunks, if any, are prefilled at the next step
+            self._stream_live(set(done))
         return self._returned(wait=idle)
 
     def _returned(self, wait: bool) -> list[tuple[str, Audio]]:
@@ -249,6 +262,8 @@ class FishBatchSession:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         finished, waiting = [], []
         for row in self._draining:
+            if row.stream:
+                hand_out(row, self.streamed)
             if not ready(row):
                 waiting.append(row)
                 continue
@@ -364,10 +379,17 @@ class FishBatchSession:
             n = int(self._steps - self._h_start[index]) if row.max_new > 1 else 0
             frames = torch.cat([self._first[index, :, None], self._history[index, :, :n]], dim=1)
             codes.append(frames[1:, :-1])  # generate_long: drop the final im_end (or last frame when tokens ran out)
-        for index, c, audio in zip(indices, codes, self._codec.submit(codes), strict=True):
+        whole = {i: c for i, c in zip(indices, codes, strict=True) if not self._rows[i].stream}  # type: ignore
+        audio = dict(zip(whole, self._codec.submit(list(whole.values())), strict=True))
+        for index, c in zip(indices, codes, strict=True):
             row = self._rows[index]
             assert row is not None
+            if row.stream:  # the rest of the chunk; its earlier frames already went as pieces
+                if c.shape[1] > row.sent:
+                    submit_piece(self._codec, row, c, c.shape[1], *self._piece_args)
+                row.sent = 0
+            else:
+                row.pieces.append(audio[index])
             row.frames += c.shape[1]
-            row.pieces.append(audio)
             row.codes.append(c)
             self._next_chunk(index, row)

@@ -111,8 +111,9 @@ class JobRun:
     """A job in flight. The loop (service.py) calls these methods from its one thread."""
 
     def __init__(self, job: Job, engine_fingerprint: str, settings: Settings, on_event: EventCallback | None = None,
-                 resume: bool = True, number: int = 0, priority: float = 1.0) -> None:
+                 resume: bool = True, number: int = 0, priority: float = 1.0, stream: bool = False) -> None:
         self.job, self.settings, self.resume, self.number = job, settings, resume, number
+        self.stream = stream  # its segments stream: `segment_audio` events before each segment_done (worker/streams.py)
         self.priority = priority
         # Events go to the callback from a thread of their own (delivery.py), never from the loop's.
         self.delivery = EventDelivery(on_event, job.output_dir) if on_event else None
@@ -205,6 +206,8 @@ class JobRun:
             args["solo"] = True
         if seg.max_seconds is not None:
             args["max_seconds"] = seg.max_seconds
+        if self.stream:
+            args["stream"] = True
         if seg.fit is not None:  # fitted: the settings, the slot and where the raw take goes (fishmp/worker/fit.py)
             args["fit"] = {**seg.fit.to_dict(), "slot": seg.slot, "raw_output": seg.raw_output}
         return SegmentTask(self.gid(seg.id), seg.text, self.refs[seg.speaker], seg.params.to_dict(), seg.output,

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ..backends.contract import BOOTSTRAP_EXIT, MISSING_GUARD, PoolError, WorkerHandle, WorkerPoolContract, describe_exit
-from ..worker.protocol import Done, Failed, Leaving, LoadFailed, Ready, Started
+from ..worker.protocol import AudioChunk, Done, Failed, Leaving, LoadFailed, Ready, Started
 from . import autofill
 from .jobrun import Blame, JobHandle, JobRun
 from .progress import make_event
@@ -165,7 +165,7 @@ class Service(Deadlines):
         if run.stopping_since is None:
             return
         running = any(self._owner.get(t, (None,))[0] is handle for h in self.workers.live_handles() for t in h.running)
-        now_ = self.workers.stop_count > 1 and not run.cancelled
+        now_ = (self.workers.stop_count > 1 and not run.cancelled) or (run.cancelled and run.stream)  # client gone
         if now_ or not running or time.monotonic() - run.stopping_since >= self.settings.shutdown_grace_s:
             self._end(handle)
 
@@ -176,13 +176,18 @@ class Service(Deadlines):
             return
         self.active.remove(handle)
         run = handle._run
+        mine = set()
         for tid, (owner, _) in list(self._owner.items()):
             if owner is handle:
                 del self._owner[tid]
                 self._abandoned.add(tid)
+                mine.add(tid)
+        drop = getattr(self.workers, "drop", None) if run.cancelled and run.stream else None
         for h in self.workers.handles.values():
             if h.job is handle:
                 h.job = None
+            for tid in [t for t in h.outstanding if t in mine] if drop and h.state != "dead" else ():
+                drop(h, tid)  # a streamed line's client left: its rows are freed now, not finished
             if h.state != "dead" and run.stop_signal is not None and not run.cancelled and \
                     any(t in self._abandoned for t in h.outstanding):
                 self.workers.kill(h, f"stopped by {signal.Signals(run.stop_signal).name}")
@@ -272,6 +277,10 @@ class Service(Deadlines):
             h.batch_size = max(1, int(msg.batch_size))
         elif isinstance(msg, Started):
             h.running[msg.task] = time.monotonic()  # its deadline starts now
+        elif isinstance(msg, AudioChunk):  # a streamed segment's audio so far: to its job's callback, in order
+            if (owner := self._owner.get(msg.task)) is not None:
+                owner[0]._run.emit(make_event("segment_audio", id=owner[1], index=msg.index, samples=msg.samples,
+                                              sample_rate=msg.sample_rate))
         elif isinstance(msg, Leaving):
             self._on_leaving(h, msg)
         elif isinstance(msg, Done | Failed):

@@ -3,7 +3,9 @@ Layer 8, a surface: may import every layer below; nothing below imports it.
 
 Modules: `main` (start, the socket, signals, exit codes), `app` (routes, the request checks, the lifespan),
 `tts` (fish-speech's /v1/tts), `openai` (/v1/audio/speech, /v1/models), `lines` (a single line as a job at
-interactive priority; streaming chunks), `jobs_api` + `jobstore` + `jobview` (the job API, its files under the data
+interactive priority; its audio in pieces as it decodes), `streaming` (streamed bodies: PCM, WAV, OpenAI's SSE),
+`live` + `livetext` (the Fish Audio SDK's WebSocket /v1/tts/live; text cut at sentence ends), `models_api` (the
+SDK's voice list, GET /model), `jobs_api` + `jobstore` + `jobview` (the job API, its files under the data
 dir, its view folded from events; the event stream), `references_api` + `refstore` (stored voices, references by
 content), `schema` (the request models), `bodies` (JSON, msgpack, forms), `formats` (wav, pcm, flac, mp3, opus),
 `guards` (body size, API key), `paths` (--root), `metrics` (/metrics, one log line per request), `state` (what

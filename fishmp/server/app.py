@@ -3,7 +3,8 @@
 Requests pass, outermost first: SecurityHeaders (nosniff, no framing), RequestLog (a log line and the request
 metrics), TrustedHostMiddleware (Host names: DNS rebinding), OriginCheck (cross-site browser requests), BearerAuth,
 BodyLimit, CatchAll (an unexpected exception: one log line, a 500), then Starlette (errors to JSON, routing); see
-browser.py and docs/security.md. The review page (pages.py: `/`, `/jobs/{id}`, `/static/`) comes after the API;
+browser.py and docs/security.md. A WebSocket's handshake (/v1/tts/live) passes the Host, Origin and key checks
+too. The review page (pages.py: `/`, `/jobs/{id}`, `/static/`) comes after the API;
 `create_app(state, extra_routes)` puts more routes after the API's.
 """
 
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import jobs_api, pages, references_api, review_api
+from . import jobs_api, live, models_api, pages, references_api, review_api
 from .browser import OriginCheck, SecurityHeaders, is_loopback, trusted_hosts
 from .errors import ApiError, CatchAll, error_response, on_api_error, on_http_exception, on_unexpected
 from .guards import BearerAuth, BodyLimit, BodyTooLarge, too_large_body
@@ -88,6 +89,8 @@ def create_app(state: ServerState, extra_routes: list | None = None) -> Starlett
         Route("/v1/tts", tts, methods=["POST"]),
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        *live.ROUTES,  # the Fish Audio SDK's WebSocket /v1/tts/live
+        *models_api.ROUTES,  # the Fish Audio SDK's voice list, GET /model
         *references_api.ROUTES,
         *review_api.ROUTES,  # before the job API's segment route, whose `{segment_id:path}` would take them
         *jobs_api.ROUTES,

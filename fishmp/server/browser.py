@@ -6,7 +6,8 @@ clients that are not browsers (pyvideotrans, the SDKs, curl: they send no `Origi
 - `trusted_hosts`: the Host names a request may address (Starlette's TrustedHostMiddleware enforces them), so a page
   on a rebound DNS name (`evil.example` -> 127.0.0.1) gets 400, not the jobs. Loopback names, --host, and
   FISH_SERVE_ALLOWED_HOSTS; any name when the server listens beyond loopback (it has a key then).
-- `OriginCheck`: a state-changing request (any method but GET, HEAD, OPTIONS) that a browser sends from another
+- `OriginCheck`: a state-changing request (any method but GET, HEAD, OPTIONS; and every WebSocket handshake: a
+  page may open a WebSocket to any site, cross-site WebSocket hijacking) that a browser sends from another
   origin is a 403: its `Origin` (or `Sec-Fetch-Site` when it sends no Origin) must be this server's own origin or one
   of FISH_SERVE_ALLOWED_ORIGINS. A cross-site form or `text/plain` POST needs no CORS preflight, so without this a
   page could delete a voice or accept a take. No CORS headers are ever sent: other origins cannot read answers.
@@ -22,6 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette._utils import parse_host_header
+
+from .guards import send_json
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "localhost.localdomain")
@@ -64,7 +67,7 @@ def _own_origin(scope: dict, headers: dict[bytes, bytes]) -> str | None:
     parsed = parse_host_header(headers.get(b"host", b"").decode("latin-1") or None)
     if parsed is None:
         return None
-    scheme = scope.get("scheme", "http")
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
     return _origin(f"{scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else ""))
 
 
@@ -78,7 +81,11 @@ class OriginCheck:
 
     def refusal(self, scope: dict) -> str | None:
         """Why this request is refused, or None."""
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS or self.allow_any:
+        if scope["type"] not in ("http", "websocket") or self.allow_any:
+            return None
+        # A WebSocket's handshake is a GET, but what follows changes state and the browser lets any page open one
+        # (no CORS): cross-site WebSocket hijacking. It is checked like a state-changing request.
+        if scope["type"] == "http" and scope["method"] in SAFE_METHODS:
             return None
         headers = dict(scope["headers"])
         raw = headers.get(b"origin")
@@ -97,9 +104,7 @@ class OriginCheck:
         body = json.dumps({"error": "cross-origin request refused",
                            "detail": f"{why}: a page of another site may not change this server's state; allow its "
                                      "origin with FISH_SERVE_ALLOWED_ORIGINS"}).encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 403, body, scope=scope)
 
 
 class SecurityHeaders:

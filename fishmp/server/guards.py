@@ -5,7 +5,8 @@
   follows is read and dropped for a moment, so the client sees the 413).
 - `BearerAuth`: with an API key, every route but /v1/health and the review page's files needs `Authorization: Bearer
   KEY` (compared in constant time), else 401. The page's HTML, CSS and JS hold no data: the browser loads them
-  without a key, and the page sends the key with each API request it makes.
+  without a key, and the page sends the key with each API request it makes. A WebSocket's handshake (/v1/tts/live)
+  too: it is answered 401 instead of being upgraded.
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ def too_large_body(limit: int, seen: str) -> bytes:
                        "detail": f"{seen}; this server takes at most {_mib(limit)} (FISH_SERVE_MAX_BODY_MB)"}).encode()
 
 
-async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status,
+async def send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = (),
+                     scope: Scope | None = None) -> None:
+    """An HTTP answer; for a WebSocket handshake (`scope`), the same answer instead of the upgrade where the server
+    can send one (ASGI's websocket.http.response: uvicorn), else a close before accepting (the client sees 403)."""
+    prefix = ""
+    if scope is not None and scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        prefix = "websocket."
+    await send({"type": f"{prefix}http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{prefix}http.response.body", "body": body})
 
 
 DRAIN_BYTES, DRAIN_S = 16 * 2**20, 2.0
@@ -71,7 +81,7 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.limit:
             body = too_large_body(self.limit, f"Content-Length is {int(length)} bytes")
-            return await _send_json(send, 413, body, [(b"connection", b"close")])
+            return await send_json(send, 413, body, [(b"connection", b"close")])
         seen = 0
 
         async def counted() -> dict:
@@ -94,7 +104,8 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if self.expected is None or scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if self.expected is None or scope["type"] not in ("http", "websocket") or path in OPEN_PATHS \
+                or path.startswith(OPEN_PREFIXES):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.strip().partition(b" ")
@@ -102,4 +113,4 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         what = "no Authorization header" if not given else "the key does not match"
         body = json.dumps({"error": "unauthorized", "detail": f"{what}: send Authorization: Bearer <FISH_API_KEY>"})
-        await _send_json(send, 401, body.encode(), [(b"www-authenticate", b"Bearer")])
+        await send_json(send, 401, body.encode(), [(b"www-authenticate", b"Bearer")], scope)

@@ -2,18 +2,23 @@
 
 A line is one job of one speaker, in a directory of its own under `<data dir>/lines/` that goes once the answer
 is sent. Its segments: the text whole, or, streaming, its chunks (cut at sentence ends, at most `chunk_length`
-characters each) as consecutive segments that the worker decodes as rows of one batch where it has lanes; the
-stream sends each chunk's PCM in text order as soon as it and those before it are done. The voice's speaker id comes
-from the reference content (refstore.Voice), so a voice sent with every line is encoded and prefilled once per
-worker (concurrent lines of any voices share a batch session: mixed voices).
+characters each) as consecutive segments that the worker decodes as rows of one batch where it has lanes. A
+streamed line (`stream=True`) gets each segment's audio in pieces while its row decodes (`segment_audio` events,
+fishmp.engines.streaming) and `pieces(i)` yields them in order; leaving cancels the line and frees its rows.
+The voice's speaker id comes from the reference content (refstore.Voice), so a voice sent with every line is
+encoded and prefilled once per worker (concurrent lines of any voices share a batch session: mixed voices).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+import numpy as np
 
 from ..engines.base import TextTooLongError
 from ..engines.fish_common import split_text
@@ -57,7 +62,8 @@ class LineRun:
     """A submitted line; `segment(i)` waits for chunk i's wav path."""
 
     def __init__(self, state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any],
-                 segment: dict[str, Any] | None = None) -> None:
+                 segment: dict[str, Any] | None = None, stream: bool = False) -> None:
+        """`stream`: the segments' audio comes in pieces as they decode (`pieces`), not only as wavs."""
         self.state = state
         self.dir = os.path.join(state.data_dir, "lines", uuid.uuid4().hex)
         self.ids = [f"{i + 1:04d}" for i in range(len(texts))]
@@ -69,12 +75,19 @@ class LineRun:
         except JobError as exc:
             raise ApiError(400, "invalid request", exc.problems) from None
         self.results: dict[str, dict] = {}
+        self.audio: dict[str, list[np.ndarray]] = {}  # streamed pieces not yet taken, per segment
+        self.got: set[str] = set()  # segments some audio was streamed of
+        self.changed = asyncio.Event()
         self.sub = Submission(state, job, self.dir, priority=INTERACTIVE_PRIORITY, resume=False,
-                              on_event=self._on_event)
+                              on_event=self._on_event, stream=stream)
         state.sweeper.active_lines[self.dir] = voice.path  # until cleaned up: its directory and voice are in use
         self.suspect = False
 
-    def _on_event(self, ev: dict) -> None:
+    def _on_event(self, ev: dict) -> None:  # on the event loop (Submission)
+        self.changed.set()
+        if ev["event"] == "segment_audio":
+            self.audio.setdefault(ev["id"], []).append(ev["samples"])
+            self.got.add(ev["id"])
         if ev["event"] in ("segment_done", "segment_failed"):
             self.results[ev["id"]] = ev
             self.suspect = self.suspect or bool(ev.get("suspect"))
@@ -90,6 +103,36 @@ class LineRun:
             if request is not None and sid not in self.results and await request.is_disconnected():
                 self.sub.cancel()
                 raise ClientGone
+        return self._outcome(sid)
+
+    async def pieces(self, index: int, gone: Callable[[], Awaitable[bool]] | None = None
+                     ) -> AsyncIterator[np.ndarray]:
+        """Segment `index`'s audio (float32, the model's rate) piece by piece as it decodes, until it is done.
+        ApiError when it failed or the job ended without it; ClientGone (the line cancelled) when `gone()` says the
+        client left. A segment that was not streamed (a cached one) comes whole, read from its wav."""
+        sid = self.ids[index]
+        while True:
+            self.changed.clear()
+            while self.audio.get(sid):
+                yield self.audio[sid].pop(0)
+            if sid in self.results:
+                path = self._outcome(sid)
+                if sid not in self.got:
+                    from .formats import read_wav
+
+                    yield (await asyncio.to_thread(read_wav, path)).astype(np.float32) / 32768.0
+                return
+            if self.sub.over():
+                raise self._ended_without(sid)
+            try:
+                await asyncio.wait_for(self.changed.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            if gone is not None and sid not in self.results and await gone():
+                self.sub.cancel()
+                raise ClientGone
+
+    def _outcome(self, sid: str) -> str:
         ev = self.results[sid]
         if ev["event"] == "segment_failed":
             kind = ev.get("kind", "")

@@ -107,6 +107,7 @@ def _serve_locked(serve: ServeSettings, root: str | None, settings: Settings, ar
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 10,
                                 timeout_keep_alive=30, limit_concurrency=serve.max_connections,
+                                ws="wsproto", ws_max_size=int(serve.max_body_mb * 2**20),  # /v1/tts/live (live.py)
                                 http=guarded_protocol(serve.header_timeout_s, serve.body_timeout_s,
                                                       serve.max_connections))
         server = _Server(config, state)

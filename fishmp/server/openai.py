@@ -4,8 +4,9 @@ accept there (vllm-omni, sglang-omni) and VideoLingo sends.
 The voice, first found wins: `ref_audio` (base64 or a data URL; needs `ref_text`), `references[0]` (`audio` as
 base64 or a data URL, or `audio_path`: a file on this server, only inside --root), then `voice` as a stored
 reference id (a string, or {"id": ...}). `model` is accepted and not checked (the server has one model);
-`instructions` is ignored; `stream_format: "sse"` is refused (400, saying so). `speed` (0.25-4.0) and fishmp's
-`max_seconds` are applied (prosody.py).
+`instructions` is ignored. Streaming (streaming.py): `pcm` always comes as the rows decode, `wav` too with
+`stream_format: "audio"`; `stream_format: "sse"` (pcm or wav) sends `speech.audio.delta` / `speech.audio.done`
+events. `speed` (0.25-4.0) and fishmp's `max_seconds` (whole file only) are applied (prosody.py).
 `response_format` defaults to mp3, as OpenAI's does; aac is not available.
 """
 
@@ -22,11 +23,12 @@ from starlette.responses import JSONResponse, Response
 from . import prosody
 from .bodies import JSON, read_object
 from .errors import ApiError
-from .lines import check_max_new_tokens, check_text
+from .lines import LineRun, check_max_new_tokens, check_text
 from .paths import inside_root, read_regular_file
 from .refstore import decode_audio_string
 from .schema import SpeechRequest, validation_detail
 from .state import ServerState
+from .streaming import STREAM_TYPES, audio_body, sse_body
 from .tts import answer, sampling, voice_for
 
 
@@ -79,15 +81,24 @@ async def speech(request: Request) -> Response:
     except ValidationError as exc:
         raise ApiError(400, "invalid request", validation_detail(exc)) from None
     tone = prosody.openai(body, req.speed, set(SpeechRequest.model_fields))  # speed, max_seconds (prosody.py)
-    if req.stream_format == "sse":
-        raise ApiError(400, "stream_format not supported", "stream_format \"sse\" is not available; leave it out "
-                       "for the whole file")
+    streamed = req.stream_format == "sse" or (req.response_format == "pcm" and tone.max_seconds is None) or \
+        (req.stream_format == "audio" and req.response_format == "wav")
+    if req.stream_format == "sse" and req.response_format not in STREAM_TYPES:
+        raise ApiError(400, "stream_format needs pcm or wav", f"stream_format \"sse\" sends pcm or wav pieces, not "
+                       f"{req.response_format}: set response_format to pcm (or wav)")
+    if streamed and tone.max_seconds is not None and req.stream_format is not None:
+        raise ApiError(400, "max_seconds needs the whole line", "max_seconds cannot be used with stream_format")
     if req.response_format == "aac":
         raise ApiError(400, "unsupported format", "aac is not available; use wav, pcm, flac, mp3 or opus")
     check_text(state, req.input, "input")
     check_max_new_tokens(req.max_new_tokens)
     ref_id, refs, what = await _reference(state, req)
     voice = await voice_for(state, ref_id, refs, what)
+    if streamed:  # pcm (and wav with stream_format "audio") as the rows decode; sse: base64 events (streaming.py)
+        run = LineRun(state, voice, [req.input], sampling(req), stream=True)
+        if req.stream_format == "sse":
+            return sse_body(run, req.response_format, tone, len(req.input))
+        return audio_body(run, req.response_format, tone)
     return await answer(state, request, voice, req.input, sampling(req), req.response_format, tone=tone)
 
 

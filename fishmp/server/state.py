@@ -105,8 +105,9 @@ class Submission:
     against the queue bound until each finishes."""
 
     def __init__(self, state: ServerState, job: Any, output_dir: str, *, priority: float, resume: bool,
-                 on_event: Callable[[dict], None], force: bool = False) -> None:
-        """`force`: past the queue bound too (a restarted server resuming its jobs)."""
+                 on_event: Callable[[dict], None], force: bool = False, stream: bool = False) -> None:
+        """`force`: past the queue bound too (a restarted server resuming its jobs); `stream`: the segments'
+        audio also comes as `segment_audio` events while they decode (fishmp.Pool.submit)."""
         state.check_accepting()
         self.state, self.on_event = state, on_event
         self.loop = state.loop or asyncio.get_running_loop()
@@ -119,8 +120,9 @@ class Submission:
         else:
             state.gate.admit(self.unfinished)
         try:
+            extra = {"stream": True} if stream else {}
             self.handle = state.pool.submit(job, output_dir=output_dir, on_event=self._from_pool, resume=resume,
-                                            priority=priority)
+                                            priority=priority, **extra)
         except Exception as exc:  # noqa: BLE001 - a closed pool: the server is going down
             state.gate.release(self.unfinished, finished=False)
             raise ApiError(503, "no pool", str(exc)) from None

@@ -8,9 +8,10 @@ What has no meaning here is accepted and ignored, as upstream does: `normalize`,
 limit") means fishmp's default, 1024 frames (47.6 s).
 
 Answer: the whole file with upstream's content type and `Content-Disposition: attachment; filename=audio.<fmt>`,
-plus `X-Fishmp-Suspect: true` when no take passed the take check (the best take is sent). Streaming (wav only):
-the WAV header at once, then each chunk's 16-bit PCM as it finishes, in order; a chunk that fails (or a stop of the
-server) cuts the answer off without the chunked encoding's end, so a client sees an error, not a short 200.
+plus `X-Fishmp-Suspect: true` when no take passed the take check (the best take is sent). Streaming (wav, or pcm):
+the WAV header at once, then 16-bit PCM as the rows decode (streaming.py: pieces of a few frames, not whole
+chunks), in order; a chunk that fails (or a stop of the server) cuts the answer off without the chunked encoding's
+end, so a client sees an error, not a short 200.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from . import formats, prosody
 from .bodies import MULTIPART, URLENCODED, as_list, read_fields
@@ -30,6 +31,7 @@ from .lines import ClientGone, LineRun, check_max_new_tokens, check_text, chunks
 from .refstore import Voice
 from .schema import TTSRequest, validation_detail
 from .state import ServerState
+from .streaming import STREAM_TYPES, audio_body
 
 log = logging.getLogger("fishmp")
 FLOAT_FIELDS = ("top_p", "repetition_penalty", "temperature")  # strict floats: a form's text must be converted
@@ -105,7 +107,7 @@ async def answer(state: ServerState, request: Request, voice: Voice, text: str, 
     if stream_chunk_length is not None:
         if tone.max_seconds is not None:
             raise ApiError(400, "max_seconds needs the whole line", "max_seconds cannot be used with streaming")
-        return _stream(state, voice, chunks(text, stream_chunk_length), params, tone)
+        return _stream(state, voice, chunks(text, stream_chunk_length), params, fmt, tone)
     run = LineRun(state, voice, [text], params, tone.segment_fields())
     try:
         path = await run.segment(0, request)
@@ -129,27 +131,9 @@ def _file_body(path: str, fmt: str, tone: prosody.Prosody) -> bytes:
     return formats.encode(samples, fmt, rate)
 
 
-def _stream(state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any],
+def _stream(state: ServerState, voice: Voice, texts: list[str], params: dict[str, Any], fmt: str,
             tone: prosody.Prosody) -> Response:
-    run = LineRun(state, voice, texts, params)
-
-    def chunk(path: str) -> bytes:
-        return prosody.apply(formats.read_wav(path), formats.SAMPLE_RATE, tone)[0].astype("<i2").tobytes()
-
-    async def body() -> Any:
-        try:
-            yield formats.wav_stream_header(tone.sample_rate or formats.SAMPLE_RATE)
-            for i in range(len(texts)):
-                path = await run.segment(i)  # a disconnect cancels this generator (Starlette), then `finally`
-                yield await asyncio.to_thread(chunk, path)
-        except ApiError as exc:  # the header is out: the answer is cut (no chunked end), so the client sees it
-            log.error("[Serve] streaming line ended early: %s: %s", exc.error, exc.detail)
-            raise
-        finally:
-            run.close()
-
-    return StreamingResponse(body(), media_type="audio/wav", headers={"Content-Disposition": formats.disposition("wav"),
-                                                                      **tone.headers()})
+    return audio_body(LineRun(state, voice, texts, params, stream=True), fmt, tone)
 
 
 async def tts(request: Request) -> Response:
@@ -158,8 +142,8 @@ async def tts(request: Request) -> Response:
     req = await parse_request(request, state)
     check_text(state, req.text)
     check_max_new_tokens(req.max_new_tokens)
-    if req.streaming and req.format != "wav":
-        raise ApiError(400, "streaming needs wav", "Streaming only supports WAV format")
+    if req.streaming and req.format not in STREAM_TYPES:
+        raise ApiError(400, "streaming needs wav", "Streaming only supports WAV format (and pcm, raw 16-bit mono)")
     voice = await voice_for(state, req.reference_id, [(r.audio, r.text) for r in req.references])
     return await answer(state, request, voice, req.text, sampling(req), req.format,
                         req.chunk_length if req.streaming else None, request.state.prosody)

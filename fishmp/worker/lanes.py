@@ -36,9 +36,11 @@ from ..engines import (
     SynthesisParams,
     TextTooLongError,
 )
-from .protocol import EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
+from .protocol import Drop, EncodeTask, Failed, Leaving, Resized, SegmentTask, Started
 from .recycle import RecyclePolicy, read_memory
-from .takes import RateModel, TakeLimits, Verdict, best_index, check_take, retry_max_new_tokens, retry_seed, take_record
+from .streams import StreamRelay
+from .takes import RateModel, TakeLimits, check_take, retry_max_new_tokens, retry_seed, take_record
+from .takestate import KeptTake, Takes
 from .voices import VoiceStage
 
 INPUT_KINDS = ("bad_reference", "text_too_long", "bad_params")
@@ -92,11 +94,12 @@ class LaneRunner:
         settings = getattr(engine, "settings", None)  # the worker's Settings (both engines keep them)
         self.take_check = bool(getattr(settings, "take_check", True))
         self.take_limits = TakeLimits.from_settings(settings)
-        self.takes: dict[str, _Takes] = {}  # task id -> its takes so far, while a failed take check is retried
+        self.takes: dict[str, Takes] = {}  # task id -> its takes so far, while a failed take check is retried
         self.retakes: set[str] = set()  # tasks back in the backlog for another take (their deadline restarts)
         self.rates: dict[Any, RateModel] = {}  # SpeakerRef -> its speed, learned from takes that passed
         self.recycle = RecyclePolicy()  # the worker sets it from its settings (FISH_WORKER_MAX_*)
         self.draining: str | None = None  # why this worker is being recycled: no new rows, leave when empty
+        self.streams = StreamRelay(worker_id, send, getattr(engine, "sample_rate", 44100))  # streamed rows' audio
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -108,6 +111,8 @@ class LaneRunner:
                 self._pull(block=not self.rows and not self.backlog)
                 if self.voices is not None:
                     self.voices.want_waiting(self.backlog, self.cached)
+                if not self.rows and not self.backlog:
+                    continue  # only a Drop came
                 if not self.rows:
                     head = self.backlog[0]
                     if head is None:
@@ -133,13 +138,23 @@ class LaneRunner:
                 self.voices.close()
 
     def _pull(self, block: bool) -> None:
-        if block:
-            self.backlog.append(self.inbox.get())
-        while True:
-            try:
-                self.backlog.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return
+        items = [self.inbox.get()] if block else []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self.inbox.get_nowait())
+        for item in items:
+            self._drop(item.task) if isinstance(item, Drop) else self.backlog.append(item)
+
+    def _drop(self, task_id: str) -> None:
+        """Its job was cancelled (a streamed line's client left): free its row now; Failed("cancelled") says so."""
+        waiting = [t for t in self.backlog if t is not None and t.id == task_id]
+        for t in waiting:
+            self.backlog.remove(t)
+        if task_id in self.rows and callable(getattr(self.session, "drop", None)):
+            self.session.drop(task_id)
+            waiting.append(self.rows.pop(task_id))
+        if waiting:
+            self._fail(waiting[0], "cancelled", "its job was cancelled", input_error=True)
 
     # -- recycling (fishmp/worker/recycle.py) -----------------------------------------------------------------------------
     def _after_step(self, before: list[str]) -> None:
@@ -257,7 +272,8 @@ class LaneRunner:
             try:
                 if isinstance(voice, Exception):
                     raise voice
-                self.session.add(task.id, task.text, SynthesisParams(**task.params), voice)
+                self.session.add(task.id, task.text, SynthesisParams(**task.params), voice,
+                                 **self.streams.added(self.session, task))
             except BadReferenceError as exc:
                 self._fail_voice(task, exc)
                 continue
@@ -284,11 +300,13 @@ class LaneRunner:
             err, tb = exc, traceback.format_exc()
         else:
             now = time.perf_counter()
+            self.streams.relay(self.session)
             for key, audio in finished:
                 task = self.rows.pop(key)
                 kept = self._judge(task, audio)
                 if kept is None:
                     continue  # retried with a new seed: back at the head of the backlog, same deadline
+                self.streams.finish(task, kept.samples)
                 self.writes.put((task, kept, now - self.t0.pop(key)))
                 self._forget(key)
             return
@@ -344,11 +362,11 @@ class LaneRunner:
         self._forget(task.id)
 
     def _forget(self, task_id: str) -> None:
-        self.takes.pop(task_id, None)
+        for table in (self.takes, self.ooms, self.errors):
+            table.pop(task_id, None)
         self.retakes.discard(task_id)
         self.solo.discard(task_id)
-        self.ooms.pop(task_id, None)
-        self.errors.pop(task_id, None)
+        self.streams.forget(task_id)
 
     # -- the take check (fishmp/worker/takes.py) -----------------------------------------------------------------------
     def _judge(self, task: SegmentTask, audio: Audio) -> Audio | None:
@@ -365,7 +383,7 @@ class LaneRunner:
 
         limits = self.take_limits
         fit = getattr(task, "fit", None)
-        state = self.takes.setdefault(task.id, _Takes(task.params.get("seed"), fit))
+        state = self.takes.setdefault(task.id, Takes(task.params.get("seed"), fit))
         if task.speaker not in self.rates and len(self.rates) >= 256:  # bounded: a long-lived pool sees many voices
             self.rates.pop(next(iter(self.rates)))
         rate = self.rates.setdefault(task.speaker, RateModel(limits.learn_after))
@@ -380,7 +398,9 @@ class LaneRunner:
         if verdict.passed:
             rate.accept(task.text, audio.seconds)
         fit_retry = bool(fit) and wants_another_take(state.verdicts, fit, state.fit_tries)
-        if fit_retry or (not verdict.passed and not state.any_passed and len(state.verdicts) <= limits.retries):
+        streamed = getattr(task, "stream", False)  # its audio has left: judged and recorded, never retaken
+        if not streamed and (fit_retry or (not verdict.passed and not state.any_passed
+                                           and len(state.verdicts) <= limits.retries)):
             state.fit_tries += fit_retry
             params = {**task.params, "seed": retry_seed(state.base_seed, len(state.verdicts))}
             cap = retry_max_new_tokens(verdict, limits)  # a runaway's retry stops where it would fail anyway
@@ -411,36 +431,3 @@ class LaneRunner:
                        input_error=False, tb=traceback.format_exc())
             raise Leave from None
         self.writes.put((task, tokens, time.perf_counter() - self.t0.pop(task.id)))
-
-
-@dataclasses.dataclass(frozen=True)
-class KeptTake(Audio):
-    """The take a segment keeps, with its take record (takes tried, verdicts, kept seed, suspect) for Done."""
-
-    take: dict[str, Any] | None = None
-
-
-class _Takes:
-    """A segment's takes so far; only the best one's audio is kept in memory."""
-
-    def __init__(self, base_seed: int | None, fit: dict[str, Any] | None = None) -> None:
-        self.base_seed = base_seed
-        self.fit = fit  # a fitted segment: the take needing the least stretch is the best (takes.py fitted_index)
-        self.fit_tries = 0  # seeds tried only because the best take needed more than max_speed
-        self.verdicts: list[Verdict] = []
-        self.seeds: list[int | None] = []
-        self.best = 0
-        self.audio: Audio | None = None
-
-    @property
-    def any_passed(self) -> bool:
-        return any(v.passed for v in self.verdicts)
-
-    def add(self, verdict: Verdict, audio: Audio, seed: int | None) -> None:
-        from .takes import fitted_index
-
-        self.verdicts.append(verdict)
-        self.seeds.append(seed)
-        best = fitted_index(self.verdicts, self.fit) if self.fit else best_index(self.verdicts)
-        if best == len(self.verdicts) - 1 or self.audio is None:
-            self.best, self.audio = best, audio

@@ -36,6 +36,29 @@ class SegmentTask:
     # keeps the raw take at raw_output and writes the fitted one (fishmp/worker/fit.py); the take check then judges
     # the slot through the fit-aware take choice instead of over_slot.
     fit: dict[str, Any] | None = None
+    # Streamed (a line of fishmp serve that asked for streaming): the row sends AudioChunk messages as it decodes,
+    # is never retaken (its audio has left) and its wav is the chunks put together.
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A streamed row's next piece of audio, sent before its Done: `index` counts from 0 per take, in order;
+    `samples` float32 mono at `sample_rate` (a few thousand samples: small next to the pipe's throughput)."""
+
+    worker: str
+    task: str
+    index: int
+    samples: Any  # numpy float32 array
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Main -> worker: the task's job was cancelled (a streamed line whose client left): free its row now. The worker
+    answers Failed(kind "cancelled", input_error True) if it dropped something, nothing if the task was over."""
+
+    task: str
 
 
 @dataclass(frozen=True)
