@@ -73,7 +73,10 @@ class CodecQueue:
         self._lock = threading.Lock()
         self.busy_s = 0.0
         if threaded:
-            threads = torch.get_num_threads()  # a new thread starts with torch's default: keep the caller's count
+            # A new thread starts with torch's default count. On a CPU the codec thread gets one: with the decode
+            # thread's own OpenMP team on the same cores, two teams oversubscribe them (B=8 whole job 1.28x faster
+            # with one, docs/clone-mode.md); on a GPU it keeps the caller's count.
+            threads = torch.get_num_threads() if self._cuda else 1
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishmp-codec",
                                             initializer=torch.set_num_threads, initargs=(threads,))
             if self._cuda:
